@@ -1,0 +1,176 @@
+"""Orbax checkpoints of the full train state and the data-iterator position.
+
+Layout: ``WORKDIR/checkpoints/<step>/{state,data}``.  The last ``keep`` checkpoints are kept, plus the best one
+by ``best_metric`` when a metric is given.  Orbax writes each checkpoint to a temporary directory and renames
+it when complete, so an interrupted save never replaces a good checkpoint; a state with non-finite parameters is
+refused before anything is written.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocm
+
+from mdrad_jax.train_state import TrainState
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class NonFiniteStateError(RuntimeError):
+  pass
+
+
+def _state_tree(state: TrainState) -> dict:
+  return {
+      "step": state.step,
+      "params": state.params,
+      "batch_stats": state.batch_stats,
+      "opt_state": state.opt_state,
+      "method_state": state.method_state,
+      "rng": state.rng,
+  }
+
+
+def _all_finite(tree) -> bool:
+  leaves = [x for x in jax.tree.leaves(tree)
+            if hasattr(x, "dtype") and np.issubdtype(np.dtype(x.dtype), np.floating)]
+  return all(bool(jax.numpy.isfinite(x).all()) for x in leaves)
+
+
+class Checkpointer:
+  """Saves and restores a run's ``TrainState`` (and its grain iterator) in ``workdir/checkpoints``."""
+
+  def __init__(self, workdir: str, *, keep: int = 2, best_metric: str | None = None,
+               best_mode: str = "max", async_save: bool = False):
+    self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    self.best_metric = best_metric or None
+    if best_mode not in ("max", "min"):
+      raise ValueError(f"checkpoint.best_mode must be 'max' or 'min', got {best_mode!r}")
+    policies = [ocm.LatestN(n=keep)]
+    best_fn = None
+    if self.best_metric:
+      metric = self.best_metric
+      best_fn = lambda m: float(m[metric])  # noqa: E731
+      policies.append(ocm.BestN(get_metric_fn=best_fn, reverse=(best_mode == "min"), n=1,
+                                keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=ocm.AnyPreservationPolicy(policies),
+        best_fn=best_fn,
+        best_mode=best_mode,
+        enable_async_checkpointing=async_save,
+        create=True,
+    )
+    self._best_fn = best_fn
+    self._best_mode = best_mode
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  # -- queries ---------------------------------------------------------------------------------
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def best_step(self) -> int | None:
+    """Step of the best checkpoint by ``best_metric`` (the latest one when no metric is set)."""
+    if not self._best_fn:
+      return self.latest_step()
+    return self.manager.best_step()
+
+  # -- save / restore --------------------------------------------------------------------------
+  def save(self, state: TrainState, *, data_iterator=None, metrics: dict | None = None,
+           force: bool = False) -> bool:
+    if not _all_finite(state.params):
+      raise NonFiniteStateError(
+          f"refusing to checkpoint step {int(state.step)}: parameters contain NaN/Inf "
+          f"(existing checkpoints in {self.directory} are kept)")
+    items = {"state": ocp.args.StandardSave(_state_tree(state))}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    clean_metrics = None
+    if metrics is not None:
+      clean_metrics = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
+    saved = self.manager.save(int(state.step), args=ocp.args.Composite(**items),
+                              metrics=clean_metrics, force=force)
+    return saved
+
+  def restore(self, state: TrainState, *, step: int | None = None, data_iterator=None) -> TrainState:
+    """Restores into the structure (and shardings) of ``state``; also moves ``data_iterator``."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_tree(state))
+    items = {"state": ocp.args.StandardRestore(target)}
+    if data_iterator is not None and self._has_item(step, "data"):
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    tree = restored["state"]
+    return state.replace(**tree)
+
+  def _has_item(self, step: int, name: str) -> bool:
+    return os.path.isdir(os.path.join(self.directory, str(step), name))
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def load_model_variables(path: str, *, which: str = "best") -> tuple[dict, dict | None]:
+  """Loads a trained network's variables from a training workdir or a checkpoint step directory.
+
+  ``path`` may be a workdir (with ``config.json`` and ``checkpoints/``), its ``checkpoints`` directory, or one
+  step directory ``checkpoints/<step>``.  ``which`` is 'best' (by the run's best metric) or 'latest' when a
+  workdir is given.  Returns ``(variables, run_config)`` where ``variables`` is ``{'params', 'batch_stats'}`` of
+  the network alone and ``run_config`` the parsed ``config.json`` of the run when one is found (else None).
+  """
+  import json
+
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"teacher/checkpoint path does not exist: {path}")
+  run_config = None
+  step_dir = None
+  if os.path.isfile(os.path.join(path, "config.json")):
+    with open(os.path.join(path, "config.json")) as f:
+      run_config = json.load(f)
+    ckpt_root = os.path.join(path, CHECKPOINT_DIR)
+  elif os.path.basename(path) == CHECKPOINT_DIR:
+    ckpt_root = path
+  elif os.path.isdir(os.path.join(path, "state")):
+    step_dir = path
+    ckpt_root = os.path.dirname(path)
+  else:
+    raise FileNotFoundError(
+        f"{path} is neither a training workdir (config.json + checkpoints/), a checkpoints/ directory, "
+        f"nor a checkpoint step directory (with state/)")
+  if run_config is None:
+    cfg = os.path.join(os.path.dirname(ckpt_root), "config.json")
+    if os.path.isfile(cfg):
+      with open(cfg) as f:
+        run_config = json.load(f)
+  if step_dir is None:
+    best_metric = None
+    if run_config is not None:
+      best_metric = run_config.get("checkpoint", {}).get("best_metric") or None
+    mode = (run_config or {}).get("checkpoint", {}).get("best_mode", "max")
+    ckpt = Checkpointer(os.path.dirname(ckpt_root), best_metric=best_metric, best_mode=mode)
+    step = ckpt.best_step() if which == "best" else ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint found under {ckpt_root}")
+    step_dir = os.path.join(ckpt_root, str(step))
+    ckpt.close()
+  with ocp.StandardCheckpointer() as ckptr:
+    tree = ckptr.restore(os.path.join(step_dir, "state"))
+  variables: dict[str, Any] = {"params": tree["params"]["model"]}
+  bs = tree.get("batch_stats", {}).get("model")
+  if bs:
+    variables["batch_stats"] = bs
+  return variables, run_config

@@ -1,0 +1,159 @@
+"""Shared pieces of the ml_collections configs in ``configs/``.
+
+Every config file calls ``base_config()`` and changes what it needs; every field exists in the base so that
+any value can be overridden on the command line (``--config.optim.lr=0.05``) and a misspelt field is an error.
+Config files take an argument string ``key=value,key=value`` (``configs/teacher.py:model=vgg16_bn,dataset=cifar10``)
+parsed by ``parse_arg``; the word ``small`` alone selects the CPU-sized variant.
+"""
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+# Per-dataset defaults: threat model, augmentation, batch sizes.  ε for 1-channel data follows the usual
+# MNIST-family choice for L∞ (0.1 on Fashion-MNIST); colour data uses 8/255.
+DATASET_DEFAULTS = {
+    "cifar10": dict(augment="crop_flip", eps=8 / 255, step_size=2 / 255),
+    "cifar100": dict(augment="crop_flip", eps=8 / 255, step_size=2 / 255),
+    "tiny_imagenet": dict(augment="crop_flip", eps=8 / 255, step_size=2 / 255),
+    "image_folder": dict(augment="crop_flip", eps=8 / 255, step_size=2 / 255),
+    "fashion_mnist": dict(augment="none", eps=0.1, step_size=0.01),
+    "digits": dict(augment="none", eps=0.1, step_size=0.02),
+}
+
+
+def parse_arg(arg: str | None, defaults: dict) -> ml_collections.ConfigDict:
+  """Parses ``"a=1,b=x,small"`` into a ConfigDict over ``defaults`` (unknown keys are an error)."""
+  out = dict(defaults)
+  if arg:
+    for part in arg.split(","):
+      part = part.strip()
+      if not part:
+        continue
+      if "=" not in part:
+        key, value = part, "true"
+      else:
+        key, value = part.split("=", 1)
+      if key not in defaults:
+        raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+      default = defaults[key]
+      if isinstance(default, bool):
+        out[key] = value.lower() in ("1", "true", "yes")
+      elif isinstance(default, int):
+        out[key] = int(value)
+      elif isinstance(default, float):
+        out[key] = float(value)
+      else:
+        out[key] = value
+  return ml_collections.ConfigDict(out)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.job = "train"  # 'train' | 'evaluate' | 'quickstart'
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "digits"
+  c.data.data_dir = ""     # '' = $MDRAD_DATA_DIR or ~/tensorflow_datasets
+  c.data.source_dir = ""   # where the official archives are; '' = the dataset's default
+  c.data.augment = "none"  # 'none' | 'crop_flip'
+  c.data.crop_padding = 4
+  c.data.worker_count = 0
+  c.num_train_examples = -1  # > 0: use only the first N training examples
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "tiny_cnn"
+  c.model.dtype = "float32"
+  c.model.kwargs = ml_collections.ConfigDict()
+
+  # Teachers: training workdirs (or checkpoint directories) of standard-trained models.
+  c.teachers = ()
+  c.teacher_dtype = "float32"
+
+  c.method = method_config("natural")
+
+  c.attack = ml_collections.ConfigDict()
+  c.attack.eps = 8 / 255
+  c.attack.step_size = 2 / 255
+  c.attack.num_steps = 10
+  c.attack.init = ""      # '' = the method's default ('uniform' | 'normal' | 'none')
+  c.attack.bn_mode = ""   # '' = the method's default ('eval' | 'train_no_update' | 'train_update')
+  c.attack.unroll = True
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "sgd"
+  c.optim.lr = 0.1
+  c.optim.momentum = 0.9
+  c.optim.nesterov = False
+  c.optim.weight_decay = 5e-4
+  c.optim.schedule = "piecewise"  # 'piecewise' | 'ard_faithful' | 'cosine' | 'constant'
+  c.optim.boundaries = (100, 150)  # epochs
+  c.optim.factor = 0.1
+  c.optim.warmup_epochs = 0.0
+  c.optim.grad_clip_norm = 0.0
+
+  c.num_epochs = 200
+  c.batch_size = 128
+  c.eval_batch_size = 256
+  c.log_every_steps = 50
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_epochs = 1
+  c.eval.num_examples = -1   # examples of the test split used by the in-training evaluation (-1 = all)
+  c.eval.pgd_steps = 0       # > 0: also report PGD accuracy during training
+  c.eval.pgd_step_size = 2 / 255
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.keep = 2
+  c.checkpoint.best_metric = "test/accuracy"
+  c.checkpoint.best_mode = "max"
+  c.checkpoint.every_epochs = 1
+
+  c.evaluate = evaluate_config()
+
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.enabled = "auto"  # 'auto' | 'true' | 'false'
+  c.distributed.coordinator_address = ""
+  c.distributed.num_processes = config_dict.placeholder(int)
+  c.distributed.process_id = config_dict.placeholder(int)
+  return c
+
+
+def evaluate_config() -> ml_collections.ConfigDict:
+  e = ml_collections.ConfigDict()
+  e.checkpoint = ""          # training workdir or checkpoint directory ('' = the workdir itself)
+  e.which = "best"           # 'best' | 'latest'
+  e.split = ""               # '' = the dataset's test split
+  e.attacks = ("clean", "fgsm", "pgd20", "cw", "autoattack")
+  e.eps = -1.0               # -1 = config.attack.eps
+  e.num_examples = -1        # -1 = the whole split
+  e.batch_size = 256
+  e.aa_version = "standard"  # 'standard' | 'apgd'
+  e.eps_sweep = ()           # e.g. (0, 2/255, 4/255, 8/255, 16/255)
+  e.sweep_attack = "pgd20"
+  e.seed = 0
+  return e
+
+
+def method_config(name: str, **overrides) -> ml_collections.ConfigDict:
+  """The ``method`` block: its name plus every hyper-parameter of that method at its default."""
+  from mdrad_jax import methods  # local import: configs stay cheap to import
+  m = methods.get_method(name)
+  d = {"name": name, **m.defaults}
+  for k, v in overrides.items():
+    if k not in d:
+      raise ValueError(f"method {name!r} has no hyper-parameter {k!r}; known: {sorted(d)}")
+    d[k] = v
+  return ml_collections.ConfigDict(d)
+
+
+def apply_dataset_defaults(c: ml_collections.ConfigDict, dataset: str) -> None:
+  if dataset not in DATASET_DEFAULTS:
+    raise ValueError(f"unknown dataset {dataset!r}; known: {sorted(DATASET_DEFAULTS)}")
+  d = DATASET_DEFAULTS[dataset]
+  c.data.name = dataset
+  c.data.augment = d["augment"]
+  c.attack.eps = d["eps"]
+  c.attack.step_size = d["step_size"]
+  c.eval.pgd_step_size = d["step_size"]

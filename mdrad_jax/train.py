@@ -1,0 +1,290 @@
+"""Training loop shared by standard (teacher) training, adversarial training and adversarial distillation.
+
+``train_and_evaluate(config, workdir)`` builds the data pipeline, the student, the frozen teachers, the
+optimizer and the train state, resumes from ``workdir/checkpoints`` when a checkpoint is there, and runs the
+single jitted step of ``mdrad_jax.train_step`` with the batch sharded over a one-axis data mesh.  It writes
+``config.json``, appends metrics to ``metrics.jsonl`` and shows a progress bar with loss, accuracy and
+throughput.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mdrad_jax import checkpointing
+from mdrad_jax import data as data_lib
+from mdrad_jax import methods as methods_lib
+from mdrad_jax import models as models_lib
+from mdrad_jax import optim
+from mdrad_jax import parallel
+from mdrad_jax import train_step as step_lib
+from mdrad_jax.progress import MetricsWriter, progress_bar, log
+from mdrad_jax.train_state import TrainState, split_variables
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks.
+# ---------------------------------------------------------------------------------------------
+def data_kwargs(config) -> dict:
+  d = config.data
+  return dict(data_dir=d.data_dir or None, source_dir=d.source_dir or None)
+
+
+def build_model(model_config, num_classes: int):
+  kwargs = dict(model_config.get("kwargs", {}) or {})
+  if model_config.get("dtype", "float32") != "float32":
+    kwargs["dtype"] = jnp.dtype(model_config.dtype)
+  return models_lib.get_model(model_config.name, num_classes=num_classes, **kwargs)
+
+
+def load_teachers(paths, *, num_classes: int, image_shape, dtype: str = "float32"):
+  """Loads frozen teachers from training workdirs or checkpoint paths.
+
+  Returns ``(modules, variables)``: the Flax modules (rebuilt from each run's ``config.json``) and their
+  variables, which the train step receives as arguments.
+  """
+  modules, variables = [], []
+  for path in paths:
+    v, run_cfg = checkpointing.load_model_variables(path)
+    if run_cfg is None or "model" not in run_cfg:
+      raise ValueError(f"teacher {path}: no config.json next to the checkpoint, cannot tell its model")
+    mcfg = ml_collections.ConfigDict(run_cfg["model"])
+    if dtype != "float32":
+      mcfg.dtype = dtype
+    t_classes = run_cfg.get("num_classes")
+    if t_classes is not None and t_classes != num_classes:
+      raise ValueError(f"teacher {path} has {t_classes} classes, the dataset has {num_classes}")
+    module = build_model(mcfg, num_classes)
+    # check the stored variables fit the module
+    expected = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, *image_shape))))
+    got = jax.tree.map(lambda a: (tuple(a.shape)), v["params"])
+    want = jax.tree.map(lambda a: (tuple(a.shape)), expected["params"])
+    if got != want:
+      raise ValueError(f"teacher {path}: parameters do not match model {mcfg.name!r} "
+                       f"for input {tuple(image_shape)}")
+    modules.append(module)
+    variables.append(jax.tree.map(jnp.asarray, v))
+  return tuple(modules), tuple(variables)
+
+
+def resolve_attack(config, method: methods_lib.Method) -> step_lib.AttackConfig:
+  a = config.attack
+  return step_lib.AttackConfig(
+      eps=float(a.eps), step_size=float(a.step_size), num_steps=int(a.num_steps),
+      init=a.init or method.attack_init, bn_mode=a.bn_mode or method.attack_bn,
+      unroll=bool(a.unroll))
+
+
+def write_config(config, workdir: str, extra: dict | None = None) -> None:
+  if jax.process_index() != 0:
+    return
+  d = config.to_dict()
+  if extra:
+    d.update(extra)
+  path = os.path.join(workdir, "config.json")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(d, f, indent=2, sort_keys=True, default=str)
+  os.replace(tmp, path)
+
+
+def create_state(config, *, model, image_shape, teacher_modules, teacher_vars, method, steps_per_epoch):
+  """Initial ``TrainState``: student (and projectors) initialised from ``config.seed``."""
+  rng = jax.random.key(config.seed)
+  init_rng, proj_rng, state_rng = jax.random.split(rng, 3)
+  dummy = jnp.zeros((2, *image_shape), jnp.float32)
+  variables = model.init(init_rng, dummy, train=False)
+  params_m, stats_m = split_variables(variables)
+  params = {"model": params_m, "projectors": {}}
+  stats = {"model": stats_m, "projectors": {}}
+  projectors = ()
+  if method.student_features:
+    _, s_feats = jax.eval_shape(lambda: model.apply(variables, dummy, train=False, return_features=True))
+    projectors = []
+    for k, (tm, tv) in enumerate(zip(teacher_modules, teacher_vars)):
+      _, t_feats = jax.eval_shape(lambda tm=tm, tv=tv: tm.apply(tv, dummy, train=False,
+                                                               return_features=True))
+      tshape = t_feats["last"].shape
+      proj = models_lib.FeatureProjector(out_channels=tshape[-1], out_hw=tuple(tshape[1:3]))
+      pv = proj.init(jax.random.fold_in(proj_rng, k), jnp.zeros(s_feats["last"].shape), train=False)
+      params["projectors"][str(k)] = pv["params"]
+      stats["projectors"][str(k)] = pv.get("batch_stats", {})
+      projectors.append(proj)
+    projectors = tuple(projectors)
+  tx, schedule = optim.create_optimizer(config.optim, steps_per_epoch=steps_per_epoch,
+                                        num_epochs=config.num_epochs)
+  state = TrainState.create(params=params, batch_stats=stats, tx=tx,
+                            rng=jax.random.key_data(state_rng),
+                            method_state=method.init_state(dict(config.method)))
+  return state, projectors, schedule
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation during training.
+# ---------------------------------------------------------------------------------------------
+def evaluate_model(eval_step, variables, loader, mesh, *, batch_size: int, key) -> dict:
+  """Accuracy (and PGD accuracy when the step has an attack) over an eval loader; pads the last batch."""
+  totals: dict[str, float] = {}
+  for i, batch in enumerate(loader):
+    batch = pad_batch(batch, batch_size // jax.process_count())
+    out = eval_step(variables, parallel.shard_batch(batch, mesh), jax.random.fold_in(key, i))
+    for k, v in parallel.to_host(out).items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  n = max(totals.get("count", 0.0), 1.0)
+  res = {"accuracy": totals.get("correct", 0.0) / n, "num_examples": int(totals.get("count", 0))}
+  if "robust" in totals:
+    res["pgd_accuracy"] = totals["robust"] / n
+  return res
+
+
+def pad_batch(batch: dict, size: int) -> dict:
+  n = batch["label"].shape[0]
+  mask = np.ones((size,), bool)
+  if n == size:
+    return {**batch, "mask": mask}
+  if n > size:
+    raise ValueError(f"batch of {n} examples is larger than the eval batch size {size}")
+  out = {}
+  for k, v in batch.items():
+    pad = np.zeros((size - n, *v.shape[1:]), v.dtype)
+    out[k] = np.concatenate([v, pad])
+  mask[n:] = False
+  out["mask"] = mask
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+# ---------------------------------------------------------------------------------------------
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains as ``config`` says, resuming from ``workdir``; returns the final evaluation metrics."""
+  parallel.initialize_distributed(config.get("distributed"))
+  os.makedirs(workdir, exist_ok=True)
+  mesh = parallel.create_mesh()
+  parallel.check_batch_size(config.batch_size, mesh)
+  parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+
+  info = data_lib.dataset_info(config.data.name, **data_kwargs(config))
+  method = methods_lib.get_method(config.method.name)
+  method.check_teachers(len(config.teachers))
+  model = build_model(config.model, info.num_classes)
+  teacher_modules, teacher_vars = load_teachers(
+      config.teachers, num_classes=info.num_classes, image_shape=info.image_shape,
+      dtype=config.get("teacher_dtype", "float32"))
+
+  train_size = info.split_sizes[info.train_split]
+  if config.get("num_train_examples", -1) and config.num_train_examples > 0:
+    train_size = min(train_size, config.num_train_examples)
+  steps_per_epoch = train_size // config.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"batch_size={config.batch_size} is larger than the training split "
+                     f"({train_size} examples)")
+  total_steps = int(math.ceil(config.num_epochs * steps_per_epoch))
+
+  write_config(config, workdir, {"num_classes": info.num_classes,
+                                 "image_shape": list(info.image_shape)})
+  state, projectors, schedule = create_state(
+      config, model=model, image_shape=info.image_shape, teacher_modules=teacher_modules,
+      teacher_vars=teacher_vars, method=method, steps_per_epoch=steps_per_epoch)
+
+  train_loader = data_lib.create_loader(
+      config.data.name, info.train_split, batch_size=config.batch_size, train=True,
+      seed=config.seed, augment=config.data.augment, crop_padding=config.data.crop_padding,
+      num_examples=(config.num_train_examples if config.get("num_train_examples", -1) > 0 else None),
+      worker_count=config.data.worker_count, **data_kwargs(config))
+  train_iter = iter(train_loader)
+
+  ckpt = checkpointing.Checkpointer(workdir, keep=config.checkpoint.keep,
+                                    best_metric=config.checkpoint.best_metric or None,
+                                    best_mode=config.checkpoint.best_mode)
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(state, data_iterator=train_iter)
+    log(f"resumed from {ckpt.directory} at step {int(state.step)}")
+
+  state = parallel.replicate(state, mesh)
+  teacher_vars = parallel.replicate(teacher_vars, mesh)
+  attack = resolve_attack(config, method)
+  step_fn = step_lib.make_train_step(
+      model=model, method=method, hparams=dict(config.method), attack=attack,
+      teacher_models=teacher_modules, projector=projectors, steps_per_epoch=steps_per_epoch)
+  p_train_step = step_lib.jit_train_step(step_fn, mesh)
+
+  ev = config.eval
+  eval_pgd = None
+  if ev.pgd_steps > 0:
+    eval_pgd = step_lib.AttackConfig(eps=float(config.attack.eps), step_size=float(ev.pgd_step_size),
+                                     num_steps=int(ev.pgd_steps), init="uniform")
+  p_eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(model, pgd=eval_pgd), mesh)
+
+  def run_eval(st) -> dict:
+    loader = data_lib.create_loader(
+        config.data.name, info.test_split, batch_size=config.eval_batch_size, train=False,
+        seed=0, drop_remainder=False,
+        num_examples=(ev.num_examples if ev.num_examples > 0 else None), **data_kwargs(config))
+    res = evaluate_model(p_eval_step, st.model_variables(), loader, mesh,
+                         batch_size=config.eval_batch_size, key=jax.random.key(config.seed + 1))
+    return {f"test/{k}": v for k, v in res.items()}
+
+  writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"))
+  start_step = int(parallel.to_host(state.step))
+  last_eval: dict = {}
+  if start_step >= total_steps:
+    log(f"training already complete ({start_step}/{total_steps} steps)")
+  bar = progress_bar(total=total_steps, initial=start_step, desc=f"{config.method.name}")
+  t_window, n_window = time.perf_counter(), 0
+  acc_metrics: list = []
+  step = start_step
+  try:
+    while step < total_steps:
+      batch = parallel.shard_batch(next(train_iter), mesh)
+      state, metrics = p_train_step(state, teacher_vars, batch)
+      step += 1
+      n_window += 1
+      acc_metrics.append(metrics)
+      bar.update(1)
+      end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
+      if step % config.log_every_steps == 0 or end_of_epoch:
+        host = [parallel.to_host(m) for m in acc_metrics]
+        mean = {k: float(np.mean([h[k] for h in host])) for k in host[0]}
+        if not np.isfinite(mean["loss"]):
+          raise NonFiniteLossError(
+              f"loss became {mean['loss']} at step {step}; stopping without saving "
+              f"(last good checkpoint kept in {ckpt.directory})")
+        dt = time.perf_counter() - t_window
+        mean["images_per_sec"] = n_window * config.batch_size / max(dt, 1e-9)
+        mean["lr"] = float(schedule(step - 1))
+        writer.write(step=step, epoch=step / steps_per_epoch,
+                     **{f"train/{k}": v for k, v in mean.items()})
+        bar.set_postfix(loss=f"{mean['loss']:.4f}", acc=f"{mean['accuracy']:.3f}",
+                        img_s=f"{mean['images_per_sec']:.1f}")
+        acc_metrics, t_window, n_window = [], time.perf_counter(), 0
+      if end_of_epoch:
+        epoch = step // steps_per_epoch if step % steps_per_epoch == 0 else step / steps_per_epoch
+        do_eval = (step == total_steps or
+                   (ev.every_epochs > 0 and (step // steps_per_epoch) % ev.every_epochs == 0))
+        if do_eval:
+          last_eval = run_eval(state)
+          writer.write(step=step, epoch=epoch, **last_eval)
+          bar.write(f"epoch {epoch}: " + ", ".join(
+              f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in last_eval.items()))
+        if (step // steps_per_epoch) % config.checkpoint.every_epochs == 0 or step == total_steps:
+          ckpt.save(state, data_iterator=train_iter, metrics=last_eval if do_eval else None)
+  finally:
+    bar.close()
+    ckpt.close()
+    writer.close()
+  if not last_eval:
+    last_eval = run_eval(state)
+  return last_eval
