@@ -110,7 +110,8 @@ def create_state(config, *, model, image_shape, teacher_modules, teacher_vars, m
   params = {"model": params_m, "projectors": {}}
   stats = {"model": stats_m, "projectors": {}}
   projectors = ()
-  if method.student_features:
+  plan = method.plan(dict(config.method), len(teacher_modules))
+  if plan.student_features:
     _, s_feats = jax.eval_shape(lambda: model.apply(variables, dummy, train=False, return_features=True))
     projectors = []
     for k, (tm, tv) in enumerate(zip(teacher_modules, teacher_vars)):
@@ -127,7 +128,8 @@ def create_state(config, *, model, image_shape, teacher_modules, teacher_vars, m
                                         num_epochs=config.num_epochs)
   state = TrainState.create(params=params, batch_stats=stats, tx=tx,
                             rng=jax.random.key_data(state_rng),
-                            method_state=method.init_state(dict(config.method)))
+                            # host copies: distinct device buffers per leaf (the step donates them)
+                            method_state=jax.tree.map(np.array, method.init_state(dict(config.method))))
   return state, projectors, schedule
 
 
@@ -218,7 +220,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   attack = resolve_attack(config, method)
   step_fn = step_lib.make_train_step(
       model=model, method=method, hparams=dict(config.method), attack=attack,
-      teacher_models=teacher_modules, projector=projectors, steps_per_epoch=steps_per_epoch)
+      teacher_models=teacher_modules, projectors=projectors, steps_per_epoch=steps_per_epoch,
+      lr_schedule=schedule, base_lr=float(config.optim.lr))
   p_train_step = step_lib.jit_train_step(step_fn, mesh)
 
   ev = config.eval

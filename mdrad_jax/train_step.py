@@ -41,15 +41,17 @@ class AttackConfig(NamedTuple):
 
 
 class StepOutputs(NamedTuple):
-  """What a method's outer loss sees.  Teacher arrays are stacked ``[K, N, ...]`` and constant."""
+  """What a method's outer loss sees.  Teacher entries are per teacher (``None`` where the method's plan
+  did not ask for that view) and constant; student logits are float32."""
   labels: jax.Array
   student_adv: jax.Array | None = None      # S(x') logits, train mode
   student_clean: jax.Array | None = None    # S(x) logits, train mode
   projected: tuple | None = None            # P_k(f_S(x')) for each teacher k
-  teacher_clean: jax.Array | None = None    # T_k(x) logits [K, N, C]
-  teacher_adv: jax.Array | None = None      # T_k(x') logits [K, N, C]
-  teacher_clean_features: tuple | None = None  # f_{T_k}(x) for each k
+  teacher_clean: tuple | None = None        # T_k(x) logits [N, C] per teacher
+  teacher_adv: tuple | None = None          # T_k(x') logits [N, C] per teacher
+  teacher_clean_features: tuple | None = None  # f_{T_k}(x) per teacher
   epoch: jax.Array | None = None            # current (fractional) epoch, for warm-up switches
+  lr_scale: jax.Array | float = 1.0         # current lr / base lr (MTARD decays its own rates with it)
 
 
 def _apply(model: nn.Module, params, batch_stats, x, *, train: bool, features: bool = False,
@@ -66,46 +68,55 @@ def _apply(model: nn.Module, params, batch_stats, x, *, train: bool, features: b
 
 
 def teacher_forward(teacher_models: Sequence[nn.Module], teacher_vars: Sequence[dict], x, *,
-                    features: bool = False):
-  """All teachers in eval mode on ``x``: logits ``[K, N, C]`` (and a tuple of feature maps)."""
+                    which: Sequence[bool] | None = None, features: bool = False):
+  """Teachers in eval mode on ``x``: a tuple of logits [N, C] (``None`` for teachers not in ``which``) and,
+  with ``features``, a tuple of their ``'last'`` feature maps.  Outputs are ``stop_gradient``ed."""
   logits, feats = [], []
-  for model, variables in zip(teacher_models, teacher_vars):
+  which = [True] * len(teacher_models) if which is None else which
+  for model, variables, on in zip(teacher_models, teacher_vars, which):
+    if not on:
+      logits.append(None)
+      feats.append(None)
+      continue
     out = model.apply(variables, x, train=False, **({"return_features": True} if features else {}))
     if features:
       out, f = out
       feats.append(jax.lax.stop_gradient(f["last"]))
-    logits.append(out.astype(jnp.float32))
-  z = jax.lax.stop_gradient(jnp.stack(logits)) if logits else None
-  return z, (tuple(feats) if features else None)
+    logits.append(jax.lax.stop_gradient(out.astype(jnp.float32)))
+  return tuple(logits), (tuple(feats) if features else None)
 
 
 def make_train_step(*, model: nn.Module, method: Method, hparams: dict, attack: AttackConfig,
-                    teacher_models: Sequence[nn.Module] = (), projector: nn.Module | None = None,
-                    steps_per_epoch: int = 1):
+                    teacher_models: Sequence[nn.Module] = (), projectors: Sequence[nn.Module] = (),
+                    steps_per_epoch: int = 1, lr_schedule=None, base_lr: float = 1.0):
   """Builds the pure step ``(state, teacher_vars, batch) -> (state, metrics)`` (not yet jitted)."""
   if attack.bn_mode not in BN_MODES:
     raise ValueError(f"attack.bn_mode must be one of {BN_MODES}, got {attack.bn_mode!r}")
   hparams = dict(hparams)
   teacher_models = tuple(teacher_models)
-  need_t_clean = "clean" in method.teacher_views or method.teacher_features
-  need_t_adv = "adv" in method.teacher_views
+  plan = method.plan(hparams, len(teacher_models))
+  t_clean_on = [("clean" in v) or plan.teacher_features for v in plan.teacher_views]
+  t_adv_on = [("adv" in v) for v in plan.teacher_views]
+  if plan.student_features and len(projectors) != len(teacher_models):
+    raise ValueError(f"{len(teacher_models)} teachers but {len(projectors)} feature projectors")
 
   def step(state: TrainState, teacher_vars: tuple, batch: dict):
     x = batch["image"]
     y = batch["label"]
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     epoch = state.step.astype(jnp.float32) / steps_per_epoch
+    lr_scale = (lr_schedule(state.step) / base_lr) if lr_schedule is not None else 1.0
     params, stats = state.params, state.batch_stats
     model_stats = stats.get("model", {})
 
-    t_clean, t_feats = (None, None)
-    if need_t_clean and teacher_models:
-      t_clean, t_feats = teacher_forward(teacher_models, teacher_vars, x,
-                                         features=method.teacher_features)
+    t_clean, t_feats = (None,) * len(teacher_models), None
+    if any(t_clean_on):
+      t_clean, t_feats = teacher_forward(teacher_models, teacher_vars, x, which=t_clean_on,
+                                         features=plan.teacher_features)
 
     # -- inner maximisation ----------------------------------------------------------------
     x_adv = None
-    if method.inner is not None:
+    if method.make_objective is not None:
       student_params = jax.lax.stop_gradient(params["model"])
 
       def student_logits(xa, aux):
@@ -130,18 +141,18 @@ def make_train_step(*, model: nn.Module, method: Method, hparams: dict, attack: 
       if attack.bn_mode == "train_update":
         model_stats = aux
 
-    t_adv = None
-    if need_t_adv and x_adv is not None and teacher_models:
-      t_adv, _ = teacher_forward(teacher_models, teacher_vars, x_adv)
+    t_adv = (None,) * len(teacher_models)
+    if any(t_adv_on):
+      t_adv, _ = teacher_forward(teacher_models, teacher_vars, x_adv, which=t_adv_on)
 
     # -- outer loss ------------------------------------------------------------------------
     def loss_fn(p):
       cur = model_stats
       s_adv = s_clean = projected = None
       proj_stats = stats.get("projectors", {})
-      for view in method.student_views:
+      for view in plan.student_views:
         xin = x_adv if view == "adv" else x
-        want_feats = method.student_features and view == method.feature_view
+        want_feats = plan.student_features and view == plan.feature_view
         out, cur = _apply(model, p["model"], cur, xin, train=True, features=want_feats)
         if want_feats:
           out, f = out
@@ -151,7 +162,7 @@ def make_train_step(*, model: nn.Module, method: Method, hparams: dict, attack: 
             pv = {"params": p["projectors"][name]}
             if proj_stats.get(name):
               pv["batch_stats"] = proj_stats[name]
-            o, upd = projector[k].apply(pv, f["last"], train=True, mutable=["batch_stats"])
+            o, upd = projectors[k].apply(pv, f["last"], train=True, mutable=["batch_stats"])
             outs.append(o)
             new_proj_stats[name] = upd.get("batch_stats", {})
           projected = tuple(outs)
@@ -162,13 +173,13 @@ def make_train_step(*, model: nn.Module, method: Method, hparams: dict, attack: 
           s_clean = out.astype(jnp.float32)
       outputs = StepOutputs(labels=y, student_adv=s_adv, student_clean=s_clean, projected=projected,
                             teacher_clean=t_clean, teacher_adv=t_adv, teacher_clean_features=t_feats,
-                            epoch=epoch)
+                            epoch=epoch, lr_scale=lr_scale)
       loss, metrics = method.loss(outputs, state.method_state, hparams)
       new_stats = {"model": cur, "projectors": proj_stats}
       return loss, (metrics, new_stats, outputs)
 
     (loss, (metrics, new_stats, outputs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    new_method_state = method.update_state(state.method_state, metrics, hparams)
+    new_method_state = method.update_state(state.method_state, metrics, hparams, lr_scale)
     new_state = state.apply_gradients(grads, batch_stats=new_stats, method_state=new_method_state)
 
     metrics = dict(metrics)
