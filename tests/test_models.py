@@ -261,6 +261,12 @@ def test_init_model(name):
     assert models.count_params(variables) == (64 * 128 + 128) + (128 * 128 + 128) + (128 * 10 + 10)
   else:
     assert models.count_params(variables) == (9 * 16 + 2 * 16) + (9 * 16 * 32 + 2 * 32) + (32 * 10 + 10)
+    # He (fan-out) normal conv init, PyTorch-like fresh BatchNorm
+    k = np.asarray(variables["params"]["conv2"]["kernel"])
+    assert abs(k.std() / np.sqrt(2 / (9 * 32)) - 1) < 0.1 and abs(k.mean()) < 0.01
+    np.testing.assert_array_equal(variables["params"]["bn2"]["scale"], np.ones(32))
+    np.testing.assert_array_equal(variables["batch_stats"]["bn2"]["var"], np.ones(32))
+    np.testing.assert_array_equal(variables["batch_stats"]["bn2"]["mean"], np.zeros(32))
 
 
 def _np_conv(x, w, stride):
