@@ -10,6 +10,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from mdrad_jax import runtime
@@ -21,16 +22,30 @@ config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _parse_flags(argv):
+  """Parses flags; a bad flag or config override is reported on one line (exit code 2)."""
+  try:
+    return FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
+    text = str(e).replace("\\n", "\n").replace("\\'", "'")
+    if "Traceback" in text:  # an exception inside the config file: keep its last line
+      text = text.strip().splitlines()[-1]
+    msg = " ".join(text.replace("'", "").replace('"', "").split())
+    print(f"error: bad command line: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   try:
     runtime.run(FLAGS.config, _WORKDIR.value)
   except runtime.USER_ERRORS as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     sys.exit(2)
 
 
 if __name__ == "__main__":
   runtime.configure_xla()
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -5,7 +5,7 @@ import os
 
 # Errors caused by the user's input (bad config value, missing file...): main.py prints them on one line
 # and exits non-zero instead of showing a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+USER_ERRORS = (ValueError, OSError, KeyError)
 
 JOBS = ("train", "evaluate", "quickstart")
 

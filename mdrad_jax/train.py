@@ -105,7 +105,7 @@ def create_state(config, *, model, image_shape, teacher_modules, teacher_vars, m
   rng = jax.random.key(config.seed)
   init_rng, proj_rng, state_rng = jax.random.split(rng, 3)
   dummy = jnp.zeros((2, *image_shape), jnp.float32)
-  variables = model.init(init_rng, dummy, train=False)
+  variables = models_lib.init_model(model, init_rng, image_shape)
   params_m, stats_m = split_variables(variables)
   params = {"model": params_m, "projectors": {}}
   stats = {"model": stats_m, "projectors": {}}
@@ -119,7 +119,7 @@ def create_state(config, *, model, image_shape, teacher_modules, teacher_vars, m
                                                                return_features=True))
       tshape = t_feats["last"].shape
       proj = models_lib.FeatureProjector(out_channels=tshape[-1], out_hw=tuple(tshape[1:3]))
-      pv = proj.init(jax.random.fold_in(proj_rng, k), jnp.zeros(s_feats["last"].shape), train=False)
+      pv = models_lib.init_model(proj, jax.random.fold_in(proj_rng, k), s_feats["last"].shape)
       params["projectors"][str(k)] = pv["params"]
       stats["projectors"][str(k)] = pv.get("batch_stats", {})
       projectors.append(proj)

@@ -1,0 +1,114 @@
+"""The shared train step: every method runs, learns on a fixed batch, compiles once; gradients reach the
+student and projectors only; BatchNorm policy of the attack is honoured."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mdrad_jax import config_lib, methods, models, parallel, train
+from mdrad_jax import train_step as ts
+
+SHAPE, C = (8, 8, 1), 4
+TEACHERS = {"natural": 0, "pgd_at": 0, "trades": 0, "kd": 2, "ard": 1, "rslad": 1, "adaad": 1, "iad1": 1,
+            "iad2": 2, "mtard": 2, "bmtard": 2, "sa_mdrad": 3}
+
+
+def _setup(name, *, overrides=None, teacher_names=("tiny_cnn", "mlp", "tiny_cnn")):
+  k = TEACHERS[name]
+  tmods = tuple(models.get_model(n, num_classes=C, **({"widths": (8, 16)} if n == "tiny_cnn" else
+                                                      {"hidden": (32,)}))
+                for n in teacher_names[:k])
+  tvars = tuple(models.init_model(m, jax.random.key(10 + i), SHAPE) for i, m in enumerate(tmods))
+  cfg = config_lib.base_config()
+  cfg.method = config_lib.method_config(name, **(overrides or {}))
+  cfg.model.name = "tiny_cnn"
+  cfg.num_epochs = 1
+  cfg.optim.lr = 0.05
+  cfg.attack.eps = 0.1
+  cfg.attack.step_size = 0.03
+  cfg.attack.num_steps = 2
+  method = methods.get_method(name)
+  model = models.get_model("tiny_cnn", num_classes=C, widths=(8, 16))
+  state, projs, sched = train.create_state(cfg, model=model, image_shape=SHAPE, teacher_modules=tmods,
+                                           teacher_vars=tvars, method=method, steps_per_epoch=10)
+  mesh = parallel.create_mesh()
+  step = ts.make_train_step(model=model, method=method, hparams=dict(cfg.method),
+                            attack=train.resolve_attack(cfg, method), teacher_models=tmods,
+                            projectors=projs, steps_per_epoch=10, lr_schedule=sched, base_lr=cfg.optim.lr)
+  return step, state, tvars, mesh
+
+
+def _batch(n=16, seed=0):
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, C, n).astype(np.int32)
+  # class-dependent images so the task is learnable
+  images = rng.uniform(0, 0.3, size=(n, *SHAPE)).astype(np.float32)
+  for i, y in enumerate(labels):
+    images[i, 2 * y:2 * y + 2, :, 0] += 0.6
+  return {"image": images, "label": labels}
+
+
+@pytest.mark.parametrize("name", sorted(TEACHERS))
+def test_method_runs_learns_and_compiles_once(name):
+  overrides = {"alpha": 0.5} if name == "adaad" else None  # exercise the clean branch too
+  step, state, tvars, mesh = _setup(name, overrides=overrides)
+  f = ts.jit_train_step(step, mesh)
+  state, tvars = parallel.replicate(state, mesh), parallel.replicate(tvars, mesh)
+  batch = parallel.shard_batch(_batch(), mesh)
+  p0 = jax.tree.map(np.asarray, state.params)
+  losses = []
+  for _ in range(4):
+    state, m = f(state, tvars, batch)
+    losses.append(float(m["loss"]))
+  assert np.all(np.isfinite(losses)), losses
+  assert losses[-1] < losses[0], (name, losses)
+  assert f._cache_size() == 1
+  p1 = jax.tree.map(np.asarray, state.params)
+  moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), p0["model"], p1["model"])
+  assert max(jax.tree.leaves(moved)) > 0
+  if name == "sa_mdrad":  # projectors train with the student
+    pm = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), p0["projectors"], p1["projectors"])
+    assert len(p1["projectors"]) == 3 and min(jax.tree.leaves(pm)) >= 0 and max(jax.tree.leaves(pm)) > 0
+  # teachers are arguments, not state: nothing of them is in the optimised parameters
+  assert set(p1) == {"model", "projectors"}
+
+
+def test_gradients_reach_student_and_projectors_not_teachers():
+  step, state, tvars, mesh = _setup("sa_mdrad", overrides={"teacher_view": "adv"})
+  batch = _batch()
+
+  def loss_of(teacher_vars, params):
+    # the step's loss as a function of teacher variables and student params (one step, read its metric)
+    _, m = step(state.replace(params=params), teacher_vars, batch)
+    return m["loss"]
+
+  g_teacher = jax.grad(loss_of, argnums=0)(tvars, state.params)
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(g_teacher))
+  g_student = jax.grad(loss_of, argnums=1)(tvars, state.params)
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_student["model"])) > 0
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_student["projectors"])) > 0
+
+
+@pytest.mark.parametrize("bn_mode,changes", [("eval", False), ("train_no_update", False),
+                                             ("train_update", True)])
+def test_attack_bn_mode_controls_running_stats(bn_mode, changes):
+  # With ε = 0 the attack returns x exactly, so the outer forward sees the same input whatever the number of
+  # attack steps; only 'train_update' lets the attack's own forwards move the running statistics.
+  cfg_steps = []
+  for steps in (0, 2):
+    step, state, tvars, mesh = _setup("pgd_at")
+    m = methods.get_method("pgd_at")
+    model = models.get_model("tiny_cnn", num_classes=C, widths=(8, 16))
+    attack = ts.AttackConfig(eps=0.0, step_size=0.03, num_steps=steps, init="none", bn_mode=bn_mode)
+    step = ts.make_train_step(model=model, method=m, hparams={}, attack=attack, steps_per_epoch=10)
+    new_state, _ = jax.jit(step)(state, (), _batch())
+    cfg_steps.append(np.asarray(new_state.batch_stats["model"]["bn1"]["mean"]))
+  differs = not np.allclose(cfg_steps[0], cfg_steps[1])
+  assert differs == changes
+
+
+def test_wrong_teacher_count_is_a_clear_error():
+  with pytest.raises(ValueError, match="needs exactly 2 teacher"):
+    methods.get_method("mtard").check_teachers(1)
+  with pytest.raises(ValueError, match="unknown method 'ardd'"):
+    methods.get_method("ardd")
