@@ -1,0 +1,715 @@
+"""AutoAttack (L∞) in JAX: APGD-CE, APGD-T, FAB-T and Square, and the driver that chains them.
+
+The attacks follow the reference algorithm of Croce & Hein (``autoattack``, ``set_version('standard')``):
+
+* APGD: step size 2ε, momentum 0.75 (1 at the first step), step-size halving at the checkpoints
+  p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06) when the loss oscillated
+  (increased in at most a fraction ρ of the steps since the last checkpoint) or did not improve since a
+  checkpoint without halving; the iterate is then restarted from the best point.
+* APGD-T: APGD on the targeted DLR loss against the classes ranked 2..n_target_classes+1 by the clean logits.
+* FAB-T: the targeted fast adaptive boundary attack with the exact L∞ projection onto the linearised decision
+  hyperplane intersected with the box [0, 1]; a point counts only if the perturbation found is within ε.
+* Square: the random-search attack on the margin loss, p_init = 0.8 and the reference schedule of p (not
+  rescaled to the number of queries, as AutoAttack runs it).  As in the reference, one square position and
+  one sign per channel are drawn per query for the whole batch, and positions are drawn in [0, H − s), so the
+  last row and column change only through the initial stripes or a square covering the whole image.
+
+Every attack is a pure function of ``(x, y, mask, key)`` over a fixed-size batch whose loops are ``lax`` loops;
+``mask`` marks the real rows of a padded batch.  The public functions (``apgd``, ``apgd_targeted``,
+``fab_targeted``, ``square``) attack a whole array in one batch and return ``x`` itself for every point that
+was not turned into an adversarial example, as the reference does.  ``autoattack`` is the Python driver: it
+batches the still-robust points, runs each attack only on them, and re-checks every returned point.
+
+A model is any ``logits_fn(x) -> logits [N, C]``: pure, deterministic, in evaluation mode.  Images are NHWC
+float32 in [0, 1], labels int32.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import numbers
+import sys
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+Array = jax.Array
+LogitsFn = Callable[[Array], Array]
+
+STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
+APGD_SUBSET_ATTACKS = ("apgd-ce", "apgd-t")
+VERSION_LABELS = {
+    "standard": "AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square)",
+    "apgd": "AutoAttack (APGD-CE + APGD-T subset)",
+}
+_NOT_FOUND = 1e10
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Losses
+
+
+def dlr_loss(logits: Array, y: Array) -> Array:
+  """Difference-of-logits-ratio loss per sample: −(z_y − max_{j≠y} z_j) / (z_π1 − z_π3 + 1e−12)."""
+  z_sorted = jnp.sort(logits, axis=1)
+  z_y = jnp.take_along_axis(logits, y[:, None], axis=1)[:, 0]
+  top_is_y = jnp.argmax(logits, axis=1) == y
+  z_other = jnp.where(top_is_y, z_sorted[:, -2], z_sorted[:, -1])
+  return -(z_y - z_other) / (z_sorted[:, -1] - z_sorted[:, -3] + 1e-12)
+
+
+def dlr_loss_targeted(logits: Array, y: Array, y_target: Array) -> Array:
+  """Targeted DLR loss per sample: −(z_y − z_t) / (z_π1 − (z_π3 + z_π4)/2 + 1e−12)."""
+  z_sorted = jnp.sort(logits, axis=1)
+  z_y = jnp.take_along_axis(logits, y[:, None], axis=1)[:, 0]
+  z_t = jnp.take_along_axis(logits, y_target[:, None], axis=1)[:, 0]
+  return -(z_y - z_t) / (z_sorted[:, -1] - 0.5 * (z_sorted[:, -3] + z_sorted[:, -4]) + 1e-12)
+
+
+def ce_loss(logits: Array, y: Array) -> Array:
+  """Cross-entropy per sample."""
+  logp = jax.nn.log_softmax(logits, axis=1)
+  return -jnp.take_along_axis(logp, y[:, None], axis=1)[:, 0]
+
+
+def margin_loss(logits: Array, y: Array) -> Array:
+  """z_y − max_{j≠y} z_j per sample (negative once the point is misclassified)."""
+  z_y = jnp.take_along_axis(logits, y[:, None], axis=1)[:, 0]
+  others = jnp.where(jax.nn.one_hot(y, logits.shape[1], dtype=bool), -jnp.inf, logits)
+  return z_y - jnp.max(others, axis=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _bcast(v: Array, x: Array) -> Array:
+  """Reshapes a per-sample vector [N] to broadcast against x [N, ...]."""
+  return v.reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+def _linf(d: Array) -> Array:
+  return jnp.max(jnp.abs(d.reshape(d.shape[0], -1)), axis=1)
+
+
+def _project(x_new: Array, x: Array, eps: float) -> Array:
+  return jnp.clip(jnp.clip(x_new, x - eps, x + eps), 0.0, 1.0)
+
+
+def _predict(logits_fn: LogitsFn, x: Array) -> Array:
+  return jnp.argmax(logits_fn(x), axis=1).astype(jnp.int32)
+
+
+def _check_inputs(x, y, eps) -> None:
+  if x.ndim < 2:
+    raise ValueError(f"x must be a batch [N, ...] of inputs, got shape {tuple(x.shape)}")
+  if y.shape != (x.shape[0],):
+    raise ValueError(f"y must have shape ({x.shape[0]},) to match x, got {tuple(y.shape)}")
+  if not (isinstance(eps, numbers.Real) and eps > 0):
+    raise ValueError(f"eps must be a positive number, got {eps!r}")
+
+
+def _num_classes(logits_fn: LogitsFn, x: Array) -> int:
+  return int(jax.eval_shape(logits_fn, jax.ShapeDtypeStruct(x.shape, x.dtype)).shape[1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# APGD
+
+
+def apgd_checkpoints(n_iter: int) -> list[int]:
+  """Iterations (1-based counts of steps done) after which APGD may halve its step size.
+
+  The reference computes them incrementally: the first after max(⌊0.22·n_iter⌋, 1) steps, then each
+  interval shrinks by max(⌊0.03·n_iter⌋, 1) down to max(⌊0.06·n_iter⌋, 1).
+  """
+  first = max(int(0.22 * n_iter), 1)
+  min_len = max(int(0.06 * n_iter), 1)
+  decr = max(int(0.03 * n_iter), 1)
+  out, k, counter = [], first, 0
+  for i in range(n_iter):
+    counter += 1
+    if counter == k:
+      out.append(i + 1)
+      k = max(k - decr, min_len)
+      counter = 0
+  return out
+
+
+def _checkpoint_tables(n_iter: int) -> tuple[np.ndarray, np.ndarray]:
+  """Per iteration i (0-based): whether a checkpoint falls after it, and the length of the interval it closes."""
+  is_ckpt = np.zeros(n_iter, bool)
+  window = np.ones(n_iter, np.int32)
+  prev = 0
+  for c in apgd_checkpoints(n_iter):
+    is_ckpt[c - 1] = True
+    window[c - 1] = c - prev
+    prev = c
+  return is_ckpt, window
+
+
+def _step_size_check(loss_steps, i, k, rho, loss_best, loss_best_last, reduced_last):
+  """APGD's condition to halve the step size at the checkpoint after step i closing an interval of k steps.
+
+  True where the loss increased in at most k·ρ of the last k steps, or where the step size was not halved at
+  the previous checkpoint and the best loss has not improved since.  As in the reference, step j's loss is
+  compared with step j−1's, and the first step with the last (still zero) row of the [n_iter, N] buffer.
+  """
+  rows = jnp.arange(loss_steps.shape[0])
+  increased = loss_steps > jnp.roll(loss_steps, 1, axis=0)
+  in_window = (rows <= i) & (rows > i - k)
+  n_incr = jnp.sum(increased & in_window[:, None], axis=0)
+  oscillating = n_incr.astype(loss_steps.dtype) <= jnp.asarray(k, loss_steps.dtype) * rho
+  no_improvement = (~reduced_last) & (loss_best_last >= loss_best)
+  return oscillating | no_improvement
+
+
+def _apgd_single_run(logits_fn, x, y, y_target, key, *, eps, n_iter, loss, rho):
+  """One APGD run on the whole batch; returns the final state (``x_best_adv``: last misclassified iterate,
+  ``acc``: never misclassified, ``x_best``/``loss_best``: highest-loss point, ``step``: step sizes)."""
+  if loss == "ce":
+    loss_indiv = lambda z: ce_loss(z, y)
+  elif loss == "dlr":
+    loss_indiv = lambda z: dlr_loss(z, y)
+  else:
+    loss_indiv = lambda z: dlr_loss_targeted(z, y, y_target)
+
+  def objective(xa):
+    z = logits_fn(xa)
+    li = loss_indiv(z)
+    return jnp.sum(li), (li, z)
+
+  value_and_grad = jax.value_and_grad(objective, has_aux=True)
+  n = x.shape[0]
+  t = jax.random.uniform(key, x.shape, x.dtype, -1.0, 1.0)
+  x_adv = jnp.clip(x + eps * t / (_bcast(_linf(t), x) + 1e-12), 0.0, 1.0)
+  (_, (loss_cur, z)), grad = value_and_grad(x_adv)
+  acc = jnp.argmax(z, axis=1) == y
+  is_ckpt, window = (jnp.asarray(a) for a in _checkpoint_tables(n_iter))
+
+  state = dict(
+      x_adv=x_adv, x_old=x_adv, grad=grad, x_best=x_adv, grad_best=grad, x_best_adv=x_adv,
+      loss_best=loss_cur, acc=acc, step=jnp.full((n,), 2.0 * eps, x.dtype),
+      loss_steps=jnp.zeros((n_iter, n), x.dtype), loss_best_last=loss_cur,
+      reduced_last=jnp.ones((n,), bool))
+
+  def body(i, s):
+    grad2 = s["x_adv"] - s["x_old"]
+    x_old = s["x_adv"]
+    a = jnp.where(i > 0, 0.75, 1.0).astype(x.dtype)
+    x1 = _project(s["x_adv"] + _bcast(s["step"], x) * jnp.sign(s["grad"]), x, eps)
+    x1 = _project(s["x_adv"] + (x1 - s["x_adv"]) * a + grad2 * (1.0 - a), x, eps)
+    (_, (l, z)), grad = value_and_grad(x1)
+    pred_ok = jnp.argmax(z, axis=1) == y
+    acc = s["acc"] & pred_ok
+    x_best_adv = jnp.where(_bcast(~pred_ok, x), x1, s["x_best_adv"])
+    loss_steps = s["loss_steps"].at[i].set(l)
+    improved = l > s["loss_best"]
+    x_best = jnp.where(_bcast(improved, x), x1, s["x_best"])
+    grad_best = jnp.where(_bcast(improved, x), grad, s["grad_best"])
+    loss_best = jnp.where(improved, l, s["loss_best"])
+    reduce = _step_size_check(loss_steps, i, window[i], rho, loss_best, s["loss_best_last"], s["reduced_last"])
+    ck = is_ckpt[i]
+    halve = ck & reduce
+    return dict(
+        x_adv=jnp.where(_bcast(halve, x), x_best, x1), x_old=x_old,
+        grad=jnp.where(_bcast(halve, x), grad_best, grad), x_best=x_best, grad_best=grad_best,
+        x_best_adv=x_best_adv, loss_best=loss_best, acc=acc,
+        step=jnp.where(halve, s["step"] / 2.0, s["step"]), loss_steps=loss_steps,
+        loss_best_last=jnp.where(ck, loss_best, s["loss_best_last"]),
+        reduced_last=jnp.where(ck, reduce, s["reduced_last"]))
+
+  return jax.lax.fori_loop(0, n_iter, body, state)
+
+
+def _target_labels(logits_fn, x, rank):
+  """Label of the class ranked ``rank`` (2 = runner-up) by the logits at x."""
+  order = jnp.argsort(logits_fn(x), axis=1)
+  return jnp.take_along_axis(order, (order.shape[1] - rank) * jnp.ones((x.shape[0], 1), jnp.int32), axis=1)[:, 0]
+
+
+def _apgd_batch(logits_fn, x, y, mask, key, target_labels=None, *, eps, n_iter, loss, n_restarts, rho,
+                target_rank=None):
+  """APGD with restarts on a padded batch; the targeted loss uses ``target_rank`` or ``target_labels``."""
+  robust0 = (_predict(logits_fn, x) == y) & mask
+  if loss == "dlr_targeted":
+    y_target = (_target_labels(logits_fn, x, target_rank) if target_rank is not None
+                else jnp.asarray(target_labels, jnp.int32))
+  else:
+    y_target = None
+
+  def cond(c):
+    r, robust, _ = c
+    return (r < n_restarts) & jnp.any(robust)
+
+  def body(c):
+    r, robust, adv = c
+    st = _apgd_single_run(logits_fn, x, y, y_target, jax.random.fold_in(key, r), eps=eps, n_iter=n_iter,
+                          loss=loss, rho=rho)
+    new = ~st["acc"] & robust
+    return r + 1, robust & ~new, jnp.where(_bcast(new, x), st["x_best_adv"], adv)
+
+  _, _, adv = jax.lax.while_loop(cond, body, (jnp.int32(0), robust0, x))
+  return adv
+
+
+def _apgd_targeted_batch(logits_fn, x, y, mask, key, *, eps, n_iter, n_target_classes, n_restarts, rho):
+  """APGD-T on a padded batch: each target rank in turn, on the points still robust."""
+  z0 = logits_fn(x)
+  order = jnp.argsort(z0, axis=1)
+  n_classes = z0.shape[1]
+  robust0 = (jnp.argmax(z0, axis=1) == y) & mask
+  total = n_target_classes * n_restarts
+
+  def cond(c):
+    j, robust, _ = c
+    return (j < total) & jnp.any(robust)
+
+  def body(c):
+    j, robust, adv = c
+    rank = 2 + j // n_restarts
+    y_target = jnp.take_along_axis(order, jnp.full((x.shape[0], 1), n_classes - rank, jnp.int32), axis=1)[:, 0]
+    st = _apgd_single_run(logits_fn, x, y, y_target, jax.random.fold_in(key, j), eps=eps, n_iter=n_iter,
+                          loss="dlr_targeted", rho=rho)
+    new = ~st["acc"] & robust
+    return j + 1, robust & ~new, jnp.where(_bcast(new, x), st["x_best_adv"], adv)
+
+  _, _, adv = jax.lax.while_loop(cond, body, (jnp.int32(0), robust0, x))
+  return adv
+
+
+def apgd(logits_fn: LogitsFn, x, y, key, *, eps: float, n_iter: int = 100, loss: str = "ce",
+         target_class=None, n_restarts: int = 1, rho: float = 0.75) -> Array:
+  """APGD (L∞) on ``loss`` ∈ {'ce', 'dlr', 'dlr_targeted'}; returns x_adv (x where no adversarial was found).
+
+  For 'dlr_targeted', ``target_class`` is either an int k ≥ 2 (the class ranked k-th by the clean logits, as
+  in the reference) or an int array [N] of target labels.
+  """
+  x = jnp.asarray(x, jnp.float32)
+  y = jnp.asarray(y, jnp.int32)
+  _check_inputs(x, y, eps)
+  if loss not in ("ce", "dlr", "dlr_targeted"):
+    raise ValueError(f"loss must be 'ce', 'dlr' or 'dlr_targeted', got {loss!r}")
+  if n_iter < 1 or n_restarts < 1:
+    raise ValueError(f"n_iter and n_restarts must be >= 1, got {n_iter} and {n_restarts}")
+  n_classes = _num_classes(logits_fn, x)
+  need = 4 if loss == "dlr_targeted" else 3 if loss == "dlr" else 2
+  if n_classes < need:
+    raise ValueError(f"loss {loss!r} needs at least {need} classes, the model has {n_classes}")
+  if loss == "dlr_targeted":
+    if target_class is None:
+      raise ValueError("loss='dlr_targeted' needs target_class (a rank >= 2 or target labels [N])")
+    if isinstance(target_class, (int, np.integer)):
+      target_class = int(target_class)
+      if not 2 <= target_class <= n_classes:
+        raise ValueError(f"target_class rank must be in [2, {n_classes}], got {target_class}")
+    else:
+      target_class = jnp.asarray(target_class, jnp.int32)
+      if target_class.shape != y.shape:
+        raise ValueError(f"target labels must have shape {tuple(y.shape)}, got {tuple(target_class.shape)}")
+  rank = target_class if isinstance(target_class, int) else None
+  labels = None if target_class is None or rank is not None else target_class
+  fn = batch_kernel("apgd", logits_fn, eps=eps, n_iter=n_iter, loss=loss, n_restarts=n_restarts, rho=rho,
+                    target_rank=rank)
+  return fn(x, y, jnp.ones(y.shape, bool), key, labels)
+
+
+def apgd_targeted(logits_fn: LogitsFn, x, y, key, *, eps: float, n_iter: int = 100,
+                  n_target_classes: int = 9, n_restarts: int = 1, rho: float = 0.75) -> Array:
+  """APGD-T: APGD on the targeted DLR loss against the top ``n_target_classes`` other classes in turn."""
+  x = jnp.asarray(x, jnp.float32)
+  y = jnp.asarray(y, jnp.int32)
+  _check_inputs(x, y, eps)
+  n_classes = _num_classes(logits_fn, x)
+  _check_targets(n_classes, n_target_classes, need=4)
+  fn = batch_kernel("apgd-t", logits_fn, eps=eps, n_iter=n_iter, n_target_classes=n_target_classes,
+                    n_restarts=n_restarts, rho=rho)
+  return fn(x, y, jnp.ones(y.shape, bool), key)
+
+
+def _check_targets(n_classes: int, n_target_classes: int, need: int) -> None:
+  if n_classes < need:
+    raise ValueError(f"the targeted attack needs at least {need} classes, the model has {n_classes}")
+  if not 1 <= n_target_classes <= n_classes - 1:
+    raise ValueError(f"n_target_classes must be in [1, {n_classes - 1}] for {n_classes} classes, "
+                     f"got {n_target_classes}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FAB-T
+
+
+def projection_linf(t: Array, w: Array, b: Array) -> Array:
+  """Smallest-L∞ displacement d with w·(t + d) = b and t + d ∈ [0, 1] (rows of t, w: [M, D]; b: [M]).
+
+  Where the hyperplane cannot be reached inside the box, d moves to the box corner closest to it.
+  """
+  m, dim = t.shape
+  sign = jnp.where(jnp.sum(w * t, axis=1) - b >= 0, 1.0, -1.0).astype(t.dtype)
+  w = w * sign[:, None]
+  b = b * sign
+  a = (w < 0).astype(t.dtype)
+  nonzero = (w != 0).astype(t.dtype)
+  d = (a - t) * nonzero
+  p = a - t * (2.0 * a - 1.0)
+  indp = jnp.argsort(p, axis=1)
+  b = b - jnp.sum(w * t, axis=1)
+  b0 = jnp.sum(w * d, axis=1)
+  indp2 = indp[:, ::-1]
+  ws = jnp.take_along_axis(w, indp2, axis=1)
+  bs2 = -ws * jnp.take_along_axis(d, indp2, axis=1)
+  s = jnp.cumsum(jnp.abs(ws), axis=1)
+  sb = jnp.cumsum(bs2, axis=1) + b0[:, None]
+  p_min = jnp.take_along_axis(p, indp[:, :1], axis=1)[:, 0]
+  b2 = sb[:, -1] - s[:, -1] * p_min
+  c_l = b - b2 > 0
+  c2 = (b - b0 > 0) & (b - b2 <= 0)
+
+  lb = jnp.zeros((m,), t.dtype)
+  ub = jnp.full((m,), dim - 1, t.dtype)
+  for _ in range(math.ceil(math.log2(dim)) if dim > 1 else 0):
+    mid = jnp.floor((lb + ub) / 2)
+    mid_i = mid.astype(jnp.int32)[:, None]
+    ind_cur = jnp.take_along_axis(indp, dim - 1 - mid_i, axis=1)
+    b2_mid = (jnp.take_along_axis(sb, mid_i, axis=1) - jnp.take_along_axis(s, mid_i, axis=1)
+              * jnp.take_along_axis(p, ind_cur, axis=1))[:, 0]
+    c = b - b2_mid > 0
+    lb = jnp.where(c, mid, lb)
+    ub = jnp.where(c, ub, mid)
+  lb_i = lb.astype(jnp.int32)[:, None]
+
+  def safe_div(num, den):
+    return jnp.where(den != 0, num / jnp.where(den != 0, den, 1.0), 0.0)
+
+  lmbd_l = jnp.maximum(safe_div(b - sb[:, -1], -s[:, -1]), 0.0)
+  d_l = (2.0 * a - 1.0) * lmbd_l[:, None]
+  s_lb = jnp.take_along_axis(s, lb_i, axis=1)[:, 0]
+  sb_lb = jnp.take_along_axis(sb, lb_i, axis=1)[:, 0]
+  lmbd_2 = jnp.maximum(safe_div(b - sb_lb, -s_lb), 0.0)[:, None]
+  d_2 = jnp.minimum(lmbd_2, d) * a + jnp.maximum(-lmbd_2, d) * (1.0 - a)
+  d = jnp.where(c_l[:, None], d_l, jnp.where(c2[:, None], d_2, d))
+  return d * nonzero
+
+
+def _fab_single_run(logits_fn, x, y, y_target, *, n_iter, alpha_max, eta, beta):
+  """One targeted FAB run (no random start); returns (best adversarial point, its L∞ distance or 1e10)."""
+  n = x.shape[0]
+  x0 = x.reshape(n, -1)
+
+  def diff_fn(xa):
+    z = logits_fn(xa)
+    zy = jnp.take_along_axis(z, y[:, None], axis=1)[:, 0]
+    zt = jnp.take_along_axis(z, y_target[:, None], axis=1)[:, 0]
+    diff = -(zy - zt)
+    return jnp.sum(diff), diff
+
+  grad_fn = jax.grad(diff_fn, has_aux=True)
+
+  def body(_, c):
+    x1, adv, res = c
+    dg, df = grad_fn(x1)
+    w = dg.reshape(n, -1)
+    b = -df + jnp.sum(w * x1.reshape(n, -1), axis=1)
+    d3 = projection_linf(jnp.concatenate([x1.reshape(n, -1), x0], 0), jnp.concatenate([w, w], 0),
+                         jnp.concatenate([b, b], 0))
+    d1 = d3[:n].reshape(x.shape)
+    d2 = d3[n:].reshape(x.shape)
+    a0 = jnp.maximum(jnp.max(jnp.abs(d3), axis=1), 1e-8)
+    a1, a2 = a0[:n], a0[n:]
+    alpha = _bcast(jnp.clip(a1 / (a1 + a2), 0.0, alpha_max), x)
+    x1 = jnp.clip((x1 + eta * d1) * (1.0 - alpha) + (x + d2 * eta) * alpha, 0.0, 1.0)
+    is_adv = _predict(logits_fn, x1) != y
+    t = _linf(x1 - x)
+    better = is_adv & (t < res)
+    adv = jnp.where(_bcast(better, x), x1, adv)
+    res = jnp.where(better, t, res)
+    x1 = jnp.where(_bcast(is_adv, x), x + (x1 - x) * beta, x1)
+    return x1, adv, res
+
+  _, adv, res = jax.lax.fori_loop(0, n_iter, body, (x, x, jnp.full((n,), _NOT_FOUND, x.dtype)))
+  return adv, res
+
+
+def _fab_targeted_batch(logits_fn, x, y, mask, key, *, eps, n_iter, n_target_classes, alpha_max, eta,
+                        beta):
+  """FAB-T on a padded batch (deterministic: one run per target without random start, as in 'standard')."""
+  del key
+  z0 = logits_fn(x)
+  order = jnp.argsort(z0, axis=1)
+  n_classes = z0.shape[1]
+  robust0 = (jnp.argmax(z0, axis=1) == y) & mask
+
+  def cond(c):
+    j, robust, _ = c
+    return (j < n_target_classes) & jnp.any(robust)
+
+  def body(c):
+    j, robust, adv = c
+    y_target = jnp.take_along_axis(order, jnp.full((x.shape[0], 1), n_classes - 2 - j, jnp.int32), axis=1)[:, 0]
+    x_r, res = _fab_single_run(logits_fn, x, y, y_target, n_iter=n_iter, alpha_max=alpha_max, eta=eta,
+                               beta=beta)
+    found = res < _NOT_FOUND
+    x_r = jnp.where(_bcast(found, x), x_r, x)
+    fooled = (_predict(logits_fn, x_r) != y) & (_linf(x_r - x) <= eps)
+    new = fooled & robust
+    return j + 1, robust & ~new, jnp.where(_bcast(new, x), x_r, adv)
+
+  _, _, adv = jax.lax.while_loop(cond, body, (jnp.int32(0), robust0, x))
+  return adv
+
+
+def fab_targeted(logits_fn: LogitsFn, x, y, key, *, eps: float, n_iter: int = 100, n_target_classes: int = 9,
+                 alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9) -> Array:
+  """FAB-T (L∞): the minimal adversarial perturbation found for each target in turn, kept if within ε.
+
+  ``key`` is accepted for a uniform interface; the standard version uses no random start, so it is unused.
+  """
+  x = jnp.asarray(x, jnp.float32)
+  y = jnp.asarray(y, jnp.int32)
+  _check_inputs(x, y, eps)
+  _check_targets(_num_classes(logits_fn, x), n_target_classes, need=2)
+  fn = batch_kernel("fab-t", logits_fn, eps=eps, n_iter=n_iter, n_target_classes=n_target_classes,
+                    alpha_max=alpha_max, eta=eta, beta=beta)
+  return fn(x, y, jnp.ones(y.shape, bool), key)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Square
+
+
+def square_p_schedule(it: int, p_init: float = 0.8) -> float:
+  """Fraction of pixels changed at query ``it`` (the reference schedule, not rescaled)."""
+  for bound, div in ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64), (6000, 128),
+                     (8000, 256)):
+    if it <= bound:
+      return p_init / div
+  return p_init / 512
+
+
+def _square_sizes(n_queries: int, p_init: float, h: int, w: int) -> np.ndarray:
+  sizes = [max(int(round(math.sqrt(square_p_schedule(i, p_init) * h * w))), 1) for i in range(n_queries)]
+  return np.minimum(np.asarray(sizes, np.int32), min(h, w))
+
+
+def _square_batch(logits_fn, x, y, mask, key, *, eps, n_queries, p_init):
+  """Square attack (L∞, margin loss) on a padded NHWC batch."""
+  if x.ndim != 4:
+    raise ValueError(f"square expects NHWC images, got shape {tuple(x.shape)}")
+  n, h, w, c = x.shape
+  sizes = jnp.asarray(_square_sizes(n_queries, p_init, h, w))
+  robust0 = (_predict(logits_fn, x) == y) & mask
+  k_init, k_loop = jax.random.split(key)
+  stripes = jnp.sign(jax.random.uniform(k_init, (n, 1, w, c), x.dtype, -1.0, 1.0))
+  x_best = jnp.clip(x + eps * stripes, 0.0, 1.0)
+  margin_min = margin_loss(logits_fn(x_best), y)
+  rows = jnp.arange(h)[:, None]
+  cols = jnp.arange(w)[None, :]
+
+  def cond(st):
+    i, _, margin = st
+    return (i < n_queries) & jnp.any((margin > 0) & robust0)
+
+  def body(st):
+    i, x_best, margin_min = st
+    active = (margin_min > 0) & robust0
+    s = sizes[i]
+    kh, kw, ks = jax.random.split(jax.random.fold_in(k_loop, i), 3)
+    vh = jnp.floor(jax.random.uniform(kh) * (h - s)).astype(jnp.int32)
+    vw = jnp.floor(jax.random.uniform(kw) * (w - s)).astype(jnp.int32)
+    sq_sign = jnp.sign(jax.random.uniform(ks, (c,), x.dtype, -1.0, 1.0))
+    window = ((rows >= vh) & (rows < vh + s) & (cols >= vw) & (cols < vw + s)).astype(x.dtype)
+    delta = 2.0 * eps * window[:, :, None] * sq_sign[None, None, :]
+    x_new = _project(x_best + delta[None], x, eps)
+    margin = margin_loss(logits_fn(x_new), y)
+    improved = ((margin < margin_min) | (margin <= 0)) & active
+    return (i + 1, jnp.where(_bcast(improved, x), x_new, x_best), jnp.where(improved, margin, margin_min))
+
+  _, x_best, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), x_best, margin_min))
+  fooled = (_predict(logits_fn, x_best) != y) & robust0
+  return jnp.where(_bcast(fooled, x), x_best, x)
+
+
+def square(logits_fn: LogitsFn, x, y, key, *, eps: float, n_queries: int = 5000, p_init: float = 0.8) -> Array:
+  """Square attack (L∞, margin loss, one restart) on NHWC images; returns x where no adversarial was found."""
+  x = jnp.asarray(x, jnp.float32)
+  y = jnp.asarray(y, jnp.int32)
+  _check_inputs(x, y, eps)
+  if x.ndim != 4:
+    raise ValueError(f"square expects NHWC images [N, H, W, C], got shape {tuple(x.shape)}")
+  if n_queries < 1 or not 0 < p_init <= 1:
+    raise ValueError(f"need n_queries >= 1 and 0 < p_init <= 1, got {n_queries} and {p_init}")
+  fn = batch_kernel("square", logits_fn, eps=eps, n_queries=n_queries, p_init=p_init)
+  return fn(x, y, jnp.ones(y.shape, bool), key)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Compiled batch functions
+
+_BATCH_FNS = {"apgd": _apgd_batch, "apgd-t": _apgd_targeted_batch, "fab-t": _fab_targeted_batch,
+              "square": _square_batch}
+
+
+def batch_kernel(kind: str, logits_fn: LogitsFn, *, eps: float, jit: Callable = jax.jit, **params) -> Callable:
+  """The compiled batch function ``f(x, y, mask, key) -> x_adv`` of one attack ('apgd' also takes target
+  labels as a fifth argument).
+
+  ``mask`` [N] marks the real rows of a padded batch; other rows are left as they are.  Kernels are cached on
+  (kind, logits_fn, eps, params, jit), so calling an attack again with the same model does not recompile.
+  """
+  if kind not in _BATCH_FNS:
+    raise ValueError(f"unknown attack kind {kind!r}; expected one of {sorted(_BATCH_FNS)}")
+  return _cached_kernel(kind, logits_fn, float(eps), tuple(sorted(params.items())), jit)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_kernel(kind, logits_fn, eps, params, jit):
+  return jit(functools.partial(_BATCH_FNS[kind], logits_fn, eps=eps, **dict(params)))
+
+
+@functools.lru_cache(maxsize=4)
+def _predict_kernel(logits_fn, jit):
+  return jit(functools.partial(_predict, logits_fn))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Driver
+
+
+@dataclasses.dataclass
+class AutoAttackResult:
+  """Outcome of ``autoattack``.
+
+  x_adv: adversarial inputs (the clean input wherever the point was not broken); robust: bool [N], correct
+  after every attack; clean_correct: bool [N]; robust_after: number of robust points after each stage, in
+  order, starting with 'clean'; flips: points each attack turned into errors; attacked: points each attack
+  was run on; version / label: which attacks ran; params: every parameter used.
+  """
+  x_adv: np.ndarray
+  robust: np.ndarray
+  clean_correct: np.ndarray
+  robust_after: dict[str, int]
+  flips: dict[str, int]
+  attacked: dict[str, int]
+  version: str
+  label: str
+  params: dict[str, Any]
+
+  @property
+  def clean_accuracy(self) -> float:
+    return float(np.mean(self.clean_correct)) if self.clean_correct.size else 0.0
+
+  @property
+  def robust_accuracy(self) -> float:
+    return float(np.mean(self.robust)) if self.robust.size else 0.0
+
+  def summary(self) -> str:
+    n = self.robust.size
+    steps = ", ".join(f"{k}: {v}/{n}" for k, v in self.robust_after.items())
+    return f"{self.label}: robust accuracy {self.robust_accuracy:.2%} ({steps})"
+
+
+def autoattack(logits_fn: LogitsFn, x, y, *, eps: float, version: str = "standard", seed: int = 0,
+               batch_size: int = 500, progress: bool = True, overrides: Mapping[str, Mapping[str, Any]] | None = None,
+               jit: Callable = jax.jit) -> AutoAttackResult:
+  """Runs AutoAttack (L∞) on (x, y) and returns the per-point outcome.
+
+  version: 'standard' (APGD-CE → APGD-T → FAB-T → Square) or 'apgd' (APGD-CE → APGD-T only, labelled as a
+  subset).  Each attack runs only on the points still robust, in batches of ``batch_size`` (the last one
+  padded and masked, so each attack compiles once).  Randomness comes from ``jax.random.PRNGKey(seed)``.
+  ``overrides`` changes attack parameters, e.g. ``{'square': {'n_queries': 1000}}``; the label then says the
+  parameters are not the standard ones.  ``jit`` wraps every batch function ``f(x, y, mask, key)`` (pass
+  ``functools.partial(jax.jit, in_shardings=...)`` to shard the batch dimension).  With fewer than 10 classes
+  the targeted attacks use every other class (n_target_classes = C − 1).
+  """
+  if version not in VERSION_LABELS:
+    raise ValueError(f"version must be 'standard' or 'apgd', got {version!r}")
+  if not isinstance(batch_size, int) or batch_size < 1:
+    raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+  x = np.asarray(x, np.float32)
+  y = np.asarray(y, np.int32)
+  _check_inputs(x, y, eps)
+  n = x.shape[0]
+  n_classes = _num_classes(logits_fn, jnp.zeros((1,) + x.shape[1:], jnp.float32))
+  if n_classes < 4:
+    raise ValueError(f"AutoAttack's targeted DLR loss needs at least 4 classes, the model has {n_classes}")
+  n_targets = min(9, n_classes - 1)
+  attacks = STANDARD_ATTACKS if version == "standard" else APGD_SUBSET_ATTACKS
+  params = {
+      "apgd-ce": dict(n_iter=100, n_restarts=1, rho=0.75),
+      "apgd-t": dict(n_iter=100, n_target_classes=n_targets, n_restarts=1, rho=0.75),
+      "fab-t": dict(n_iter=100, n_target_classes=n_targets, alpha_max=0.1, eta=1.05, beta=0.9),
+      "square": dict(n_queries=5000, p_init=0.8),
+  }
+  params = {k: params[k] for k in attacks}
+  label = VERSION_LABELS[version]
+  for name, upd in (overrides or {}).items():
+    if name not in params:
+      raise ValueError(f"overrides names an attack not in version {version!r}: {name!r}")
+    unknown = set(upd) - set(params[name])
+    if unknown:
+      raise ValueError(f"unknown parameters for {name}: {sorted(unknown)}")
+    if any(params[name][k] != v for k, v in upd.items()):
+      label = label + " [non-standard parameters]"
+    params[name] = {**params[name], **upd}
+  for name in ("apgd-t", "fab-t"):
+    if name in params:
+      _check_targets(n_classes, params[name]["n_target_classes"], need=4 if name == "apgd-t" else 2)
+
+  predict = _predict_kernel(logits_fn, jit)
+  bs = min(batch_size, n) if n else 1
+
+  def padded(idx):
+    m = len(idx)
+    full = np.concatenate([idx, np.full(bs - m, idx[0], idx.dtype)]) if m < bs else idx
+    mask = np.arange(bs) < m
+    return full, mask
+
+  # Clean predictions.
+  clean_pred = np.empty((n,), np.int32)
+  for start in range(0, n, bs):
+    idx, mask = padded(np.arange(start, min(start + bs, n)))
+    clean_pred[idx[mask]] = np.asarray(predict(jnp.asarray(x[idx])))[mask]
+  clean_correct = clean_pred == y
+  robust = clean_correct.copy()
+  x_adv = x.copy()
+  robust_after = {"clean": int(robust.sum())}
+  flips, attacked = {}, {}
+  root = jax.random.PRNGKey(seed)
+
+  for a_idx, name in enumerate(attacks):
+    todo = np.nonzero(robust)[0]
+    attacked[name] = int(todo.size)
+    flips[name] = 0
+    kind, extra = ("apgd", {"loss": "ce"}) if name == "apgd-ce" else (name, {})
+    fn = batch_kernel(kind, logits_fn, eps=eps, jit=jit, **extra, **params[name])
+    key_a = jax.random.fold_in(root, a_idx)
+    bar = tqdm(total=int(todo.size), desc=name, unit="pt", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
+    bar.set_postfix(robust=int(robust.sum()))
+    for b_idx, start in enumerate(range(0, todo.size, bs)):
+      idx, mask = padded(todo[start:start + bs])
+      xb, yb = jnp.asarray(x[idx]), jnp.asarray(y[idx])
+      adv_b = fn(xb, yb, jnp.asarray(mask), jax.random.fold_in(key_a, b_idx))
+      pred_b = predict(adv_b)
+      # Re-check every returned point: wrong label, inside the ε-ball (float tolerance) and the box.
+      adv_np = np.asarray(adv_b)
+      dist = np.max(np.abs(adv_np - x[idx]).reshape(bs, -1), axis=1)
+      in_box = np.all((adv_np >= 0.0) & (adv_np <= 1.0), axis=tuple(range(1, adv_np.ndim)))
+      fooled = (np.asarray(pred_b) != y[idx]) & mask & (dist <= eps * (1 + 1e-6) + 2e-7) & in_box
+      hit = idx[fooled]
+      robust[hit] = False
+      x_adv[hit] = adv_np[fooled]
+      flips[name] += int(fooled.sum())
+      bar.update(int(mask.sum()))
+      bar.set_postfix(robust=int(robust.sum()))
+    bar.close()
+    robust_after[name] = int(robust.sum())
+
+  params_out = {"eps": float(eps), "seed": int(seed), "batch_size": int(bs), "attacks": list(attacks),
+                "n_classes": n_classes, **params}
+  return AutoAttackResult(x_adv=x_adv, robust=robust, clean_correct=clean_correct, robust_after=robust_after,
+                          flips=flips, attacked=attacked, version=version, label=label, params=params_out)
