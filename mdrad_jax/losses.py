@@ -340,6 +340,12 @@ def sa_mdrad_loss(*, student_adv_logits, teacher_nat_logits, labels, student_nat
     feature_weight: λ_f (default 1).  ce_weight: λ_ce (default 0).  adr_lambda: λ of the 'adr' rectifier.
     reduction: KL reduction (default 'batchmean').
   """
+  if student_nat_logits is None and not _is_static(alpha, 1.0):
+    raise ValueError("sa_mdrad_loss: student_nat_logits is required unless alpha == 1")
+  use_features = projected_features is not None and teacher_features is not None
+  if not use_features and not _is_static(feature_weight, 0.0):
+    raise ValueError("sa_mdrad_loss: projected_features and teacher_features are required unless "
+                     "feature_weight == 0")
   s_adv = _f32(student_adv_logits)
   _check_logits("student_adv_logits", s_adv)
   _check_labels(labels, s_adv.shape[0])
@@ -361,23 +367,18 @@ def sa_mdrad_loss(*, student_adv_logits, teacher_nat_logits, labels, student_nat
 
   kl_adv = tempered_kl(p_adv, s_adv)
   if student_nat_logits is None:
-    if not _is_static(alpha, 1.0):
-      raise ValueError("sa_mdrad_loss: student_nat_logits is required unless alpha == 1")
     kl_nat = jnp.zeros_like(kl_adv)
   else:
     s_nat = _f32(student_nat_logits)
     _check_same("student_nat_logits", s_nat, "student_adv_logits", s_adv)
     kl_nat = tempered_kl(p_nat, s_nat)
 
-  if projected_features is None or teacher_features is None:
-    if not _is_static(feature_weight, 0.0):
-      raise ValueError("sa_mdrad_loss: projected_features and teacher_features are required unless "
-                       "feature_weight == 0")
+  if not use_features:
     feat = jnp.zeros((), jnp.float32)
   else:
     feat = weighted_feature_loss(projected_features, teacher_features, w_nat)
 
-  ce = cross_entropy(s_adv, labels) if not _is_static(ce_weight, 0.0) else jnp.zeros((), jnp.float32)
+  ce = cross_entropy(s_adv, labels)
   loss = alpha * kl_adv + (1.0 - alpha) * kl_nat + feature_weight * feat + ce_weight * ce
 
   y = jnp.broadcast_to(labels[None], t_nat.shape[:2])

@@ -550,7 +550,7 @@ def test_gradients_reach_student_not_teacher(data, name):
   def total(arrs):
     return fn(**arrs, **rest)[0]
 
-  grads = jax.grad(total)(jax.tree.map(jnp.asarray, arrays))
+  grads = jax.jit(jax.grad(total))(jax.tree.map(jnp.asarray, arrays))   # one compile: cheaper than eager
   for key, g in grads.items():
     norm = sum(float(jnp.sum(jnp.abs(x))) for x in jax.tree.leaves(g))
     if key in STUDENT_KEYS:
