@@ -6,6 +6,7 @@ Only flags live here; the work is in the library (``mdrad_jax.train``, ``mdrad_j
 (robustness evaluation of a checkpoint) or 'quickstart' (the end-to-end demo).  Any config field can be
 overridden, e.g. ``--config.optim.lr=0.05``; a misspelt field is an error.
 """
+import ast
 import sys
 
 from absl import app
@@ -27,10 +28,15 @@ def _parse_flags(argv):
   try:
     return FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
-    text = str(e).replace("\\n", "\n").replace("\\'", "'")
+    text = str(e)
+    if text[:1] in "'\"" and text[-1:] == text[:1]:  # a KeyError's repr: unquote it
+      try:
+        text = ast.literal_eval(text)
+      except (ValueError, SyntaxError):
+        pass
     if "Traceback" in text:  # an exception inside the config file: keep its last line
       text = text.strip().splitlines()[-1]
-    msg = " ".join(text.replace("'", "").replace('"', "").split())
+    msg = " ".join(text.split())
     print(f"error: bad command line: {msg}", file=sys.stderr)
     sys.exit(2)
 

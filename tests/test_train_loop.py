@@ -1,0 +1,93 @@
+"""The real loop on the embedded digits data: config.json/metrics written, resume after an interruption
+reproduces the uninterrupted run exactly, and main.py reports bad input on one line."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from mdrad_jax import checkpointing, config_lib, parallel, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(data_dir):
+  c = config_lib.base_config()
+  config_lib.apply_dataset_defaults(c, "digits")
+  c.data.data_dir = str(data_dir)
+  c.model.name = "tiny_cnn"
+  c.model.kwargs.widths = (8, 16)
+  c.method = config_lib.method_config("pgd_at")
+  c.attack.num_steps = 2
+  c.num_epochs = 2
+  c.num_train_examples = 256
+  c.batch_size = 64
+  c.eval_batch_size = 128
+  c.eval.num_examples = 128
+  c.log_every_steps = 2
+  c.optim.schedule = "cosine"
+  return c
+
+
+class _Interrupt(Exception):
+  pass
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypatch):
+  cfg = _config(tmp_path / "data")
+  full = train.train_and_evaluate(cfg, str(tmp_path / "full"))
+  # uninterrupted run wrote its config and metrics
+  with open(tmp_path / "full" / "config.json") as f:
+    assert json.load(f)["method"]["name"] == "pgd_at"
+  lines = [json.loads(l) for l in open(tmp_path / "full" / "metrics.jsonl")]
+  assert any("train/loss" in l for l in lines) and any("test/accuracy" in l for l in lines)
+
+  # interrupted run: stop during the second epoch (after the epoch-1 checkpoint), then resume
+  real = parallel.shard_batch
+  calls = {"n": 0}
+
+  def flaky(batch, mesh):
+    if batch["image"].shape[0] == cfg.batch_size:  # training batches only
+      calls["n"] += 1
+      if calls["n"] == 6:  # 4 steps per epoch: this is step 6, in epoch 2
+        raise _Interrupt()
+    return real(batch, mesh)
+
+  monkeypatch.setattr(parallel, "shard_batch", flaky)
+  with pytest.raises(_Interrupt):
+    train.train_and_evaluate(cfg, str(tmp_path / "resumed"))
+  monkeypatch.setattr(parallel, "shard_batch", real)
+  assert checkpointing.Checkpointer(str(tmp_path / "resumed")).latest_step() == 4
+  resumed = train.train_and_evaluate(cfg, str(tmp_path / "resumed"))
+
+  a, _ = checkpointing.load_model_variables(str(tmp_path / "full"), which="latest")
+  b, _ = checkpointing.load_model_variables(str(tmp_path / "resumed"), which="latest")
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7),
+               a, b)
+  assert resumed["test/accuracy"] == pytest.approx(full["test/accuracy"])
+  # a finished run restarted on its workdir does no more training
+  again = train.train_and_evaluate(cfg, str(tmp_path / "resumed"))
+  assert again["test/accuracy"] == pytest.approx(full["test/accuracy"])
+
+
+def _main(*args, cwd=ROOT):
+  env = dict(os.environ, MDRAD_PROGRESS="0")
+  return subprocess.run([sys.executable, "main.py", *args], cwd=cwd, capture_output=True, text=True,
+                        env=env, timeout=300)
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--config=configs/teacher.py", "--config.batch_sise=3"], "batch_size"),
+    (["--config=configs/teacher.py:modl=x"], "unknown config argument 'modl'"),
+    (["--config=configs/teacher.py:model=resnet_18,dataset=digits"], "unknown model 'resnet_18'"),
+    (["--config=configs/missing.py"], "configs/missing.py"),
+])
+def test_main_reports_bad_input_on_one_line(tmp_path, args, expect):
+  r = _main(*args, f"--workdir={tmp_path / 'w'}")
+  assert r.returncode == 2, r.stderr[-2000:]
+  err_lines = [l for l in r.stderr.strip().splitlines() if l.startswith("error:")]
+  assert len(err_lines) == 1 and expect in err_lines[0], r.stderr[-2000:]
+  assert "Traceback" not in r.stderr
