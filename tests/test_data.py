@@ -624,3 +624,20 @@ def test_loader_augmentation_is_a_crop_flip_of_the_stored_image(cifar10, augment
   assert len(set(used)) > 1                                  # not all the same transform
   np.testing.assert_array_equal(run(5), aug)                 # seeded
   assert not np.array_equal(run(6), aug)
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_batches_and_resume(cifar10):
+  kw, _ = cifar10
+
+  def loader(workers):
+    return data.create_loader("cifar10", "train", batch_size=4, train=True, seed=7, augment="crop_flip",
+                              worker_count=workers, **kw)
+
+  reference = take(iter(loader(0)), 8)
+  it = iter(loader(1))
+  assert_batches_equal(take(it, 3), reference[:3])
+  state = it.get_state()
+  resumed = iter(loader(1))
+  resumed.set_state(state)
+  assert_batches_equal(take(resumed, 5), reference[3:])

@@ -1,9 +1,15 @@
 """Input pipeline: tfds ArrayRecord data sources, batched, shuffled and augmented on the host by grain.
 
-``create_loader`` returns a ``grain.DataLoader``; its iterator (``iter(loader)``) is what a training loop saves
-and restores with ``grain.checkpoint.CheckpointSave`` / ``CheckpointRestore`` inside an orbax
-``CheckpointManager`` (``ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it))``), so a run resumes
-with exactly the batches that would have come next, mid-epoch included.
+``create_loader`` returns a grain dataset (``grain.IterDataset``): iterate it directly, or take
+``it = iter(loader)``, a ``grain.DatasetIterator`` that a training loop saves and restores with
+``grain.checkpoint.CheckpointSave`` / ``CheckpointRestore`` inside an orbax ``CheckpointManager``
+(``ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it))``), so a run resumes with exactly the batches
+that would have come next, mid-epoch included.
+
+The pipeline shuffles and batches record *indices* (``grain.MapDataset.range(n).shuffle().repeat().batch()``)
+and then reads each batch with one ``__getitems__`` call on the tfds data source. Reading records one at a
+time (as ``grain.DataLoader`` does) pays ArrayRecord's per-call overhead on every example: on the CIFAR-10
+JPEG copy it measured about 7x slower per batch here.
 
 Batches are ``dict(image=float32 [b, H, W, C] in [0, 1], label=int32 [b])`` where ``b`` is the per-process
 batch. uint8 pixels become ``pixel / 255`` (float32 division); digits are stored as float32 already.
@@ -15,6 +21,7 @@ import os
 
 import grain
 import numpy as np
+from absl import flags
 import tensorflow_datasets as tfds
 
 from mdrad_jax.data import builders
@@ -119,8 +126,8 @@ def crop_flip(images: np.ndarray, offset_y, offset_x, flip, padding: int) -> np.
 class RandomCropFlip(grain.transforms.RandomMap):
   """torchvision's RandomCrop(size, padding) and/or RandomHorizontalFlip() for every image of a batch.
 
-  Applied to whole batches (one grain-seeded generator per batch, independent draws per image): per-image
-  random transforms in grain cost far more than the crop itself.
+  Applied to whole batches (grain gives each batch its own seeded generator; the draws are independent per
+  image): a per-image random transform in grain costs far more than the crop itself.
   """
 
   def __init__(self, padding: int, crop: bool = True, flip: bool = True):
@@ -145,8 +152,18 @@ class RandomCropFlip(grain.transforms.RandomMap):
     return {**batch, "image": crop_flip(images, oy, ox, flip, self.padding)}
 
 
+class ReadBatch(grain.transforms.Map):
+  """A batch of record indices -> the stacked images and labels, read with one batched data-source call."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def map(self, indices):
+    return stack_image_label(self.source.__getitems__([int(i) for i in indices]))
+
+
 def stack_image_label(examples) -> dict:
-  """grain batch_fn: stacks the image and label of tfds examples (other features are dropped)."""
+  """Stacks the image and label of tfds examples (other features are dropped)."""
   return {"image": np.stack([ex["image"] for ex in examples]),
           "label": np.asarray([ex["label"] for ex in examples], dtype=np.int32)}
 
@@ -182,8 +199,8 @@ def create_loader(name: str, split: str, *, batch_size: int, train: bool, seed: 
                   num_epochs: int | None = None, num_examples: int | None = None, drop_remainder: bool = True,
                   shuffle: bool | None = None, process_index: int | None = None,
                   process_count: int | None = None, worker_count: int = 0,
-                  read_threads: int | None = None) -> grain.DataLoader:
-  """A grain DataLoader over one split of a prepared dataset (prepared first if needed).
+                  read_threads: int | None = None) -> grain.IterDataset:
+  """Batches of one split of a prepared dataset (prepared first if needed), as a grain ``IterDataset``.
 
   Args:
     batch_size: the GLOBAL batch; each process yields ``batch_size // process_count`` examples per batch.
@@ -201,9 +218,10 @@ def create_loader(name: str, split: str, *, batch_size: int, train: bool, seed: 
       jax.process_count()). Shards are contiguous parts of the split (``tfds.split_for_jax_process``):
       equal in size when training (at most process_count - 1 examples are dropped), and covering the whole
       split when evaluating (sizes then differ by at most one).
-    worker_count: grain worker processes (0 = in the calling process).
-    read_threads: threads reading and decoding records ahead of use in each process (0 = read on demand;
-      None = min(8, CPU count)); the prefetch buffer holds two local batches.
+    worker_count: grain worker processes, each reading and augmenting whole batches (0 = in the calling
+      process). The batches and their order do not depend on it.
+    read_threads: threads reading, decoding and augmenting whole batches ahead of use in each process
+      (0 = on demand; None = min(4, CPU count // 2), at least 1); up to 2 * read_threads batches are buffered.
 
   The iterator's state (``iter(loader)``, saved by ``grain.checkpoint.CheckpointSave``) restores only into a
   loader created with the same arguments.
@@ -233,20 +251,25 @@ def create_loader(name: str, split: str, *, batch_size: int, train: bool, seed: 
   shuffle = train if shuffle is None else bool(shuffle)
   if num_epochs is None and not train:
     num_epochs = 1
-  sampler = grain.samplers.IndexSampler(num_records=len(source), shuffle=shuffle, num_epochs=num_epochs,
-                                        seed=int(seed))
-  operations = [grain.transforms.Batch(local_batch, drop_remainder=drop_remainder,
-                                       batch_fn=stack_image_label)]
+  ds = grain.MapDataset.range(len(source))
+  if shuffle:
+    ds = ds.shuffle(seed=int(seed))          # a new permutation every epoch
+  ds = ds.repeat(num_epochs).batch(local_batch, drop_remainder=drop_remainder)
+  ds = ds.map(ReadBatch(source))
   if train and augment != "none":
-    operations.append(RandomCropFlip(crop_padding, crop=augment in ("crop", "crop_flip"),
-                                     flip=augment in ("flip", "crop_flip")))
-  operations.append(ToFloat())
+    ds = ds.random_map(RandomCropFlip(crop_padding, crop=augment in ("crop", "crop_flip"),
+                                      flip=augment in ("flip", "crop_flip")), seed=int(seed))
+  ds = ds.map(ToFloat())
   if read_threads is None:
-    read_threads = min(8, os.cpu_count() or 1)
-  read_options = grain.ReadOptions(num_threads=int(read_threads),
-                                   prefetch_buffer_size=2 * local_batch if read_threads else 0)
-  return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
-                          worker_count=worker_count, read_options=read_options)
+    read_threads = max(1, min(4, (os.cpu_count() or 2) // 2))
+  loader = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(read_threads),
+                                                prefetch_buffer_size=2 * int(read_threads)))
+  if worker_count:
+    if not flags.FLAGS.is_parsed():
+      # grain's worker processes read grain's absl flags; outside an absl app they keep their defaults.
+      flags.FLAGS.mark_as_parsed()
+    loader = loader.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(worker_count)))
+  return loader
 
 
 def load_arrays(name: str, split: str, *, data_dir=None, source_dir=None,
