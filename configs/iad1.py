@@ -1,0 +1,12 @@
+"""Train a student with `iad1` (see docs/methods.md for the formulas and conventions).
+
+Usage: ``python main.py --config=configs/iad1.py:dataset=cifar10,teachers=runs/t1+runs/t2 --workdir=runs/iad1``.
+Arguments: dataset (cifar10 | cifar100 | tiny_imagenet | fashion_mnist | cifar10_jpeg | digits), student,
+teachers (training workdirs joined by '+'), epochs, small (CPU-sized variant), faithful_lr (official ARD/IAD
+schedule), source_dir.  Every field can then be overridden, e.g. ``--config.method.temperature=1``.
+"""
+from mdrad_jax import config_lib
+
+
+def get_config(arg=None):
+  return config_lib.distill_config("iad1", arg)

@@ -1,0 +1,12 @@
+"""Train a student with `pgd_at` (see docs/methods.md for the formulas and conventions).
+
+Usage: ``python main.py --config=configs/pgd_at.py:dataset=cifar10,teachers=runs/t1+runs/t2 --workdir=runs/pgd_at``.
+Arguments: dataset (cifar10 | cifar100 | tiny_imagenet | fashion_mnist | cifar10_jpeg | digits), student,
+teachers (training workdirs joined by '+'), epochs, small (CPU-sized variant), faithful_lr (official ARD/IAD
+schedule), source_dir.  Every field can then be overridden, e.g. ``--config.method.temperature=1``.
+"""
+from mdrad_jax import config_lib
+
+
+def get_config(arg=None):
+  return config_lib.distill_config("pgd_at", arg)
