@@ -255,6 +255,13 @@ def test_cifar100_round_trip(tmp_path):
     for ex in (ds[i] for i in range(len(ds))):
       n = int(ex["id"].decode().split("_")[1])
       assert (ex["label"], ex["coarse_label"]) == (fine[n], coarse[n])
+  # The extracted folder works as a source too.
+  with tarfile.open(tmp_path / "cifar-100-python.tar.gz") as tar:
+    tar.extractall(tmp_path / "extracted", filter="data")
+  kw_dir = dict(data_dir=str(tmp_path / "data2"), source_dir=str(tmp_path / "extracted"))
+  images, labels = data.load_arrays("cifar100", "test", **kw_dir)
+  rows, fine, _ = out["test"]
+  assert_same_examples(images, labels, list(zip(rows_to_images(rows), fine)))
 
 
 def test_tiny_imagenet_round_trip(tmp_path):

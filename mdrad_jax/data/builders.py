@@ -294,9 +294,9 @@ def find_prepared(name: str, data_dir: str, source_dir: str | None) -> str | Non
 
 
 def _check_array_record(path: str):
-  if not any(".array_record" in f for f in os.listdir(path)):
-    formats = sorted({m.group(1) for f in os.listdir(path) for m in [re.search(r"\.(tfrecord|riegeli|parquet)", f)]
-                      if m})
+  files = os.listdir(path)
+  if not any(".array_record" in f for f in files):
+    formats = sorted({fmt for f in files for fmt in ("tfrecord", "riegeli", "parquet") if f".{fmt}" in f})
     raise ValueError(
         f"{path}: prepared dataset has no ArrayRecord files (found {formats or 'none'}); the loader reads "
         "ArrayRecord only. Move that copy away, or point data_dir elsewhere, and prepare again.")
