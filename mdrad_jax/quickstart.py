@@ -144,9 +144,9 @@ def plot_results(results: dict, path: str) -> None:
   ax.bar(x + 0.2, [100 * r["pgd20"] for r in rows], 0.4, label=f"PGD-20 (eps={results['eps']:.3g})")
   ax.set_xticks(x, names, fontsize=8)
   ax.set_ylabel("accuracy (%)")
-  ax.set_ylim(0, 100)
+  ax.set_ylim(0, 115)
   ax.set_title(f"{results['dataset']}: standard teachers vs robust students")
-  ax.legend()
+  ax.legend(loc="upper center", ncol=2, frameon=False)
   fig.tight_layout()
   tmp = path + ".tmp.png"
   fig.savefig(tmp, dpi=120)
