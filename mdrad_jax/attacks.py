@@ -38,8 +38,12 @@ def project_linf(x_adv, x, *, eps, clip_min=0.0, clip_max=1.0):
   return jnp.clip(x_adv, clip_min, clip_max)
 
 
-def random_start(x, key, *, init="uniform", eps, normal_std=0.001, clip_min=0.0, clip_max=1.0):
-  """Starting point of the attack, projected onto the ε-ball ∩ [clip_min, clip_max].
+def random_start(x, key, *, init="uniform", eps, normal_std=0.001, clip_min=0.0, clip_max=1.0,
+                 clip: bool = True):
+  """Starting point of the attack, projected onto the ε-ball ∩ [clip_min, clip_max] when ``clip``.
+
+  ``clip=False`` keeps the raw start, as the ARD / IAD / RSLAD / MTARD / AdaAD / TRADES training loops do
+  (their first gradient is taken there; the first step's projection then brings the iterate back).
 
   * ``'uniform'``: x + U(−ε, ε) elementwise;
   * ``'normal'``: x + normal_std·N(0, 1) elementwise;
@@ -55,6 +59,8 @@ def random_start(x, key, *, init="uniform", eps, normal_std=0.001, clip_min=0.0,
     x0 = x + jax.random.uniform(key, x.shape, x.dtype, minval=-eps, maxval=eps)
   else:
     x0 = x + normal_std * jax.random.normal(key, x.shape, x.dtype)
+  if not clip:
+    return x0
   return project_linf(x0, x, eps=eps, clip_min=clip_min, clip_max=clip_max)
 
 
@@ -73,7 +79,8 @@ def pgd_step(objective: Objective, x_adv, x, aux=None, *, eps, step_size, clip_m
 # The attacks.
 # ---------------------------------------------------------------------------------------------
 def pgd_linf(objective: Objective, x, key, *, eps, step_size, num_steps: int, init="uniform",
-             normal_std=0.001, aux=None, unroll: bool = True, clip_min=0.0, clip_max=1.0):
+             normal_std=0.001, aux=None, unroll: bool = True, clip_min=0.0, clip_max=1.0,
+             clip_start: bool = True):
   """L∞ projected gradient ascent on ``objective``; returns ``(stop_gradient(x_adv), aux)``.
 
   x⁰ = Π(start(x)),  x^{t+1} = Π(x^t + step_size·sign(∇_x Σ_i ℓ_i(x^t))),  t = 0..num_steps−1,
@@ -90,13 +97,15 @@ def pgd_linf(objective: Objective, x, key, *, eps, step_size, num_steps: int, in
     aux: initial auxiliary state threaded through the objective calls (e.g. BatchNorm stats), or None.
     unroll: True → the steps are unrolled at trace time (faster on CPU); False → a rolled ``lax.fori_loop``.
     clip_min, clip_max: the valid pixel range.
+    clip_start: project the random start before the first step (False: as most official training loops;
+      with ``num_steps=0`` the start is projected regardless).
   """
   if int(num_steps) != num_steps or num_steps < 0:
     raise ValueError(f"num_steps must be a non-negative integer, got {num_steps!r}")
   num_steps = int(num_steps)
   x = jax.lax.stop_gradient(x)
   x_adv = random_start(x, key, init=init, eps=eps, normal_std=normal_std, clip_min=clip_min,
-                       clip_max=clip_max)
+                       clip_max=clip_max, clip=clip_start or num_steps == 0)
 
   def body(_, carry):
     xa, a = carry

@@ -60,6 +60,7 @@ class Method:
   make_objective: Callable[..., Callable] | None = None
   attack_init: str = "uniform"
   attack_bn: str = "eval"
+  attack_clip_start: bool = True  # False: first gradient at the raw random start, as the official loop
   min_teachers: int = 0
   max_teachers: int | None = 0
   teacher_roles: tuple[str, ...] = ()  # documentation of what each teacher slot is, when roles differ
@@ -154,8 +155,10 @@ register(Method(
 register(Method(
     name="pgd_at",
     loss=lambda out, st, hp: losses.pgd_at_loss(student_adv_logits=out.student_adv, labels=out.labels),
-    plan=_fixed_plan(("adv",)), make_objective=ce_inner, attack_init="uniform", attack_bn="eval",
-    description="PGD-AT (Madry et al.): CE on PGD-10 examples."))
+    # AdaAD's Plain_Madry: start x + 0.001·N clipped to the box; S(x') then S(x) in train mode (the clean
+    # forward only moves BatchNorm statistics; the loss is CE on S(x') alone).
+    plan=_fixed_plan(("adv", "clean")), make_objective=ce_inner, attack_init="normal", attack_bn="eval",
+    description="PGD-AT (Madry et al., as AdaAD's Plain_Madry): CE on PGD-10 examples."))
 
 
 register(Method(
@@ -164,7 +167,7 @@ register(Method(
         student_nat_logits=out.student_clean, student_adv_logits=out.student_adv, labels=out.labels,
         beta=hp["beta"], reduction=hp["reduction"]),
     plan=_fixed_plan(("clean", "adv")), defaults=dict(beta=6.0, reduction="batchmean"),
-    make_objective=trades_inner, attack_init="normal", attack_bn="eval",
+    make_objective=trades_inner, attack_init="normal", attack_bn="eval", attack_clip_start=False,
     description="TRADES: CE(S(x)) + β KL(S(x) ‖ S(x')), inner max of the KL."))
 
 
@@ -181,8 +184,8 @@ register(Method(
 
 
 def _ard_plan(hp, k):
-  views = ("adv",) if hp["alpha"] == 1.0 else ("adv", "clean")
-  return Plan(student_views=views, teacher_views=(("clean",),) * k)
+  # the official loop always runs S(x) in train mode after S(x') (with α = 1 it only moves BN statistics)
+  return Plan(student_views=("adv", "clean"), teacher_views=(("clean",),) * k)
 
 
 def _ard_loss(out, st, hp):
@@ -194,7 +197,8 @@ def _ard_loss(out, st, hp):
 register(Method(
     name="ard", loss=_ard_loss, plan=_ard_plan,
     defaults=dict(temperature=30.0, alpha=1.0, reduction="elem_mean"),
-    make_objective=ce_inner, attack_init="uniform", attack_bn="train_update", min_teachers=1, max_teachers=1,
+    make_objective=ce_inner, attack_init="uniform", attack_bn="train_update", attack_clip_start=False,
+    min_teachers=1, max_teachers=1,
     description="ARD (Goldblum et al.): α τ² KL(T(x)/τ ‖ S(x')/τ) + (1−α) CE(S(x), y)."))
 
 
@@ -207,14 +211,15 @@ def _rslad_loss(out, st, hp):
 register(Method(
     name="rslad", loss=_rslad_loss, plan=_fixed_plan(("adv", "clean"), ("clean",)),
     defaults=dict(alpha=5.0 / 6.0, reduction="elem_mean", kl_scale=1.0),
-    make_objective=teacher_kl_inner, attack_init="normal", attack_bn="eval", min_teachers=1, max_teachers=1,
+    make_objective=teacher_kl_inner, attack_init="normal", attack_bn="eval", attack_clip_start=False,
+    min_teachers=1, max_teachers=1,
     description="RSLAD (Zi et al.): robust soft labels of T(x) on S(x') and S(x); kl_scale=10 on CIFAR-100."))
 
 
 def _adaad_plan(hp, k):
-  if hp["alpha"] == 1.0:
-    return Plan(student_views=("adv",), teacher_views=(("adv",),) * k)
-  return Plan(student_views=("adv", "clean"), teacher_views=(("clean", "adv"),) * k)
+  # the official loop runs S(x) then S(x') in train mode whatever α (with α = 1, S(x) only moves BN stats)
+  teacher = ("adv",) if hp["alpha"] == 1.0 else ("clean", "adv")
+  return Plan(student_views=("clean", "adv"), teacher_views=(teacher,) * k)
 
 
 def _adaad_loss(out, st, hp):
@@ -227,7 +232,8 @@ def _adaad_loss(out, st, hp):
 register(Method(
     name="adaad", loss=_adaad_loss, plan=_adaad_plan,
     defaults=dict(alpha=1.0, reduction="elem_mean"),
-    make_objective=adaad_inner, attack_init="normal", attack_bn="eval", min_teachers=1, max_teachers=1,
+    make_objective=adaad_inner, attack_init="normal", attack_bn="eval", attack_clip_start=False,
+    min_teachers=1, max_teachers=1,
     description="AdaAD (Huang et al.): inner max of KL(T(x') ‖ S(x')) through both networks; "
                 "reduction 'elem_mean' on CIFAR-10, 'batchmean' on CIFAR-100."))
 
@@ -245,7 +251,8 @@ register(Method(
     name="iad1", loss=_iad1_loss, plan=_fixed_plan(("adv", "clean"), ("clean", "adv")),
     defaults=dict(temperature=1.0, alpha=1.0, beta=0.1, begin_epoch=60.0, detach_self_target=False,
                   reduction="batchmean"),
-    make_objective=ce_inner, attack_init="uniform", attack_bn="train_update", min_teachers=1, max_teachers=1,
+    make_objective=ce_inner, attack_init="uniform", attack_bn="train_update", attack_clip_start=False,
+    min_teachers=1, max_teachers=1,
     description="IAD-I (Zhu et al.): ARD plus introspective self-distillation weighted by 1 − P_T(y|x')^β."))
 
 
@@ -263,7 +270,8 @@ register(Method(
     name="iad2", loss=_iad2_loss, plan=_fixed_plan(("adv", "clean"), ("adv",)),
     defaults=dict(temperature=1.0, alpha1=0.5, alpha2=0.25, beta=0.1, begin_epoch=40.0,
                   detach_self_target=False, reduction="batchmean"),
-    make_objective=ce_inner, attack_init="uniform", attack_bn="train_update", min_teachers=2, max_teachers=2,
+    make_objective=ce_inner, attack_init="uniform", attack_bn="train_update", attack_clip_start=False,
+    min_teachers=2, max_teachers=2,
     teacher_roles=("adversarially trained teacher", "standard teacher"),
     description="IAD-II (Zhu et al.): AKD2 with an AT and a standard teacher, introspective weighting."))
 
@@ -277,8 +285,8 @@ def _mtard_init(hp):
 
 
 def _mtard_kwargs(hp, lr_scale):
-  return dict(lr_w=hp["lr_w"] * lr_scale, beta=hp["beta"], balanced=hp["balanced"],
-              lr_tau=hp["lr_tau"] * lr_scale)
+  # lr_w decays ×0.1 with the learning rate as in the official code; lr_tau stays constant
+  return dict(lr_w=hp["lr_w"] * lr_scale, beta=hp["beta"], balanced=hp["balanced"], lr_tau=hp["lr_tau"])
 
 
 def _mtard_loss(out, st, hp):
@@ -298,7 +306,8 @@ _MTARD_DEFAULTS = dict(lr_w=0.025, beta=1.0, lr_tau=0.001, reduction="elem_mean"
 for _name, _balanced in (("mtard", False), ("bmtard", True)):
   register(Method(
       name=_name, loss=_mtard_loss, plan=_mtard_plan, defaults=dict(_MTARD_DEFAULTS, balanced=_balanced),
-      make_objective=ce_inner, attack_init="normal", attack_bn="eval", min_teachers=2, max_teachers=2,
+      make_objective=ce_inner, attack_init="normal", attack_bn="eval", attack_clip_start=False,
+      min_teachers=2, max_teachers=2,
       teacher_roles=("adversarially trained teacher (on x')", "clean teacher (on x)"),
       init_state=_mtard_init, update_state=_mtard_update,
       description=("B-MTARD" if _balanced else "MTARD") + " (Zhao et al.): adaptive weights between a "

@@ -224,3 +224,20 @@ def test_adaad_objective(setup):
 
   with pytest.raises(ValueError, match="weights"):
     A.adaad_objective(linear(w, b), t_fns, weights=weights[:, :2])(x, None)
+
+
+def test_unclipped_start_takes_first_gradient_outside_the_box_then_projects():
+  # x at the lower border: a uniform start leaves [0, 1] for about half the pixels; with clip_start=False the
+  # objective sees that raw start first (as the official ARD/IAD/RSLAD loops), and the result is still valid.
+  x = jnp.zeros((4, 3))
+
+  def objective(xa, aux):  # aux records the smallest pixel value the objective was evaluated at
+    return jnp.sum(xa, axis=-1), jnp.minimum(aux, jnp.min(xa))
+
+  key = jax.random.key(0)
+  kw = dict(eps=0.1, step_size=0.01, num_steps=1, aux=jnp.array(jnp.inf))
+  raw, seen_raw = A.pgd_linf(objective, x, key, clip_start=False, **kw)
+  clipped, seen_clipped = A.pgd_linf(objective, x, key, clip_start=True, **kw)
+  assert float(seen_raw) < 0.0 and float(seen_clipped) >= 0.0
+  for out in (raw, clipped):
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 0.1 + 1e-7
