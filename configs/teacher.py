@@ -1,7 +1,8 @@
 """Standard (non-adversarial) training of a teacher.
 
 Usage: ``python main.py --config=configs/teacher.py:model=resnet18,dataset=cifar10 --workdir=runs/t_r18``.
-Arguments: ``model`` (registry name), ``dataset``, ``epochs`` (-1 = default), ``small`` (quick CPU variant:
+Arguments: ``model`` (registry name), ``dataset`` (cifar10 | cifar100 | tiny_imagenet | fashion_mnist |
+cifar10_jpeg | image_folder | digits), ``source_dir``, ``epochs`` (-1 = default), ``small`` (quick CPU variant:
 few epochs on a subset, small eval).  Recipe: SGD 0.1, momentum 0.9, weight decay 5e-4, cosine schedule,
 batch 128, 200 epochs, the dataset's augmentation.
 """
@@ -9,9 +10,10 @@ from mdrad_jax import config_lib
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, dict(model="resnet18", dataset="cifar10", epochs=-1, small=False))
+  a = config_lib.parse_arg(arg, dict(model="resnet18", dataset="cifar10", epochs=-1, small=False,
+                                     source_dir=""))
   c = config_lib.base_config()
-  config_lib.apply_dataset_defaults(c, a.dataset)
+  config_lib.set_dataset(c, a.dataset, a.source_dir)
   c.model.name = a.model
   c.method = config_lib.method_config("natural")
   c.optim.schedule = "cosine"
