@@ -30,7 +30,7 @@ import functools
 import math
 import numbers
 import sys
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -586,7 +586,9 @@ class AutoAttackResult:
   x_adv: adversarial inputs (the clean input wherever the point was not broken); robust: bool [N], correct
   after every attack; clean_correct: bool [N]; robust_after: number of robust points after each stage, in
   order, starting with 'clean'; flips: points each attack turned into errors; attacked: points each attack
-  was run on; version / label: which attacks ran; params: every parameter used.
+  was run on; version / label: which attacks ran; params: every parameter used; broken_by: int [N], per
+  point, 0 when misclassified clean, k when the k-th attack that ran (1-based, ``params['attacks']`` order)
+  flipped it, -1 when still robust.
   """
   x_adv: np.ndarray
   robust: np.ndarray
@@ -597,6 +599,7 @@ class AutoAttackResult:
   version: str
   label: str
   params: dict[str, Any]
+  broken_by: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0,), np.int32))
 
   @property
   def clean_accuracy(self) -> float:
@@ -614,7 +617,8 @@ class AutoAttackResult:
 
 def autoattack(logits_fn: LogitsFn, x, y, *, eps: float, version: str = "standard", seed: int = 0,
                batch_size: int = 500, progress: bool = True, overrides: Mapping[str, Mapping[str, Any]] | None = None,
-               jit: Callable = jax.jit) -> AutoAttackResult:
+               jit: Callable = jax.jit, only: Sequence[str] | None = None,
+               batch_multiple: int = 1) -> AutoAttackResult:
   """Runs AutoAttack (L∞) on (x, y) and returns the per-point outcome.
 
   version: 'standard' (APGD-CE → APGD-T → FAB-T → Square) or 'apgd' (APGD-CE → APGD-T only, labelled as a
@@ -623,21 +627,30 @@ def autoattack(logits_fn: LogitsFn, x, y, *, eps: float, version: str = "standar
   ``overrides`` changes attack parameters, e.g. ``{'square': {'n_queries': 1000}}``; the label then says the
   parameters are not the standard ones.  ``jit`` wraps every batch function ``f(x, y, mask, key)`` (pass
   ``functools.partial(jax.jit, in_shardings=...)`` to shard the batch dimension).  With fewer than 10 classes
-  the targeted attacks use every other class (n_target_classes = C − 1).
+  the targeted attacks use every other class (n_target_classes = C − 1).  ``only`` runs a subset of the
+  version's attacks (in the version's order, e.g. ``only=('square',)`` for the black-box attack alone); the
+  label then names them.  ``batch_multiple``: the batch is a multiple of it (the number of devices it is
+  sharded over), so fewer than ``batch_size`` points are padded up to one.
   """
   if version not in VERSION_LABELS:
     raise ValueError(f"version must be 'standard' or 'apgd', got {version!r}")
   if not isinstance(batch_size, int) or batch_size < 1:
     raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+  if not isinstance(batch_multiple, int) or batch_multiple < 1 or batch_size % batch_multiple:
+    raise ValueError(f"batch_size ({batch_size}) must be a multiple of batch_multiple ({batch_multiple!r})")
   x = np.asarray(x, np.float32)
   y = np.asarray(y, np.int32)
   _check_inputs(x, y, eps)
   n = x.shape[0]
   n_classes = _num_classes(logits_fn, jnp.zeros((1,) + x.shape[1:], jnp.float32))
-  if n_classes < 4:
-    raise ValueError(f"AutoAttack's targeted DLR loss needs at least 4 classes, the model has {n_classes}")
-  n_targets = min(9, n_classes - 1)
+  n_targets = max(min(9, n_classes - 1), 1)
   attacks = STANDARD_ATTACKS if version == "standard" else APGD_SUBSET_ATTACKS
+  if only is not None:
+    if isinstance(only, str) or not only or set(only) - set(attacks):
+      raise ValueError(f"only must name attacks of version {version!r} {attacks}, got {only!r}")
+    attacks = tuple(a for a in attacks if a in set(only))
+  if n_classes < 4 and "apgd-t" in attacks:
+    raise ValueError(f"AutoAttack's targeted DLR loss needs at least 4 classes, the model has {n_classes}")
   params = {
       "apgd-ce": dict(n_iter=100, n_restarts=1, rho=0.75),
       "apgd-t": dict(n_iter=100, n_target_classes=n_targets, n_restarts=1, rho=0.75),
@@ -646,13 +659,15 @@ def autoattack(logits_fn: LogitsFn, x, y, *, eps: float, version: str = "standar
   }
   params = {k: params[k] for k in attacks}
   label = VERSION_LABELS[version]
+  if only is not None:
+    label = f"{label} [only: {', '.join(attacks)}]"
   for name, upd in (overrides or {}).items():
     if name not in params:
       raise ValueError(f"overrides names an attack not in version {version!r}: {name!r}")
     unknown = set(upd) - set(params[name])
     if unknown:
       raise ValueError(f"unknown parameters for {name}: {sorted(unknown)}")
-    if any(params[name][k] != v for k, v in upd.items()):
+    if any(params[name][k] != v for k, v in upd.items()) and "[non-standard parameters]" not in label:
       label = label + " [non-standard parameters]"
     params[name] = {**params[name], **upd}
   for name in ("apgd-t", "fab-t"):
@@ -660,7 +675,7 @@ def autoattack(logits_fn: LogitsFn, x, y, *, eps: float, version: str = "standar
       _check_targets(n_classes, params[name]["n_target_classes"], need=4 if name == "apgd-t" else 2)
 
   predict = _predict_kernel(logits_fn, jit)
-  bs = min(batch_size, n) if n else 1
+  bs = min(batch_size, -(-n // batch_multiple) * batch_multiple) if n else batch_multiple
 
   def padded(idx):
     m = len(idx)
@@ -675,6 +690,7 @@ def autoattack(logits_fn: LogitsFn, x, y, *, eps: float, version: str = "standar
     clean_pred[idx[mask]] = np.asarray(predict(jnp.asarray(x[idx])))[mask]
   clean_correct = clean_pred == y
   robust = clean_correct.copy()
+  broken_by = np.where(clean_correct, -1, 0).astype(np.int32)
   x_adv = x.copy()
   robust_after = {"clean": int(robust.sum())}
   flips, attacked = {}, {}
@@ -702,6 +718,7 @@ def autoattack(logits_fn: LogitsFn, x, y, *, eps: float, version: str = "standar
       fooled = (np.asarray(pred_b) != y[idx]) & mask & (dist <= eps * (1 + 1e-6) + 2e-7) & in_box
       hit = idx[fooled]
       robust[hit] = False
+      broken_by[hit] = a_idx + 1
       x_adv[hit] = adv_np[fooled]
       flips[name] += int(fooled.sum())
       bar.update(int(mask.sum()))
@@ -712,4 +729,5 @@ def autoattack(logits_fn: LogitsFn, x, y, *, eps: float, version: str = "standar
   params_out = {"eps": float(eps), "seed": int(seed), "batch_size": int(bs), "attacks": list(attacks),
                 "n_classes": n_classes, **params}
   return AutoAttackResult(x_adv=x_adv, robust=robust, clean_correct=clean_correct, robust_after=robust_after,
-                          flips=flips, attacked=attacked, version=version, label=label, params=params_out)
+                          flips=flips, attacked=attacked, version=version, label=label, params=params_out,
+                          broken_by=broken_by)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -86,14 +86,20 @@ def _batch_fn(name: str, logits_fn: LogitsFn, eps: float, step_size: float, kapp
 def evaluate(logits_fn: LogitsFn, images, labels, *, attacks: Sequence[str] = ATTACKS, eps: float = 8 / 255,
              step_size: float = 2 / 255, cw_kappa: float = 50.0, seed: int = 0, batch_size: int = 500,
              aa_version: str = "standard", progress: bool = True, unroll: bool = False,
-             jit: Callable = jax.jit) -> dict[str, dict[str, Any]]:
+             jit: Callable = jax.jit, aa_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+             batch_multiple: int = 1, per_point: bool = False) -> dict[str, dict[str, Any]]:
   """Accuracy of ``logits_fn`` on (images, labels) under each attack in ``attacks``.
 
   Returns ``{name: {'accuracy', 'correct', 'n', 'label', ...}}``; the AutoAttack entry (key 'autoattack' for
   the standard version, 'autoattack_apgd_subset' for ``aa_version='apgd'``) also holds ``version``,
-  ``robust_after``, ``flips`` and ``params``.  Randomness: ``jax.random.PRNGKey(seed)``, one stream per attack
-  and batch, so a call is reproducible.  ``unroll`` unrolls the PGD loops at trace time (faster steps on CPU,
-  longer compilation); ``jit`` wraps every batch function ``f(x, y, mask, key)``, e.g. with shardings.
+  ``robust_after``, ``flips``, ``attacked`` and ``params``; the other entries hold their ``params``.
+  Randomness: ``jax.random.PRNGKey(seed)``, one stream per attack (fixed by its name, so an attack gives the
+  same numbers whichever other attacks run with it) and batch, so a call is reproducible.  ``unroll`` unrolls the PGD loops at trace time (faster steps on CPU, longer
+  compilation); ``jit`` wraps every batch function ``f(x, y, mask, key)``, e.g. with shardings, and
+  ``batch_multiple`` makes every batch a multiple of it (the number of devices the batch is sharded over).
+  ``aa_overrides`` changes AutoAttack's parameters (see ``autoattack.autoattack``; the label then says so).
+  ``per_point=True`` adds ``'per_point'``: bool [N], correct after the attack (and for AutoAttack
+  ``'broken_by'``, see ``AutoAttackResult``).
   """
   unknown = [a for a in attacks if a not in ATTACKS]
   if unknown:
@@ -102,6 +108,8 @@ def evaluate(logits_fn: LogitsFn, images, labels, *, attacks: Sequence[str] = AT
     raise ValueError(f"aa_version must be 'standard' or 'apgd', got {aa_version!r}")
   if not isinstance(batch_size, int) or batch_size < 1:
     raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+  if not isinstance(batch_multiple, int) or batch_multiple < 1 or batch_size % batch_multiple:
+    raise ValueError(f"batch_size ({batch_size}) must be a multiple of batch_multiple ({batch_multiple!r})")
   if not (eps > 0 and step_size > 0):
     raise ValueError(f"eps and step_size must be positive, got {eps} and {step_size}")
   images = np.asarray(images, np.float32)
@@ -109,22 +117,25 @@ def evaluate(logits_fn: LogitsFn, images, labels, *, attacks: Sequence[str] = AT
   if images.ndim < 2 or labels.shape != (images.shape[0],):
     raise ValueError(f"images [N, ...] and labels [N] do not match: {images.shape} and {labels.shape}")
   n = images.shape[0]
-  bs = min(batch_size, n) if n else 1
+  bs = min(batch_size, -(-n // batch_multiple) * batch_multiple) if n else batch_multiple
   root = jax.random.PRNGKey(seed)
   out: dict[str, dict[str, Any]] = {}
 
-  for a_idx, name in enumerate(attacks):
+  for name in attacks:
     if name == "autoattack":
       res = aa.autoattack(logits_fn, images, labels, eps=eps, version=aa_version, seed=seed, batch_size=bs,
-                          progress=progress, jit=jit)
+                          progress=progress, jit=jit, overrides=aa_overrides, batch_multiple=batch_multiple)
       key = "autoattack" if aa_version == "standard" else "autoattack_apgd_subset"
       out[key] = {"accuracy": res.robust_accuracy, "correct": int(res.robust.sum()), "n": n, "label": res.label,
                   "version": res.version, "robust_after": dict(res.robust_after), "flips": dict(res.flips),
-                  "params": res.params}
+                  "attacked": dict(res.attacked), "params": res.params}
+      if per_point:
+        out[key]["per_point"] = res.robust.copy()
+        out[key]["broken_by"] = res.broken_by.copy()
       continue
     fn = _batch_fn(name, logits_fn, float(eps), float(step_size), float(cw_kappa), bool(unroll), jit)
-    key_a = jax.random.fold_in(root, a_idx)
-    correct = 0
+    key_a = jax.random.fold_in(root, ATTACKS.index(name))
+    ok_all = np.zeros((n,), bool)
     bar = tqdm(total=n, desc=name, unit="pt", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     for b_idx, start in enumerate(range(0, n, bs)):
       idx = np.arange(start, min(start + bs, n))
@@ -132,13 +143,29 @@ def evaluate(logits_fn: LogitsFn, images, labels, *, attacks: Sequence[str] = AT
       idx = np.concatenate([idx, np.full(bs - idx.size, idx[0])]) if idx.size < bs else idx
       ok = fn(jnp.asarray(images[idx]), jnp.asarray(labels[idx]), jnp.asarray(mask),
               jax.random.fold_in(key_a, b_idx))
-      correct += int(np.asarray(ok).sum())
-      bar.update(int(mask.sum()))
-      bar.set_postfix(acc=f"{correct / max(start + int(mask.sum()), 1):.4f}")
+      done = int(mask.sum())
+      ok_all[start:start + done] = np.asarray(ok)[:done]
+      bar.update(done)
+      bar.set_postfix(acc=f"{ok_all[:start + done].mean():.4f}", left=n - start - done)
     bar.close()
+    correct = int(ok_all.sum())
     out[name] = {"accuracy": correct / n if n else 0.0, "correct": correct, "n": n,
-                 "label": _label(name, eps=eps, step_size=step_size, kappa=cw_kappa)}
+                 "label": _label(name, eps=eps, step_size=step_size, kappa=cw_kappa),
+                 "params": _params(name, eps=eps, step_size=step_size, kappa=cw_kappa)}
+    if per_point:
+      out[name]["per_point"] = ok_all
   return out
+
+
+def _params(name: str, *, eps: float, step_size: float, kappa: float) -> dict[str, Any]:
+  if name == "clean":
+    return {}
+  objective, steps, init = PGD_ATTACKS[name]
+  p = {"eps": float(eps), "loss": objective, "steps": steps, "init": init,
+       "step_size": float(eps) if name == "fgsm" else float(step_size)}
+  if objective == "cw":
+    p["kappa"] = float(kappa)
+  return p
 
 
 def format_results(results: dict[str, dict[str, Any]]) -> str:
