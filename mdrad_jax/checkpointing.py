@@ -39,7 +39,13 @@ def _state_tree(state: TrainState) -> dict:
 def _all_finite(tree) -> bool:
   leaves = [x for x in jax.tree.leaves(tree)
             if hasattr(x, "dtype") and np.issubdtype(np.dtype(x.dtype), np.floating)]
-  return all(bool(jax.numpy.isfinite(x).all()) for x in leaves)
+  return bool(_leaves_finite(leaves)) if leaves else True
+
+
+@jax.jit
+def _leaves_finite(leaves):
+  # one compiled check for the whole tree (not one small program per parameter shape)
+  return jax.numpy.all(jax.numpy.stack([jax.numpy.all(jax.numpy.isfinite(x)) for x in leaves]))
 
 
 class Checkpointer:
@@ -100,17 +106,34 @@ class Checkpointer:
     return saved
 
   def restore(self, state: TrainState, *, step: int | None = None, data_iterator=None) -> TrainState:
-    """Restores into the structure (and shardings) of ``state``; also moves ``data_iterator``."""
+    """Restores into the structure (and shardings) of ``state``; also moves ``data_iterator``.
+
+    The arrays are read into ``state``'s shardings, so a checkpoint written on any number of devices or
+    processes restores onto this run's mesh.  The data position is saved per process; when the checkpoint
+    was written by a different number of processes (whose shards of the data differ) ``data_iterator`` is
+    moved to the same batch count (``state.step`` batches, i.e. the same epoch and position in it) of its
+    own order instead.
+    """
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_tree(state))
     items = {"state": ocp.args.StandardRestore(target)}
+    reposition = False
     if data_iterator is not None and self._has_item(step, "data"):
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      if self._data_saved_for_this_process(step):
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      else:
+        reposition = True
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     tree = restored["state"]
+    if reposition:
+      _move_iterator(data_iterator, int(step))
     return state.replace(**tree)
+
+  def _data_saved_for_this_process(self, step: int) -> bool:
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    return os.path.isfile(os.path.join(self.directory, str(step), "data", name))
 
   def _has_item(self, step: int, name: str) -> bool:
     return os.path.isdir(os.path.join(self.directory, str(step), name))
@@ -121,6 +144,30 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _move_iterator(data_iterator, num_batches: int) -> None:
+  """Puts a fresh grain iterator of the training loader after its first ``num_batches`` batches."""
+  get_state = getattr(data_iterator, "get_state", None)
+  current = get_state() if get_state is not None else None
+  if not isinstance(current, dict) or set(current) != {"next_index"}:
+    raise ValueError("this checkpoint was written by a different number of processes and the data "
+                     "iterator cannot be repositioned here (use data.worker_count=0 to resume it)")
+  data_iterator.set_state({"next_index": int(num_batches)})
+  if hasattr(data_iterator, "start_prefetch"):
+    data_iterator.start_prefetch()
+  from mdrad_jax.progress import log
+  log(f"checkpoint written by a different number of processes: data resumes after batch {num_batches} of "
+      f"this run's own order")
+
+
+def _local_target(ckptr, step_dir: str):
+  """Shapes and dtypes of a saved state, whole on this process's first device (whatever the device or
+  process count of the run that wrote it)."""
+  meta = ckptr.metadata(os.path.join(step_dir, "state"))
+  meta = getattr(meta, "item_metadata", meta)
+  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), meta)
 
 
 def load_model_variables(path: str, *, which: str = "best") -> tuple[dict, dict | None]:
@@ -168,7 +215,7 @@ def load_model_variables(path: str, *, which: str = "best") -> tuple[dict, dict 
     step_dir = os.path.join(ckpt_root, str(step))
     ckpt.close()
   with ocp.StandardCheckpointer() as ckptr:
-    tree = ckptr.restore(os.path.join(step_dir, "state"))
+    tree = ckptr.restore(os.path.join(step_dir, "state"), _local_target(ckptr, step_dir))
   variables: dict[str, Any] = {"params": tree["params"]["model"]}
   bs = tree.get("batch_stats", {}).get("model")
   if bs:

@@ -64,12 +64,13 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "tiny_cnn"
-  c.model.dtype = "float32"
+  c.model.dtype = "float32"  # student compute dtype: 'float32' | 'bfloat16' (parameters stay float32)
   c.model.kwargs = ml_collections.ConfigDict()
 
   # Teachers: training workdirs (or checkpoint directories) of standard-trained models.
   c.teachers = ()
-  c.teacher_dtype = "float32"
+  c.teacher_dtype = "float32"        # teachers' compute dtype: 'float32' | 'bfloat16'
+  c.teacher_sharding = "replicated"  # 'replicated' | 'fsdp' (large teacher arrays split over the devices)
 
   c.method = method_config("natural")
 
@@ -80,6 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.attack.init = ""      # '' = the method's default ('uniform' | 'normal' | 'none')
   c.attack.bn_mode = ""   # '' = the method's default ('eval' | 'train_no_update' | 'train_update')
   c.attack.unroll = True
+  c.attack.dtype = ""     # student compute dtype inside the attack: '' = config.model.dtype | 'bfloat16'
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "sgd"
@@ -113,10 +115,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.evaluate = evaluate_config()
 
   c.distributed = ml_collections.ConfigDict()
-  c.distributed.enabled = "auto"  # 'auto' | 'true' | 'false'
-  c.distributed.coordinator_address = ""
+  c.distributed.enabled = "auto"  # 'auto' | 'true' | 'false' (see parallel.initialize_distributed)
+  c.distributed.coordinator_address = ""  # 'host:port' of process 0 ('' = from the cluster / environment)
   c.distributed.num_processes = config_dict.placeholder(int)
   c.distributed.process_id = config_dict.placeholder(int)
+  c.distributed.local_device_ids = ""  # '' = JAX's default, else e.g. '0,1,2,3'
+  c.distributed.cluster_detection_method = ""  # '' = automatic; 'slurm' | 'ompi' | 'gcetpu' | 'mpi4py' ...
+  c.distributed.initialization_timeout = 300  # seconds to wait for every process to join
   return c
 
 

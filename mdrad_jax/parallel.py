@@ -3,7 +3,9 @@
 One mesh over every device of every process with a single ``'data'`` axis; the global batch is split along it
 and the train state is replicated.  Each process feeds only its own slice of the batch and
 ``jax.make_array_from_process_local_data`` assembles the global array, so the same code runs on one CPU, on a
-multi-GPU host and on a TPU pod slice.
+multi-GPU host and on a TPU pod slice.  Frozen teacher variables are replicated too, or, with
+``teacher_sharding='fsdp'``, split over the same axis (each large array along one dimension) and gathered by
+XLA where the step uses them.  See docs/scaling.md.
 """
 from __future__ import annotations
 
@@ -17,51 +19,137 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 DATA_AXIS = "data"
 
 
-def initialize_distributed(dist_config=None) -> None:
-  """Joins the processes of a multi-host run through ``jax.distributed.initialize``.
+DISTRIBUTED_MODES = ("auto", "true", "false")
 
-  ``dist_config`` fields: ``enabled`` ('auto' | True | False), ``coordinator_address``, ``num_processes``,
-  ``process_id``, ``local_device_ids``.  With explicit values they are passed on; with ``enabled='auto'`` the
-  call is made only where JAX can detect a cluster by itself (TPU pod, SLURM with several tasks, or
-  ``JAX_COORDINATOR_ADDRESS`` set), so a plain single-process run is untouched.
+
+def initialize_distributed(dist_config=None) -> bool:
+  """Joins the processes of a multi-process run through ``jax.distributed.initialize``.
+
+  Must run before anything touches a JAX device.  ``dist_config`` (``config.distributed``) fields:
+
+  * ``enabled``: 'auto' (default) | 'true' | 'false'.  With 'auto' the call is made only where there is
+    something to join: explicit values below, or a cluster JAX detects by itself (see ``detect_cluster``), so
+    a plain one-process run is untouched.  'true' always calls it (JAX then fails with its own message when it
+    cannot tell the coordinator, process count or id); 'false' never does.
+  * ``coordinator_address`` ('host:port' of process 0), ``num_processes``, ``process_id``: give all three
+    on a cluster JAX cannot detect (several processes started by hand or by a generic launcher); on
+    SLURM, Open MPI and Cloud TPU leave them unset and JAX reads them from the environment.
+    ``JAX_COORDINATOR_ADDRESS`` in the environment counts as ``coordinator_address``.
+  * ``local_device_ids``: '' (JAX's default) or comma-separated local accelerator ids this process uses,
+    e.g. '0,1,2,3'.  Under SLURM/Open MPI JAX defaults to ONE device per process (the local task id).
+  * ``cluster_detection_method``: '' or a JAX cluster name to force ('slurm', 'ompi', 'gcetpu', 'gketpu',
+    'mpi4py', 'deactivate').
+
+  Returns True when this process is part of a multi-process run (now or already), False otherwise.
   """
   if dist_config is None:
-    return
-  enabled = dist_config.get("enabled", "auto")
-  if enabled is False or enabled == "false":
-    return
-  explicit = dist_config.get("coordinator_address")
-  if enabled == "auto" and not explicit and not _cluster_detected():
-    return
+    return False
+  enabled = str(dist_config.get("enabled", "auto")).strip().lower()
+  if enabled not in DISTRIBUTED_MODES:
+    raise ValueError(f"config.distributed.enabled must be one of {DISTRIBUTED_MODES}, "
+                     f"got {dist_config.get('enabled')!r}")
+  if enabled == "false":
+    return False
   if jax.distributed.is_initialized():
-    return
+    return True
+  address = dist_config.get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+  num = dist_config.get("num_processes")
+  pid = dist_config.get("process_id")
+  method = dist_config.get("cluster_detection_method") or None
+  local_ids = parse_device_ids(dist_config.get("local_device_ids"))
+  cluster = detect_cluster()
+  given = [name for name, v in (("coordinator_address", address), ("num_processes", num),
+                                ("process_id", pid)) if v not in (None, "")]
+  if enabled == "auto" and not given and method is None and cluster is None:
+    return False
+  if given and len(given) < 3 and cluster is None and method is None:
+    missing = sorted({"coordinator_address", "num_processes", "process_id"} - set(given))
+    raise ValueError(f"config.distributed: {', '.join(given)} given without {', '.join(missing)}; outside "
+                     f"SLURM/Open MPI/Cloud TPU give coordinator_address, num_processes and process_id together")
+  if num is not None and int(num) < 1:
+    raise ValueError(f"config.distributed.num_processes must be >= 1, got {num}")
+  if pid is not None and num is not None and not 0 <= int(pid) < int(num):
+    raise ValueError(f"config.distributed.process_id must lie in [0, {int(num)}), got {pid}")
+  if address is not None and ":" not in str(address):
+    raise ValueError(f"config.distributed.coordinator_address must be 'host:port', got {address!r}")
   kwargs: dict[str, Any] = {}
-  if explicit:
-    kwargs["coordinator_address"] = explicit
-  if dist_config.get("num_processes") is not None:
-    kwargs["num_processes"] = int(dist_config.num_processes)
-  if dist_config.get("process_id") is not None:
-    kwargs["process_id"] = int(dist_config.process_id)
-  if dist_config.get("local_device_ids") is not None:
-    kwargs["local_device_ids"] = list(dist_config.local_device_ids)
+  if address is not None:
+    kwargs["coordinator_address"] = str(address)
+  if num is not None:
+    kwargs["num_processes"] = int(num)
+  if pid is not None:
+    kwargs["process_id"] = int(pid)
+  if local_ids is not None:
+    kwargs["local_device_ids"] = local_ids
+  if method is not None:
+    kwargs["cluster_detection_method"] = str(method)
+  timeout = dist_config.get("initialization_timeout")
+  if timeout:
+    kwargs["initialization_timeout"] = int(timeout)
   jax.distributed.initialize(**kwargs)
+  return True
 
 
-def _cluster_detected() -> bool:
+def parse_device_ids(value) -> list[int] | None:
+  """'' / None -> None; '0,1' / (0, 1) / 3 -> a list of ints."""
+  if value is None or value == "" or value == ():
+    return None
+  if isinstance(value, (int, np.integer)):
+    return [int(value)]
+  if isinstance(value, str):
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+  else:
+    parts = list(value)
+  try:
+    return [int(p) for p in parts]
+  except (TypeError, ValueError):
+    raise ValueError(f"config.distributed.local_device_ids must be comma-separated integers, "
+                     f"got {value!r}") from None
+
+
+def detect_cluster() -> str | None:
+  """Which multi-process launcher this process runs under, as JAX 0.10 would detect it, or None.
+
+  * 'slurm': ``srun`` with more than one task (JAX's SLURM variables: SLURM_JOB_ID, SLURM_STEP_NODELIST,
+    SLURM_NTASKS, SLURM_PROCID, SLURM_LOCALID).  One task alone is treated as a plain run: JAX would
+    otherwise restrict it to the device of its local task id.
+  * 'ompi': ``mpirun`` (Open MPI) with more than one rank.
+  * 'tpu': a Cloud TPU VM.  JAX reads the workers of the slice from the TPU metadata (one process on a
+    single-host slice, which costs nothing).
+  """
   env = os.environ
-  if env.get("JAX_COORDINATOR_ADDRESS"):
-    return True
-  if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in env:
-    return True
-  if env.get("TPU_WORKER_HOSTNAMES", "localhost") not in ("", "localhost") and "," in env.get(
-      "TPU_WORKER_HOSTNAMES", ""):
-    return True
-  return False
+  slurm_vars = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+  if all(v in env for v in slurm_vars) and _int_env("SLURM_NTASKS") > 1:
+    return "slurm"
+  if "OMPI_MCA_orte_hnp_uri" in env and _int_env("OMPI_COMM_WORLD_SIZE") > 1:
+    return "ompi"
+  if _on_cloud_tpu_vm():
+    return "tpu"
+  return None
+
+
+def _int_env(name: str) -> int:
+  try:
+    return int(os.environ.get(name, "1"))
+  except ValueError:
+    return 1
+
+
+def _on_cloud_tpu_vm() -> bool:
+  # Set by ``import jax`` when libtpu and TPU chips are present (without starting a backend).
+  try:
+    from jax._src import cloud_tpu_init
+    return bool(cloud_tpu_init.running_in_cloud_tpu_vm)
+  except (ImportError, AttributeError):
+    return bool(os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("TPU_PROCESS_ADDRESSES"))
 
 
 def create_mesh(devices=None) -> Mesh:
-  """A one-axis mesh (``'data'``) over all devices of all processes."""
+  """A one-axis mesh (``'data'``) over all devices of all processes, each process's devices contiguous (in
+  ``jax.devices()`` order within a process), so that the global batch is the processes' batches in
+  process order."""
   devices = jax.devices() if devices is None else devices
+  devices = sorted(devices, key=lambda d: d.process_index)
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
@@ -92,15 +180,68 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
   }
 
 
+def put_global(tree, shardings):
+  """Places a host pytree (the same values on every process) on the mesh with ``shardings`` (one sharding
+  or a matching pytree).  Each process fills only its own devices, so this works across processes."""
+  if not isinstance(shardings, jax.sharding.Sharding):
+    return jax.tree.map(lambda x, s: _put_one(x, s), tree, shardings)
+  return jax.tree.map(lambda x: _put_one(x, shardings), tree)
+
+
+def _put_one(x, sharding):
+  if isinstance(x, jax.Array) and x.sharding == sharding:
+    return x
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
 def replicate(tree, mesh: Mesh):
   """Places a host pytree on every device (same value on every process)."""
-  return jax.device_put(tree, replicated(mesh))
+  return put_global(tree, replicated(mesh))
+
+
+# ---------------------------------------------------------------------------------------------
+# Frozen teachers: replicated, or sharded over the data axis (FSDP-style, gathered inside the step).
+# ---------------------------------------------------------------------------------------------
+TEACHER_SHARDINGS = ("replicated", "fsdp")
+# Leaves with fewer elements stay replicated under 'fsdp': they cost nothing in memory and each sharded leaf
+# costs an all-gather per use.
+FSDP_MIN_SIZE = 1024
+
+
+def fsdp_spec(shape, num_shards: int, *, min_size: int = FSDP_MIN_SIZE) -> P:
+  """``P()`` or a spec sharding the largest axis of ``shape`` that ``num_shards`` divides (the last such axis
+  on ties) over ``'data'``; replicated when no axis divides or the array has fewer than ``min_size``
+  elements."""
+  shape = tuple(int(d) for d in shape)
+  if num_shards <= 1 or not shape or int(np.prod(shape)) < min_size:
+    return P()
+  best = None
+  for axis, d in enumerate(shape):
+    if d % num_shards == 0 and (best is None or d >= shape[best]):
+      best = axis
+  if best is None:
+    return P()
+  return P(*([None] * best + [DATA_AXIS]))
+
+
+def teacher_shardings(tree, mesh: Mesh, mode: str = "replicated", *, min_size: int = FSDP_MIN_SIZE):
+  """A pytree of ``NamedSharding`` matching ``tree`` (teacher variables, arrays or shape structs)."""
+  if mode not in TEACHER_SHARDINGS:
+    raise ValueError(f"config.teacher_sharding must be one of {TEACHER_SHARDINGS}, got {mode!r}")
+  n = mesh.shape[DATA_AXIS]
+  if mode == "replicated":
+    return jax.tree.map(lambda _: replicated(mesh), tree)
+  return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), n, min_size=min_size)), tree)
 
 
 def to_host(tree):
-  """Fetches a (replicated or fully addressable) pytree of arrays to numpy on this process."""
+  """Fetches a pytree of replicated (or fully addressable) arrays to numpy on this process."""
   def get(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      x = jax.experimental.multihost_utils.process_allgather(x, tiled=True)
+      if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+      from jax.experimental import multihost_utils
+      x = multihost_utils.process_allgather(x, tiled=True)
     return np.asarray(x)
   return jax.tree.map(get, tree)

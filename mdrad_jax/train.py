@@ -25,6 +25,7 @@ from mdrad_jax import methods as methods_lib
 from mdrad_jax import models as models_lib
 from mdrad_jax import optim
 from mdrad_jax import parallel
+from mdrad_jax import precision
 from mdrad_jax import train_step as step_lib
 from mdrad_jax.progress import MetricsWriter, progress_bar, log
 from mdrad_jax.train_state import TrainState, split_variables
@@ -84,7 +85,7 @@ def resolve_attack(config, method: methods_lib.Method) -> step_lib.AttackConfig:
   return step_lib.AttackConfig(
       eps=float(a.eps), step_size=float(a.step_size), num_steps=int(a.num_steps),
       init=a.init or method.attack_init, bn_mode=a.bn_mode or method.attack_bn,
-      unroll=bool(a.unroll))
+      unroll=bool(a.unroll), dtype=a.get("dtype", "") or "")
 
 
 def write_config(config, workdir: str, extra: dict | None = None) -> None:
@@ -136,12 +137,30 @@ def create_state(config, *, model, image_shape, teacher_modules, teacher_vars, m
 # ---------------------------------------------------------------------------------------------
 # Evaluation during training.
 # ---------------------------------------------------------------------------------------------
-def evaluate_model(eval_step, variables, loader, mesh, *, batch_size: int, key) -> dict:
-  """Accuracy (and PGD accuracy when the step has an attack) over an eval loader; pads the last batch."""
+def evaluate_model(eval_step, variables, loader, mesh, *, batch_size: int, key,
+                   num_batches: int | None = None) -> dict:
+  """Accuracy (and PGD accuracy when the step has an attack) over an eval loader; pads the last batch.
+
+  With several processes each reads its own shard, whose sizes may differ by one example; ``num_batches``
+  (the most batches any process has) makes every process run the same number of steps, the missing ones
+  fully masked, so that none waits forever on a collective the others never start.
+  """
   totals: dict[str, float] = {}
-  for i, batch in enumerate(loader):
-    batch = pad_batch(batch, batch_size // jax.process_count())
+  local = batch_size // jax.process_count()
+  template = None
+  batches = iter(loader)
+  i = 0
+  while True:
+    batch = next(batches, None)
+    if batch is None:
+      if num_batches is None or i >= num_batches or template is None:
+        break
+      batch = {k: v[:0] for k, v in template.items()}  # nothing left here: an all-padding batch
+    elif template is None:
+      template = batch
+    batch = pad_batch(batch, local)
     out = eval_step(variables, parallel.shard_batch(batch, mesh), jax.random.fold_in(key, i))
+    i += 1
     for k, v in parallel.to_host(out).items():
       totals[k] = totals.get(k, 0.0) + float(v)
   n = max(totals.get("count", 0.0), 1.0)
@@ -177,6 +196,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.create_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+  precision.check_config(config)
+  teacher_sharding = config.get("teacher_sharding", "replicated")
+  if teacher_sharding not in parallel.TEACHER_SHARDINGS:
+    raise ValueError(f"config.teacher_sharding must be one of {parallel.TEACHER_SHARDINGS}, "
+                     f"got {teacher_sharding!r}")
 
   info = data_lib.dataset_info(config.data.name, **data_kwargs(config))
   method = methods_lib.get_method(config.method.name)
@@ -200,6 +224,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state, projectors, schedule = create_state(
       config, model=model, image_shape=info.image_shape, teacher_modules=teacher_modules,
       teacher_vars=teacher_vars, method=method, steps_per_epoch=steps_per_epoch)
+  precision.check_master_weights(state)
+  # On the mesh before restoring: the checkpoint is read straight into this run's shardings, whatever the
+  # device and process count of the run that wrote it.
+  state = parallel.replicate(state, mesh)
 
   train_loader = data_lib.create_loader(
       config.data.name, info.train_split, batch_size=config.batch_size, train=True,
@@ -215,14 +243,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = ckpt.restore(state, data_iterator=train_iter)
     log(f"resumed from {ckpt.directory} at step {int(state.step)}")
 
-  state = parallel.replicate(state, mesh)
-  teacher_vars = parallel.replicate(teacher_vars, mesh)
+  t_shardings = parallel.teacher_shardings(teacher_vars, mesh, teacher_sharding)
+  teacher_vars = parallel.put_global(teacher_vars, t_shardings)
   attack = resolve_attack(config, method)
   step_fn = step_lib.make_train_step(
       model=model, method=method, hparams=dict(config.method), attack=attack,
       teacher_models=teacher_modules, projectors=projectors, steps_per_epoch=steps_per_epoch,
       lr_schedule=schedule, base_lr=float(config.optim.lr))
-  p_train_step = step_lib.jit_train_step(step_fn, mesh)
+  p_train_step = step_lib.jit_train_step(step_fn, mesh, teacher_sharding=t_shardings)
 
   ev = config.eval
   eval_pgd = None
@@ -236,8 +264,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         config.data.name, info.test_split, batch_size=config.eval_batch_size, train=False,
         seed=0, drop_remainder=False,
         num_examples=(ev.num_examples if ev.num_examples > 0 else None), **data_kwargs(config))
+    n = info.split_sizes[info.test_split]
+    if ev.num_examples > 0:
+      n = min(n, ev.num_examples)
+    per_process = -(-n // jax.process_count())
     res = evaluate_model(p_eval_step, st.model_variables(), loader, mesh,
-                         batch_size=config.eval_batch_size, key=jax.random.key(config.seed + 1))
+                         batch_size=config.eval_batch_size, key=jax.random.key(config.seed + 1),
+                         num_batches=-(-per_process // (config.eval_batch_size // jax.process_count())))
     return {f"test/{k}": v for k, v in res.items()}
 
   writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"))

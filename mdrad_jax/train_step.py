@@ -38,6 +38,7 @@ class AttackConfig(NamedTuple):
   init: str = "uniform"
   bn_mode: str = "eval"
   unroll: bool = True
+  dtype: str = ""  # compute dtype of the student inside the attack ('' = the student's own)
 
 
 class StepOutputs(NamedTuple):
@@ -94,6 +95,10 @@ def make_train_step(*, model: nn.Module, method: Method, hparams: dict, attack: 
     raise ValueError(f"attack.bn_mode must be one of {BN_MODES}, got {attack.bn_mode!r}")
   hparams = dict(hparams)
   teacher_models = tuple(teacher_models)
+  attack_model = model
+  if attack.dtype:
+    from mdrad_jax import precision
+    attack_model = precision.with_dtype(model, attack.dtype)
   plan = method.plan(hparams, len(teacher_models))
   t_clean_on = [("clean" in v) or plan.teacher_features for v in plan.teacher_views]
   t_adv_on = [("adv" in v) for v in plan.teacher_views]
@@ -121,10 +126,10 @@ def make_train_step(*, model: nn.Module, method: Method, hparams: dict, attack: 
 
       def student_logits(xa, aux):
         if attack.bn_mode == "eval":
-          return _apply(model, student_params, model_stats, xa, train=False)[0], aux
+          return _apply(attack_model, student_params, model_stats, xa, train=False)[0], aux
         if attack.bn_mode == "train_no_update":
-          return _apply(model, student_params, model_stats, xa, train=True, update_stats=False)[0], aux
-        out, new_stats = _apply(model, student_params, aux, xa, train=True)
+          return _apply(attack_model, student_params, model_stats, xa, train=True, update_stats=False)[0], aux
+        out, new_stats = _apply(attack_model, student_params, aux, xa, train=True)
         return out, new_stats
 
       def teacher_logits_fn(k):
