@@ -11,7 +11,9 @@ train state (random 32x32x3 images, 10 classes, PGD-k) and reports
 
 * compile time (``lower`` + ``compile`` of the jitted step);
 * step time: median (and min / max) over ``--steps`` timed steps after ``--warmup`` untimed ones; images/s;
-* memory: the child's peak RSS (``ru_maxrss``), its RSS before compiling, and the accelerator's peak bytes
+* memory: the child's peak RSS while running the steps (the kernel's peak mark is reset after compiling, so
+  the compiler's own memory is not counted; the whole-process peak is in the JSON too), XLA's buffer assignment
+  of the step (``compiled.memory_analysis()``: arguments, outputs, temporaries), and the accelerator's peak bytes
   where JAX reports memory statistics (GPU);
 * FLOPs: the compiled step's FLOPs from XLA's cost analysis, and the method's *necessary* FLOPs, each part
   measured by the cost analysis of a small jitted function (teacher forwards the method needs, one student
@@ -176,6 +178,27 @@ def _rss_bytes() -> int | None:
   except OSError:
     pass
   return None
+
+
+def _status_bytes(field: str) -> int | None:
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith(field + ":"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
+def _reset_peak_rss() -> bool:
+  """Resets the kernel's peak-RSS mark (VmHWM) of this process (Linux >= 4.0); False where impossible."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
 
 
 def _peak_rss_bytes() -> int:
@@ -489,6 +512,16 @@ def run_child(spec: dict) -> dict:
   t0 = time.perf_counter()
   compiled = jitted.lower(state, tvars, batch).compile()
   out["compile_s"] = time.perf_counter() - t0
+  out["peak_rss_through_compile_bytes"] = _status_bytes("VmHWM")
+  try:
+    ma = compiled.memory_analysis()
+    out["xla_memory"] = {k: int(getattr(ma, k)) for k in (
+        "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+        "generated_code_size_in_bytes") if hasattr(ma, k)}
+  except Exception:  # noqa: BLE001 - not every backend reports it
+    out["xla_memory"] = None
+  # from here on the peak RSS mark covers running the step only (not the compiler's memory)
+  out["peak_rss_reset"] = _reset_peak_rss()
   step_flops = _flops(compiled)
   out["step_flops_xla"] = step_flops if spec["unroll"] else None
   if not spec["unroll"]:
@@ -508,7 +541,8 @@ def run_child(spec: dict) -> dict:
   out["step_median_s"] = med
   out["images_per_s"] = batch_size / med
   out["loss"] = float(metrics["loss"])
-  out["peak_rss_bytes"] = _peak_rss_bytes()
+  out["peak_rss_bytes"] = _peak_rss_bytes()  # whole process, compiler included
+  out["peak_rss_steps_bytes"] = _status_bytes("VmHWM") if out["peak_rss_reset"] else None
   try:
     ms = jax.devices()[0].memory_stats() or {}
   except Exception:  # noqa: BLE001 - not every backend has memory statistics
@@ -603,7 +637,7 @@ def summarise(runs: list[dict]) -> dict:
   if not ok:
     return {"error": runs[0].get("error", "no result")}
   s = dict(ok[0])
-  for key in ("step_median_s", "compile_s", "peak_rss_bytes"):
+  for key in ("step_median_s", "compile_s", "peak_rss_bytes", "peak_rss_steps_bytes"):
     s[key] = _median([r.get(key) for r in ok])
   s["step_times_s"] = [t for r in ok for t in r.get("step_times_s", [])]
   s["images_per_s"] = s["batch"] / s["step_median_s"] if s.get("batch") else None
@@ -686,15 +720,14 @@ def main(argv=None) -> int:
     check_reference(summary)
     results.append({"method": method, "model": model, "batch": batch, "variants": summary,
                     "runs": runs})
+    if args.json:  # after every case, so that an interrupted run keeps what it measured
+      write_json(args.json, cmdline, info, use_torch, results)
 
   print()
   print_table(results)
   print(f"load average at end: {loadavg()}")
   if args.json:
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-      json.dump({"command": cmdline, "machine": info, "torch_reference": use_torch, "results": results},
-                f, indent=1, default=str)
+    write_json(args.json, cmdline, info, use_torch, results, load_end=loadavg())
     print(f"wrote {args.json}")
   failed = [(r["method"], r["model"], r["batch"], n) for r in results for n, v in r["variants"].items()
             if "error" in v]
@@ -702,6 +735,14 @@ def main(argv=None) -> int:
     print(f"FAILED: {failed}", file=sys.stderr)
     return 1
   return 0
+
+
+def write_json(path, cmdline, info, use_torch, results, load_end=None) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump({"command": cmdline, "machine": info, "torch_reference": use_torch, "load_at_end": load_end,
+               "complete": load_end is not None, "results": results}, f, indent=1, default=str)
+  os.replace(path + ".tmp", path)
 
 
 def check_reference(summary: dict) -> None:
@@ -730,11 +771,15 @@ def _print_line(name, r):
     return
   print(f"    {name}: step {r['step_median_s']:.4f} s (median of {len(r['step_times_s'])}), "
         f"{r['batch'] / r['step_median_s']:.1f} img/s, compile {_fmt(r.get('compile_s'), '{:.1f}')} s, "
-        f"peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB, load {r['load_before']} -> {r['load_after']}")
+        f"peak RSS {_steps_rss(r) / 2**20:.0f} MiB, load {r['load_before']} -> {r['load_after']}")
+
+
+def _steps_rss(r):
+  return r.get("peak_rss_steps_bytes") or r["peak_rss_bytes"]
 
 
 def print_table(results):
-  head = ("method", "student", "batch", "variant", "compile s", "step s", "img/s", "peak RSS MiB",
+  head = ("method", "student", "batch", "variant", "compile s", "step s", "min s", "img/s", "peak RSS MiB", "XLA temp MiB",
           "GFLOP step", "GFLOP needed", "ratio", "useful GFLOP/s", "% matmul peak", "x vs torch fp32",
           "x vs torch bf16")
   rows = []
@@ -744,8 +789,7 @@ def print_table(results):
     t16 = v.get("torch[bf16]", {}).get("step_median_s")
     for name, s in v.items():
       if "error" in s:
-        rows.append((res["method"], res["model"], res["batch"], name, "ERROR", "", "", "", "", "", "", "", "",
-                     "", ""))
+        rows.append((res["method"], res["model"], res["batch"], name, "ERROR", *[""] * (len(head) - 5)))
         continue
       med = s["step_median_s"]
       nec = (s.get("necessary_flops") or {}).get("total")
@@ -755,7 +799,8 @@ def print_table(results):
       is_jax = name.startswith("jax")
       rows.append((
           res["method"], res["model"], res["batch"], name, _fmt(s.get("compile_s"), "{:.1f}"),
-          _fmt(med, "{:.4f}"), _fmt(res["batch"] / med, "{:.1f}"), _fmt(s["peak_rss_bytes"] / 2**20, "{:.0f}"),
+          _fmt(med, "{:.4f}"), _fmt(min(s["step_times_s"]), "{:.4f}"), _fmt(res["batch"] / med, "{:.1f}"), _fmt(_steps_rss(s) / 2**20, "{:.0f}"),
+          _fmt((s.get("xla_memory") or {}).get("temp_size_in_bytes", 0) / 2**20 or None, "{:.0f}"),
           _fmt(step_f and step_f / 1e9, "{:.2f}"), _fmt(nec and nec / 1e9, "{:.2f}"),
           _fmt(s.get("flops_ratio"), "{:.3f}"), _fmt(useful and useful / 1e9, "{:.1f}"),
           _fmt(useful and peak and 100 * useful / peak, "{:.0f}"),
@@ -766,8 +811,8 @@ def print_table(results):
   print("-+-".join("-" * w for w in widths))
   for r in rows:
     print(" | ".join(str(c).ljust(w) for c, w in zip(r, widths)))
-  print("x vs torch: torch step time / JAX step time (> 1: JAX faster), same invocation.  ratio: XLA step FLOPs "
-        "/ necessary FLOPs.  useful GFLOP/s: necessary FLOPs / step time; % of the float32 matmul peak measured "
+  print("step s: median step time (of every timed step of every repeat for 'min s').  peak RSS: while running the steps (JAX: after compiling).  x vs torch: torch step time / JAX step time "
+        "(> 1: JAX faster), same invocation.  ratio: XLA step FLOPs / necessary FLOPs.  useful GFLOP/s: necessary FLOPs / step time; % of the float32 matmul peak measured "
         "in the same child.")
   for res in results:
     for name, s in res["variants"].items():

@@ -503,6 +503,7 @@ def run(spec: dict) -> dict:
          "plan": {"student_views": list(plan.student_views),
                   "teacher_views": [list(v) for v in plan.teacher_views], "features": bool(plan.student_features)},
          "attack": dict(att, eps=eps, step_size=step_size, num_steps=spec["pgd_steps"])}
+  rss_reset = _reset_peak_rss()  # the peak RSS mark then covers the steps only
   t0 = time.perf_counter()
   for _ in range(spec.get("warmup", 1)):
     loss, _, _ = step()
@@ -520,14 +521,35 @@ def run(spec: dict) -> dict:
   out["step_median_s"] = statistics.median(times)
   out["images_per_s"] = spec["batch"] / out["step_median_s"]
   out["loss"] = float(loss)
+  out["peak_rss_bytes"] = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+  out["peak_rss_steps_bytes"] = _vm_hwm() if rss_reset else None
+  out["device_peak_bytes"] = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
   if spec.get("count_flops"):
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as counter:
       step(leaf_input=False)
     out["step_flops_counted"] = float(counter.get_total_flops())
-  out["peak_rss_bytes"] = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-  out["device_peak_bytes"] = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
   return out
+
+
+def _reset_peak_rss() -> bool:
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
+def _vm_hwm() -> int | None:
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
 
 
 def main(argv=None) -> int:

@@ -1,22 +1,50 @@
 """Default XLA flags, applied before JAX initialises its backends (overridable by the user).
 
-The defaults are empty until a flag is measured to help on the library's own train step (see
-``docs/performance.md``).  A flag the user already put in ``XLA_FLAGS`` is never changed; set
-``MDRAD_NO_DEFAULT_XLA_FLAGS=1`` to add none.
+A flag becomes a default only where it was measured to help the library's own train step in a same-run
+comparison (``benchmarks/bench_train_step.py``, ``docs/performance.md``).  None has so far:
+``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution`` (XLA:CPU compiles convolutions itself
+instead of handing each one to YNNPACK) made the small-CNN step slower and the ResNet-18 step faster or slower
+depending on the statistic, within the noise of the loaded 2-core machine (docs/performance.md, "Levers").
+
+XLA reads ``XLA_FLAGS`` once, when JAX starts its first backend, so :func:`apply_defaults` must run before
+anything touches a device: ``main.py`` calls it through ``runtime.configure_xla()`` before parsing flags (no
+module it imports starts JAX), and the benchmark calls it first thing in each child.  A flag the user already
+put in ``XLA_FLAGS`` is never changed (whatever its value); ``MDRAD_NO_DEFAULT_XLA_FLAGS=1`` adds none.  XLA
+aborts the process on a flag it does not know, so defaults are added only for the jaxlib versions they were
+checked with (``TESTED_JAXLIB``).
 """
 from __future__ import annotations
 
+import importlib.metadata
 import os
 
-# flag name -> value, per platform ('cpu' applies only when no accelerator is requested).
+# platform -> {flag name: value}.  'cpu' applies when JAX_PLATFORMS is unset or names cpu first.
 DEFAULT_FLAGS: dict[str, dict[str, str]] = {"cpu": {}}
+# jaxlib versions whose XLA knows every default flag (an unknown flag in XLA_FLAGS is a fatal error).
+TESTED_JAXLIB = ("0.10.2",)
+DISABLE_ENV = "MDRAD_NO_DEFAULT_XLA_FLAGS"
+
+
+def _jaxlib_version() -> str | None:
+  try:
+    return importlib.metadata.version("jaxlib")
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
+def default_flags(platform: str | None = None) -> dict[str, str]:
+  """The defaults that :func:`apply_defaults` would add for ``platform`` (before looking at XLA_FLAGS)."""
+  if os.environ.get(DISABLE_ENV, "").strip() not in ("", "0"):
+    return {}
+  if _jaxlib_version() not in TESTED_JAXLIB:
+    return {}
+  platform = platform or os.environ.get("JAX_PLATFORMS", "cpu").split(",")[0].strip() or "cpu"
+  return dict(DEFAULT_FLAGS.get(platform, {}))
 
 
 def apply_defaults(platform: str | None = None) -> str:
-  if os.environ.get("MDRAD_NO_DEFAULT_XLA_FLAGS"):
-    return os.environ.get("XLA_FLAGS", "")
-  platform = platform or os.environ.get("JAX_PLATFORMS", "cpu").split(",")[0] or "cpu"
-  flags = DEFAULT_FLAGS.get(platform, {})
+  """Adds the default flags missing from ``XLA_FLAGS``; returns the resulting ``XLA_FLAGS``."""
+  flags = default_flags(platform)
   current = os.environ.get("XLA_FLAGS", "")
   present = {part.split("=", 1)[0] for part in current.split()}
   extra = [f"{k}={v}" for k, v in flags.items() if k not in present]

@@ -35,3 +35,54 @@ def test_benchmark_tiny_configuration(tmp_path):
   assert any(k.startswith("projectors_forward+backward") for k in parts)
   # the step does the method's work and (almost) nothing else
   assert 0.9 < s["flops_ratio"] < 1.5, s["flops_ratio"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The default XLA flags the benchmark and main.py start JAX with (mdrad_jax/xla_flags.py).
+# ---------------------------------------------------------------------------------------------
+def _run_python(code, env_updates=(), drop=()):
+  env = {k: v for k, v in os.environ.items() if k not in drop}
+  env.update(dict(env_updates))
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-3000:]
+  return proc.stdout
+
+
+def test_default_xla_flags_user_wins_and_can_be_disabled(monkeypatch):
+  from mdrad_jax import xla_flags
+  # whatever the shipped defaults are, check the rules with two made-up ones
+  monkeypatch.setitem(xla_flags.DEFAULT_FLAGS, "cpu", {"--xla_a": "1", "--xla_b": "2"})
+  for var in ("XLA_FLAGS", "MDRAD_NO_DEFAULT_XLA_FLAGS", "JAX_PLATFORMS"):
+    monkeypatch.delenv(var, raising=False)
+  assert xla_flags.apply_defaults() == "--xla_a=1 --xla_b=2"
+  # a user's own value of a default flag is kept, and so are the user's other flags
+  monkeypatch.setenv("XLA_FLAGS", "--xla_b=user --xla_dump_to=/tmp/x")
+  assert xla_flags.apply_defaults().split() == ["--xla_b=user", "--xla_dump_to=/tmp/x", "--xla_a=1"]
+  # no defaults for an accelerator platform that has none, nor with the switch, nor for an untested jaxlib
+  monkeypatch.setenv("XLA_FLAGS", "")
+  assert xla_flags.apply_defaults("cuda") == ""
+  monkeypatch.setenv("MDRAD_NO_DEFAULT_XLA_FLAGS", "1")
+  assert xla_flags.apply_defaults() == ""
+  monkeypatch.delenv("MDRAD_NO_DEFAULT_XLA_FLAGS")
+  monkeypatch.setattr(xla_flags, "TESTED_JAXLIB", ())
+  assert xla_flags.apply_defaults() == ""
+
+
+def test_main_applies_defaults_before_jax_starts_and_xla_accepts_them():
+  # main.py imports nothing that starts JAX before runtime.configure_xla(); XLA aborts the process on a flag it
+  # does not know, so running a convolution with the defaults checks that this jaxlib accepts them.
+  code = (
+      "import sys; sys.argv = ['main.py']\n"
+      "import main\n"
+      "assert 'jax' not in sys.modules, 'main imports jax before configure_xla'\n"
+      "from mdrad_jax import runtime, xla_flags\n"
+      "runtime.configure_xla()\n"
+      "import os, jax, jax.numpy as jnp\n"
+      "want = xla_flags.default_flags()\n"
+      "assert all(f'{k}={v}' in os.environ.get('XLA_FLAGS', '').split() for k, v in want.items())\n"
+      "x = jnp.ones((2, 8, 8, 3)); w = jnp.ones((3, 3, 3, 4))\n"
+      "y = jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))\n"
+      "print(float(y.sum()), os.environ.get('XLA_FLAGS', ''))\n")
+  out = _run_python(code, drop=("XLA_FLAGS", "MDRAD_NO_DEFAULT_XLA_FLAGS", "JAX_PLATFORMS"))
+  assert float(out.split()[0]) > 0
