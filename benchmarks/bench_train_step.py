@@ -2,15 +2,15 @@
 """Times the library's jitted train step and compares it with a PyTorch eager reference of the same step.
 
     .venv/bin/python benchmarks/bench_train_step.py                      # the full set (slow on a CPU)
-    .venv/bin/python benchmarks/bench_train_step.py --methods pgd_at --configs small_cnn:32 --steps 2 \
-        --warmup 1 --pgd-steps 2 --torch off                             # seconds
+    .venv/bin/python benchmarks/bench_train_step.py --methods sa_mdrad --configs tiny_cnn:4 --image-size 8 \
+        --steps 1 --warmup 0 --pgd-steps 1 --matmul-size 128 --torch off  # a tiny configuration
 
 For every method x (student model, batch size) case and every variant of the levers asked for (XLA flags,
 rolled/unrolled attack loop, buffer donation), one child process builds the student, random teachers and a
 train state (random 32x32x3 images, 10 classes, PGD-k) and reports
 
 * compile time (``lower`` + ``compile`` of the jitted step);
-* step time: median (and min / max) over ``--steps`` timed steps after ``--warmup`` untimed ones; images/s;
+* step time: median (and min) over ``--steps`` timed steps after ``--warmup`` untimed ones; images/s;
 * memory: the child's peak RSS while running the steps (the kernel's peak mark is reset after compiling, so
   the compiler's own memory is not counted; the whole-process peak is in the JSON too), XLA's buffer assignment
   of the step (``compiled.memory_analysis()``: arguments, outputs, temporaries), and the accelerator's peak bytes
@@ -18,7 +18,8 @@ train state (random 32x32x3 images, 10 classes, PGD-k) and reports
 * FLOPs: the compiled step's FLOPs from XLA's cost analysis, and the method's *necessary* FLOPs, each part
   measured by the cost analysis of a small jitted function (teacher forwards the method needs, one student
   forward + input gradient per attack step (plus the teachers' when the attack goes through them), one student
-  forward + backward per outer view, feature projectors, the optimizer update).  Their ratio is a
+  forward + backward per outer view the loss depends on (a forward alone for a view that only moves BatchNorm
+  statistics), feature projectors, the optimizer update).  Their ratio is a
   hardware-independent figure of wasted work (goal <= 1.05).  XLA counts a rolled loop's body once, so with
   ``--unroll false`` the step FLOPs (and the ratio) are not reported;
 * achieved FLOP/s (necessary FLOPs / median step time, and XLA's step FLOPs / time) against the machine's
@@ -811,7 +812,7 @@ def print_table(results):
   print("-+-".join("-" * w for w in widths))
   for r in rows:
     print(" | ".join(str(c).ljust(w) for c, w in zip(r, widths)))
-  print("step s: median step time (of every timed step of every repeat for 'min s').  peak RSS: while running the steps (JAX: after compiling).  x vs torch: torch step time / JAX step time "
+  print("step s: median step time (median of the repeats' medians); min s: fastest timed step.  peak RSS: while running the steps (JAX: after compiling).  x vs torch: torch step time / JAX step time "
         "(> 1: JAX faster), same invocation.  ratio: XLA step FLOPs / necessary FLOPs.  useful GFLOP/s: necessary FLOPs / step time; % of the float32 matmul peak measured "
         "in the same child.")
   for res in results:
