@@ -32,6 +32,7 @@ def get_config(arg=None):
   e.masking_square_queries = 5000
   e.masking_tolerance = 0.01   # accuracy margin (fraction) a masking comparison must exceed
   e.masking_aa_gap = 0.10      # flag AutoAttack more than this far below PGD-20
+  e.masking_significance = 0.05  # check (a) also needs a paired sign test below this level
   if a.sweep:
     e.eps_sweep_multiples = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)
   if a.small:

@@ -15,7 +15,8 @@ place of a good one.  :func:`robustness_report` is the same evaluation for any `
 Gradient-masking check (:func:`masking_flags`), each flag with its reason:
 
 * (a) a white-box attack (FGSM, PGD-20, CW∞, APGD-CE) is weaker than the black-box Square attack run alone on
-  the same points, or Square inside AutoAttack flips many points that survived APGD-CE, APGD-T and FAB-T;
+  the same points (by more than the margin, and significantly by a paired sign test), or Square inside
+  AutoAttack flips many points that survived APGD-CE, APGD-T and FAB-T;
 * (b) PGD-20 accuracy above FGSM accuracy;
 * (c) accuracy that does not fall as ε grows in the sweep (rises between two ε, or is flat over the sweep);
 * (d) AutoAttack accuracy far (``aa_gap``, 10 points by default) below PGD-20 accuracy.
@@ -124,7 +125,7 @@ def robustness_report(logits_fn, images, labels, *, attacks: Sequence[str] = eva
                       aa_version: str = "standard", aa_overrides: dict | None = None,
                       eps_sweep: Sequence[float] = (), sweep_attack: str = "pgd20",
                       square_examples: int = 500, square_queries: int = 5000, tolerance: float = 0.01,
-                      aa_gap: float = 0.10, progress: bool = False, jit: Callable = jax.jit,
+                      aa_gap: float = 0.10, significance: float = 0.05, progress: bool = False, jit: Callable = jax.jit,
                       batch_multiple: int = 1) -> dict[str, Any]:
   """Accuracies under ``attacks``, the ε sweep, Square alone on a subset, and the gradient-masking flags.
 
@@ -222,7 +223,8 @@ def robustness_report(logits_fn, images, labels, *, attacks: Sequence[str] = eva
       if name in points:
         wb = points[name][:k]
         compare[name] = {"accuracy": float(wb.mean()), "correct": int(wb.sum()),
-                         "square_broke_white_box_survivors": int((wb & ~square_correct).sum())}
+                         "square_broke_white_box_survivors": int((wb & ~square_correct).sum()),
+                         "white_box_broke_square_survivors": int((~wb & square_correct).sum())}
     square_out = {"n": k, "label": res.label, "params": res.params, "accuracy": res.robust_accuracy,
                   "correct": int(square_correct.sum()), "clean_correct": int(res.clean_correct.sum()),
                   "white_box_on_same_points": compare, "seconds": round(time.perf_counter() - t0, 2)}
@@ -231,16 +233,27 @@ def robustness_report(logits_fn, images, labels, *, attacks: Sequence[str] = eva
   report = {"eps": float(eps), "step_size": float(step_size), "cw_kappa": float(cw_kappa), "seed": int(seed),
             "num_examples": n, "batch_size": int(batch_size), "aa_version": aa_version,
             "attacks": results, "autoattack_stages": stages, "eps_sweep": sweep_out, "square_alone": square_out}
-  flags = masking_flags(report, tolerance=tolerance, aa_gap=aa_gap)
-  report["masking_check"] = {"tolerance": tolerance, "aa_gap": aa_gap, "flagged": bool(flags), "flags": flags}
+  flags = masking_flags(report, tolerance=tolerance, aa_gap=aa_gap, significance=significance)
+  report["masking_check"] = {"tolerance": tolerance, "aa_gap": aa_gap, "significance": significance,
+                             "flagged": bool(flags), "flags": flags}
   return report
 
 
-def masking_flags(report: dict, *, tolerance: float = 0.01, aa_gap: float = 0.10) -> list[dict]:
+def sign_test_p(b: int, c: int) -> float:
+  """One-sided exact sign test (McNemar): P(X >= b) for X ~ Binomial(b + c, 1/2); 1.0 when b = c = 0."""
+  m = b + c
+  return float(sum(math.comb(m, k) for k in range(b, m + 1)) / 2 ** m) if m else 1.0
+
+
+def masking_flags(report: dict, *, tolerance: float = 0.01, aa_gap: float = 0.10,
+                  significance: float = 0.05) -> list[dict]:
   """Signs of gradient masking in a :func:`robustness_report`: a list of ``{'check', 'attack', 'reason'}``.
 
   ``tolerance`` (a fraction, 0.01 = one point of accuracy) is the margin a comparison must exceed, so that
-  sampling noise between attacks with random starts does not raise a flag.
+  sampling noise between attacks with random starts does not raise a flag.  The comparison with Square alone
+  (a), made on the same points, also needs the paired difference to be significant: among the points exactly
+  one of the two attacks broke, Square's share must pass a one-sided sign test at ``significance``
+  (on 100 points a 2-point gap with no point the other way is not evidence; 5 or more points are).
   """
   flags = []
   res = report["attacks"]
@@ -251,12 +264,16 @@ def masking_flags(report: dict, *, tolerance: float = 0.01, aa_gap: float = 0.10
   sq = report.get("square_alone")
   if sq:
     for name, wb in sq["white_box_on_same_points"].items():
-      if wb["accuracy"] - sq["accuracy"] > tolerance:
+      b = wb["square_broke_white_box_survivors"]
+      c = wb.get("white_box_broke_square_survivors", sq["correct"] - (wb["correct"] - b))
+      p = sign_test_p(b, c)
+      if wb["accuracy"] - sq["accuracy"] > tolerance and p < significance:
         flags.append({"check": "a", "attack": name, "accuracy": wb["accuracy"], "square_accuracy": sq["accuracy"],
+                      "p_value": p,
                       "reason": f"{NAMES[name]} accuracy {pct(wb['accuracy'])} is above the black-box Square "
                                 f"attack's {pct(sq['accuracy'])} on the same {sq['n']} points (Square broke "
-                                f"{wb['square_broke_white_box_survivors']} points {NAMES[name]} left correct): "
-                                f"the gradients may not point to adversarial examples"})
+                                f"{b} points {NAMES[name]} left correct, {NAMES[name]} {c} the other way; sign "
+                                f"test p = {p:.2g}): the gradients may not point to adversarial examples"})
   stages = {s["attack"]: s for s in report.get("autoattack_stages", [])}
   n = report["num_examples"]
   if "square" in stages and n:
@@ -358,7 +375,8 @@ def format_markdown(report: dict) -> str:
            if aa_key and "pgd20" in report["attacks"] else None]
     ran = [r for r in ran if r]
     lines.append(f"No flag raised (checks run: {', '.join(ran) or 'none'}; margin {100 * mc['tolerance']:g} "
-                 f"points, AutoAttack gap {100 * mc['aa_gap']:g} points).")
+                 f"points, sign-test level {mc.get('significance', 0.05):g} for (a), AutoAttack gap "
+                 f"{100 * mc['aa_gap']:g} points).")
   return "\n".join(lines) + "\n"
 
 
@@ -548,6 +566,7 @@ def run(config, workdir: str) -> dict:
       square_examples=int(e.get("masking_square_examples", 500)),
       square_queries=int(e.get("masking_square_queries", 5000)),
       tolerance=float(e.get("masking_tolerance", 0.01)), aa_gap=float(e.get("masking_aa_gap", 0.10)),
+      significance=float(e.get("masking_significance", 0.05)),
       progress=progress_enabled(), jit=hook, batch_multiple=hook.num_devices)
   report["meta"] = {
       "dataset": dataset, "split": split, "num_examples": int(len(labels)), "num_classes": info.num_classes,

@@ -247,6 +247,21 @@ def test_masking_flag_rules_on_given_numbers():
   assert [(f["check"], f["attack"]) for f in flags] == [("a", "square"), ("c", "pgd20")]
   assert "Square flipped 5 of 100" in flags[0]["reason"]
 
+  # (a) on the same points: a 2-point gap with nothing the other way is noise (p = 0.25), 6 points are not
+  def square(wb_correct, b):
+    r = rep(clean=0.8)
+    r["square_alone"] = {"n": 100, "accuracy": 0.60, "correct": 60, "white_box_on_same_points": {
+        "pgd20": {"accuracy": wb_correct / 100, "correct": wb_correct, "square_broke_white_box_survivors": b,
+                  "white_box_broke_square_survivors": 60 - (wb_correct - b)}}}
+    return evaluation_job.masking_flags(r)
+
+  assert square(62, 2) == []
+  flagged = square(66, 6)
+  assert [(f["check"], f["attack"]) for f in flagged] == [("a", "pgd20")]
+  assert flagged[0]["p_value"] == pytest.approx(0.5 ** 6)
+  assert square(66, 8) == []  # 8 one way, 2 the other: p = 0.055
+  assert evaluation_job.sign_test_p(3, 0) == 0.125 and evaluation_job.sign_test_p(0, 0) == 1.0
+
 
 def test_config_arguments():
   mod = _eval_config_module()
