@@ -81,6 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.attack.init = ""      # '' = the method's default ('uniform' | 'normal' | 'none')
   c.attack.bn_mode = ""   # '' = the method's default ('eval' | 'train_no_update' | 'train_update')
   c.attack.unroll = True
+  c.attack.clip_start = ""  # '' = the method's default; 'true' | 'false': project the random start first
   c.attack.dtype = ""     # student compute dtype inside the attack: '' = config.model.dtype | 'bfloat16'
 
   c.optim = ml_collections.ConfigDict()
@@ -153,6 +154,19 @@ def method_config(name: str, **overrides) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(d)
 
 
+CIFAR10_JPEG_ARCHIVE = "../shared/data/cifar10-jpeg.tar.gz"
+
+
+def set_dataset(c: ml_collections.ConfigDict, dataset: str, source_dir: str = "") -> None:
+  """Sets ``c.data`` for ``dataset``; ``cifar10_jpeg`` is the CIFAR-10 JPEG copy read as an image folder."""
+  if dataset == "cifar10_jpeg":
+    apply_dataset_defaults(c, "image_folder")
+    c.data.source_dir = source_dir or CIFAR10_JPEG_ARCHIVE
+  else:
+    apply_dataset_defaults(c, dataset)
+    c.data.source_dir = source_dir
+
+
 def apply_dataset_defaults(c: ml_collections.ConfigDict, dataset: str) -> None:
   if dataset not in DATASET_DEFAULTS:
     raise ValueError(f"unknown dataset {dataset!r}; known: {sorted(DATASET_DEFAULTS)}")
@@ -192,28 +206,19 @@ DATASET_METHOD_OVERRIDES = {
 }
 DATASET_BATCH = {("ard", "cifar100"): 256}
 
-# The CPU-sized variants ('small'): dataset -> (dataset name, source_dir, student, teachers' models note).
-SMALL_DATASETS = ("fashion_mnist", "cifar10_jpeg", "digits")
-
-
 def distill_config(method: str, arg: str | None) -> ml_collections.ConfigDict:
   """Config for training a student with ``method``.
 
   Argument string keys: ``dataset`` (cifar10 | cifar100 | tiny_imagenet | fashion_mnist | cifar10_jpeg |
   digits), ``student`` (a model name; default resnet18), ``teachers`` (teacher workdirs separated by ``+``),
   ``epochs`` (-1 = the recipe's), ``small`` (CPU-sized: small_cnn student, few epochs on a subset), and
-  ``faithful_lr`` (ARD/IAD: the official code's lr schedule, which never reaches 0.001).
+  ``faithful_lr`` (the lr schedule of ARD's and IAD's code, which never reaches 0.001; any method accepts it).
   """
   a = parse_arg(arg, dict(dataset="cifar10", student="resnet18", teachers="", epochs=-1, small=False,
                           faithful_lr=False, source_dir=""))
   c = base_config()
   dataset = a.dataset
-  if dataset == "cifar10_jpeg":
-    apply_dataset_defaults(c, "image_folder")
-    c.data.source_dir = a.source_dir or "../shared/data/cifar10-jpeg.tar.gz"
-  else:
-    apply_dataset_defaults(c, dataset)
-    c.data.source_dir = a.source_dir
+  set_dataset(c, dataset, a.source_dir)
   recipe = RECIPES[method]
   c.method = method_config(method, **DATASET_METHOD_OVERRIDES.get((method, dataset), {}))
   c.model.name = a.student
@@ -228,6 +233,8 @@ def distill_config(method: str, arg: str | None) -> ml_collections.ConfigDict:
   c.eval.pgd_steps = 10            # in-training robust accuracy (PGD-10, as AdaAD's model selection)
   c.eval.num_examples = 1000
   c.checkpoint.best_metric = "test/pgd_accuracy"
+  if method == "bmtard":  # B-MTARD selects its checkpoint by (clean + PGD) / 2
+    c.checkpoint.best_metric = "test/clean_pgd_mean"
   epochs = recipe["epochs"]
   if a.small:
     if a.student == "resnet18":

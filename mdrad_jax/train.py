@@ -85,7 +85,16 @@ def resolve_attack(config, method: methods_lib.Method) -> step_lib.AttackConfig:
   return step_lib.AttackConfig(
       eps=float(a.eps), step_size=float(a.step_size), num_steps=int(a.num_steps),
       init=a.init or method.attack_init, bn_mode=a.bn_mode or method.attack_bn,
-      unroll=bool(a.unroll), dtype=a.get("dtype", "") or "")
+      unroll=bool(a.unroll), dtype=a.get("dtype", "") or "",
+      clip_start=_clip_start(a.get("clip_start", ""), method))
+
+
+def _clip_start(value, method) -> bool:
+  if value in ("", None):
+    return method.attack_clip_start
+  if str(value).lower() not in ("true", "false"):
+    raise ValueError(f"attack.clip_start must be '', 'true' or 'false', got {value!r}")
+  return str(value).lower() == "true"
 
 
 def write_config(config, workdir: str, extra: dict | None = None) -> None:
@@ -167,6 +176,7 @@ def evaluate_model(eval_step, variables, loader, mesh, *, batch_size: int, key,
   res = {"accuracy": totals.get("correct", 0.0) / n, "num_examples": int(totals.get("count", 0))}
   if "robust" in totals:
     res["pgd_accuracy"] = totals["robust"] / n
+    res["clean_pgd_mean"] = (res["accuracy"] + res["pgd_accuracy"]) / 2
   return res
 
 

@@ -38,6 +38,7 @@ class AttackConfig(NamedTuple):
   init: str = "uniform"
   bn_mode: str = "eval"
   unroll: bool = True
+  clip_start: bool = True  # project the random start before the first gradient
   dtype: str = ""  # compute dtype of the student inside the attack ('' = the student's own)
 
 
@@ -142,7 +143,8 @@ def make_train_step(*, model: nn.Module, method: Method, hparams: dict, attack: 
       aux0 = model_stats if attack.bn_mode == "train_update" else None
       x_adv, aux = attacks.pgd_linf(
           objective, x, key, eps=attack.eps, step_size=attack.step_size,
-          num_steps=attack.num_steps, init=attack.init, aux=aux0, unroll=attack.unroll)
+          num_steps=attack.num_steps, init=attack.init, aux=aux0, unroll=attack.unroll,
+          clip_start=attack.clip_start)
       if attack.bn_mode == "train_update":
         model_stats = aux
 
