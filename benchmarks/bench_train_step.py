@@ -98,6 +98,9 @@ def parse_args(argv=None):
   p.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
   p.add_argument("--unroll", type=_csv, default=["true"], help="attack loop variants: true,false")
   p.add_argument("--donate", type=_csv, default=["true"], help="state donation variants: true,false")
+  p.add_argument("--jax-dtypes", type=_csv, default=["float32"],
+                 help="JAX compute dtype variants: float32,bfloat16 (bfloat16 = config.model.dtype and "
+                      "config.teacher_dtype; parameters and optimizer state stay float32)")
   p.add_argument("--xla-variant", action="append", default=None, metavar="SPEC",
                  help="XLA flag variant, repeatable: 'default' (the library's defaults, mdrad_jax/xla_flags.py), "
                       "'none' (MDRAD_NO_DEFAULT_XLA_FLAGS=1) or literal flags, e.g. "
@@ -473,7 +476,9 @@ def run_child(spec: dict) -> dict:
   k = num_teachers_for(method, len(tset))
   init = models.init_model if spec.get("real_init") else fast_init
   t_setup = time.perf_counter()
-  tmods = tuple(models.get_model(n, num_classes=ncls, **kw) for n, kw in tset[:k])
+  dtype = spec.get("dtype", "float32")
+  dkw = {} if dtype == "float32" else {"dtype": dtype}  # as train.py: config.model.dtype / teacher_dtype
+  tmods = tuple(models.get_model(n, num_classes=ncls, **kw, **dkw) for n, kw in tset[:k])
   tvars = tuple(init(m, jax.random.key(100 + i), shape) for i, m in enumerate(tmods))
   cfg = config_lib.base_config()
   cfg.method = config_lib.method_config(spec["method"])
@@ -481,7 +486,9 @@ def run_child(spec: dict) -> dict:
   cfg.attack.num_steps = spec["pgd_steps"]
   cfg.attack.unroll = bool(spec["unroll"])
   cfg.num_epochs = 1
-  model = models.get_model(spec["model"], num_classes=ncls)
+  cfg.model.dtype = dtype
+  cfg.teacher_dtype = dtype
+  model = models.get_model(spec["model"], num_classes=ncls, **dkw)
   steps_per_epoch = 1000
   with mock.patch.object(models, "init_model", init):
     state, projs, sched = train.create_state(cfg, model=model, image_shape=shape, teacher_modules=tmods,
@@ -513,6 +520,10 @@ def run_child(spec: dict) -> dict:
   t0 = time.perf_counter()
   compiled = jitted.lower(state, tvars, batch).compile()
   out["compile_s"] = time.perf_counter() - t0
+  try:  # whether the compiled step computes in bfloat16 anywhere (it should exactly when dtype is bfloat16)
+    out["hlo_has_bf16"] = "bf16[" in compiled.as_text()
+  except Exception:  # noqa: BLE001 - not every backend returns the optimised HLO
+    out["hlo_has_bf16"] = None
   out["peak_rss_through_compile_bytes"] = _status_bytes("VmHWM")
   try:
     ma = compiled.memory_analysis()
@@ -701,9 +712,13 @@ def main(argv=None) -> int:
     for xv in xla_variants(args):
       for un in args.unroll:
         for dn in args.donate:
-          name = f"jax[{xv['name']}" + ("" if _bool(un) else ",rolled") + ("" if _bool(dn) else ",no-donate") + "]"
-          variants.append((name, dict(base, unroll=_bool(un), donate=_bool(dn), xla_mode=xv["xla_mode"],
-                                      xla_extra=xv["xla_extra"])))
+          for dt in args.jax_dtypes:
+            if dt not in ("float32", "bfloat16"):
+              raise SystemExit(f"--jax-dtypes entries are float32 or bfloat16, got {dt!r}")
+            name = (f"jax[{xv['name']}" + ("" if _bool(un) else ",rolled") + ("" if _bool(dn) else ",no-donate")
+                    + ("" if dt == "float32" else ",bf16") + "]")
+            variants.append((name, dict(base, unroll=_bool(un), donate=_bool(dn), xla_mode=xv["xla_mode"],
+                                        xla_extra=xv["xla_extra"], dtype=dt)))
     torch_variants = [(f"torch[{d}]", d) for d in args.torch_dtypes] if use_torch else []
     runs: dict[str, list] = {name: [] for name, _ in variants + torch_variants}
     for rep in range(args.repeats):

@@ -7,6 +7,8 @@ refused before anything is written.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from typing import Any
 
@@ -161,6 +163,19 @@ def _move_iterator(data_iterator, num_batches: int) -> None:
       f"this run's own order")
 
 
+@contextlib.contextmanager
+def _quiet_orbax():
+  """Silences orbax's warning that a step's item directory has no step-level metadata file: reading one
+  item of a manager's step directory with a ``StandardCheckpointer`` is expected to find none."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
 def _local_target(ckptr, step_dir: str):
   """Shapes and dtypes of a saved state, whole on this process's first device (whatever the device or
   process count of the run that wrote it)."""
@@ -214,7 +229,7 @@ def load_model_variables(path: str, *, which: str = "best") -> tuple[dict, dict 
       raise FileNotFoundError(f"no checkpoint found under {ckpt_root}")
     step_dir = os.path.join(ckpt_root, str(step))
     ckpt.close()
-  with ocp.StandardCheckpointer() as ckptr:
+  with _quiet_orbax(), ocp.StandardCheckpointer() as ckptr:
     tree = ckptr.restore(os.path.join(step_dir, "state"), _local_target(ckptr, step_dir))
   variables: dict[str, Any] = {"params": tree["params"]["model"]}
   bs = tree.get("batch_stats", {}).get("model")

@@ -13,7 +13,7 @@ def test_benchmark_tiny_configuration(tmp_path):
   env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="true")  # compile time dominates a tiny run
   cmd = [sys.executable, SCRIPT, "--methods", "sa_mdrad", "--configs", "tiny_cnn:4", "--image-size", "8",
          "--steps", "1", "--warmup", "0", "--pgd-steps", "1", "--matmul-size", "128", "--torch", "off",
-         "--json", str(out)]
+         "--jax-dtypes", "float32,bfloat16", "--json", str(out)]
   proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:]
@@ -35,6 +35,11 @@ def test_benchmark_tiny_configuration(tmp_path):
   assert any(k.startswith("projectors_forward+backward") for k in parts)
   # the step does the method's work and (almost) nothing else
   assert 0.9 < s["flops_ratio"] < 1.5, s["flops_ratio"]
+  # the bfloat16 variant compiles a step that computes in bfloat16; the float32 one has no bfloat16 in it
+  b = case["variants"]["jax[default,bf16]"]
+  assert "error" not in b, b
+  assert b["dtype"] == "bfloat16" and b["hlo_has_bf16"] is True
+  assert s["hlo_has_bf16"] is False
 
 
 # ---------------------------------------------------------------------------------------------
