@@ -54,7 +54,18 @@ def _time(fn, warmup, reps) -> float:
   return statistics.median(ts)
 
 
-def child_jax(dtype: str, warmup: int, reps: int) -> dict:
+def _layers(names: str):
+  if not names:
+    return LAYERS
+  wanted = [n.strip() for n in names.split(",")]
+  known = {layer[0] for layer in LAYERS}
+  bad = [n for n in wanted if n not in known]
+  if bad:
+    raise SystemExit(f"error: unknown layer(s) {bad}; known: {sorted(known)}")
+  return tuple(layer for layer in LAYERS if layer[0] in wanted)
+
+
+def child_jax(dtype: str, warmup: int, reps: int, layers) -> dict:
   sys.path.insert(0, os.path.dirname(HERE))
   from mdrad_jax import xla_flags
   xla_flags.apply_defaults()  # the library's defaults, as in the train step
@@ -68,7 +79,7 @@ def child_jax(dtype: str, warmup: int, reps: int) -> dict:
   def conv(x, w):
     return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
-  for name, n, hw, cin, cout in LAYERS:
+  for name, n, hw, cin, cout in layers:
     x = jnp.asarray(rng.uniform(0, 1, (n, hw, hw, cin)), dt)
     w = jnp.asarray(rng.standard_normal((3, 3, cin, cout)) * 0.1, dt)
     g = jnp.asarray(rng.standard_normal((n, hw, hw, cout)), dt)
@@ -84,14 +95,14 @@ def child_jax(dtype: str, warmup: int, reps: int) -> dict:
           "results": out}
 
 
-def child_torch(dtype: str, warmup: int, reps: int, channels_last: bool) -> dict:
+def child_torch(dtype: str, warmup: int, reps: int, channels_last: bool, layers) -> dict:
   import torch
   dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
   torch.manual_seed(0)
   out = {}
   fmt = torch.channels_last if channels_last else torch.contiguous_format
   with torch.no_grad():
-    for name, n, hw, cin, cout in LAYERS:
+    for name, n, hw, cin, cout in layers:
       x = torch.rand(n, cin, hw, hw, dtype=dt).contiguous(memory_format=fmt)
       w = (torch.randn(cout, cin, 3, 3) * 0.1).to(dt).contiguous(memory_format=fmt)
       g = torch.randn(n, cout, hw, hw, dtype=dt).contiguous(memory_format=fmt)
@@ -110,14 +121,17 @@ def main(argv=None) -> int:
   p.add_argument("--dtypes", default="float32,bfloat16")
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--reps", type=int, default=15)
+  p.add_argument("--layers", default="", help="comma-separated layer names (default: all of LAYERS)")
+  p.add_argument("--frameworks", default="jax,torch", help="jax,torch (torch needs the bench extra)")
   p.add_argument("--torch-channels-last", action="store_true")
   p.add_argument("--json", default="")
   p.add_argument("--child", default="", help=argparse.SUPPRESS)
   p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.child:
-    res = (child_jax(args.dtype, args.warmup, args.reps) if args.child == "jax"
-           else child_torch(args.dtype, args.warmup, args.reps, args.torch_channels_last))
+    layers = _layers(args.layers)
+    res = (child_jax(args.dtype, args.warmup, args.reps, layers) if args.child == "jax"
+           else child_torch(args.dtype, args.warmup, args.reps, args.torch_channels_last, layers))
     print(json.dumps(res))
     return 0
 
@@ -125,34 +139,42 @@ def main(argv=None) -> int:
   print(f"command: {cmd}")
   print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; {platform.platform()}")
   print(f"load average at start: {[round(v, 2) for v in os.getloadavg()]}")
+  layers = _layers(args.layers)
+  frameworks = [f for f in args.frameworks.split(",") if f]
+  if not set(frameworks) <= {"jax", "torch"} or not frameworks:
+    print(f"error: --frameworks takes jax and/or torch, got {args.frameworks!r}", file=sys.stderr)
+    return 2
   runs = {}
   for dtype in args.dtypes.split(","):
-    for fw in ("jax", "torch"):
+    for fw in frameworks:
       c = [sys.executable, __file__, "--child", fw, "--dtype", dtype, "--warmup", str(args.warmup),
-           "--reps", str(args.reps)] + (["--torch-channels-last"] if args.torch_channels_last else [])
+           "--reps", str(args.reps), "--layers", args.layers] + (
+               ["--torch-channels-last"] if args.torch_channels_last else [])
       proc = subprocess.run(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       if proc.returncode != 0:
         print(f"error: {fw} {dtype} child failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
         return 1
       runs[(fw, dtype)] = json.loads(proc.stdout.strip().splitlines()[-1])
   print(f"load average at end: {[round(v, 2) for v in os.getloadavg()]}")
-  print(f"versions: jax {runs[next(k for k in runs if k[0] == 'jax')]['version']}, "
-        f"torch {runs[next(k for k in runs if k[0] == 'torch')]['version']}")
+  print("versions: " + ", ".join(sorted({f"{k[0]} {v['version']}" for k, v in runs.items()})))
   print()
   print("| layer | N | HxW | Cin->Cout | dtype | kernel | XLA ms | torch ms | XLA GFLOP/s | torch GFLOP/s | "
         "torch time / XLA time |")
   print("|---|---|---|---|---|---|---:|---:|---:|---:|---:|")
   rows = []
   for dtype in args.dtypes.split(","):
-    for name, n, hw, cin, cout in LAYERS:
+    for name, n, hw, cin, cout in layers:
       f = flops(n, hw, cin, cout)
       for k in KERNELS:
-        tj = runs[("jax", dtype)]["results"][name][k]
-        tt = runs[("torch", dtype)]["results"][name][k]
+        tj = runs[("jax", dtype)]["results"][name][k] if ("jax", dtype) in runs else None
+        tt = runs[("torch", dtype)]["results"][name][k] if ("torch", dtype) in runs else None
+        gj = f / tj / 1e9 if tj else None
+        gt = f / tt / 1e9 if tt else None
         rows.append({"layer": name, "batch": n, "hw": hw, "cin": cin, "cout": cout, "dtype": dtype, "kernel": k,
-                     "xla_s": tj, "torch_s": tt, "xla_gflops": f / tj / 1e9, "torch_gflops": f / tt / 1e9})
-        print(f"| {name} | {n} | {hw}x{hw} | {cin}->{cout} | {dtype} | {k} | {tj * 1e3:.2f} | {tt * 1e3:.2f} | "
-              f"{f / tj / 1e9:.0f} | {f / tt / 1e9:.0f} | {tt / tj:.2f} |")
+                     "xla_s": tj, "torch_s": tt, "xla_gflops": gj, "torch_gflops": gt})
+        cells = [f"{tj * 1e3:.2f}" if tj else "-", f"{tt * 1e3:.2f}" if tt else "-",
+                 f"{gj:.0f}" if gj else "-", f"{gt:.0f}" if gt else "-", f"{tt / tj:.2f}" if tj and tt else "-"]
+        print(f"| {name} | {n} | {hw}x{hw} | {cin}->{cout} | {dtype} | {k} | " + " | ".join(cells) + " |")
   if args.json:
     with open(args.json, "w") as fh:
       json.dump({"command": cmd, "machine": platform.processor(), "rows": rows,

@@ -91,3 +91,18 @@ def test_main_applies_defaults_before_jax_starts_and_xla_accepts_them():
       "print(float(y.sum()), os.environ.get('XLA_FLAGS', ''))\n")
   out = _run_python(code, drop=("XLA_FLAGS", "MDRAD_NO_DEFAULT_XLA_FLAGS", "JAX_PLATFORMS"))
   assert float(out.split()[0]) > 0
+
+
+def test_conv_kernel_benchmark_tiny(tmp_path):
+  out = tmp_path / "conv.json"
+  cmd = [sys.executable, os.path.join(REPO, "benchmarks", "bench_conv.py"), "--layers", "small_cnn conv3",
+         "--frameworks", "jax", "--dtypes", "float32,bfloat16", "--reps", "1", "--warmup", "0", "--json", str(out)]
+  proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-3000:]
+  rows = json.loads(out.read_text())["rows"]
+  assert {(r["dtype"], r["kernel"]) for r in rows} == {
+      (d, k) for d in ("float32", "bfloat16") for k in ("forward", "input_grad", "weight_grad")}
+  assert all(r["layer"] == "small_cnn conv3" and r["xla_s"] > 0 and r["torch_s"] is None for r in rows)
+  bad = subprocess.run(cmd[:2] + ["--layers", "no_such_layer"], cwd=REPO, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True, timeout=300)
+  assert bad.returncode != 0 and "no_such_layer" in bad.stdout
