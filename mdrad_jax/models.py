@@ -68,9 +68,33 @@ def _bn(train: bool, *, dtype: Dtype, name: str) -> nn.BatchNorm:
                       dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
-def _max_pool(x, window: int = 2):
-  """2x2/stride-2 max pool in ceil mode, so a 1x1 map stays 1x1."""
-  return nn.max_pool(x, (window, window), strides=(window, window), padding="SAME")
+MAX_POOL_IMPLS = ("reshape", "reduce_window")
+
+
+def _max_pool(x, window: int = 2, impl: str = "reshape"):
+  """``window`` x ``window`` / stride-``window`` max pool in ceil mode (a 1x1 map stays 1x1).
+
+  ``impl='reduce_window'`` is ``nn.max_pool`` (gradient by ``select_and_scatter``); the default, 'reshape', is
+  the same pool written as below.
+
+  The windows do not overlap, so the pool is a reshape and a max over the two window axes.  Its forward equals
+  ``nn.max_pool(x, (w, w), strides=(w, w), padding='SAME')`` exactly; its gradient is elementwise (a mask of
+  the maxima) instead of XLA's ``select_and_scatter``, whose forward+backward took 4-10x as long on the CPU
+  (docs/performance.md).  The gradients agree wherever a window's maximum is unique;
+  where several entries of a window tie for the maximum, the gradient is shared equally between them (PyTorch
+  and ``select_and_scatter`` give it all to one).  After a ReLU, ties are mostly zeros, whose gradient the ReLU
+  drops either way.
+  """
+  if impl == "reduce_window":
+    return nn.max_pool(x, (window, window), strides=(window, window), padding="SAME")
+  if impl != "reshape":
+    raise ValueError(f"max_pool must be one of {MAX_POOL_IMPLS}, got {impl!r}")
+  n, h, w, c = x.shape
+  ph, pw = -h % window, -w % window
+  if ph or pw:  # ceil mode: pad the bottom/right edge with -inf, as padding='SAME' does here
+    x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)), constant_values=-jnp.inf)
+  x = x.reshape(n, (h + ph) // window, window, (w + pw) // window, window, c)
+  return jnp.max(x, axis=(2, 4))
 
 
 def _prepare_input(x, mean, std, dtype):
@@ -380,6 +404,7 @@ class VGG(nn.Module):
   mean: tuple | None = None
   std: tuple | None = None
   cfg: Sequence[Any] = VGG_CFGS["vgg16"]
+  max_pool: str = "reshape"  # 'reshape' | 'reduce_window' (see _max_pool)
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
@@ -388,7 +413,7 @@ class VGG(nn.Module):
     conv_i, stage = 0, 1
     for v in self.cfg:
       if v == "M":
-        x = _max_pool(x)
+        x = _max_pool(x, impl=self.max_pool)
         feats[f"stage{stage}"] = x
         stage += 1
       else:
@@ -411,6 +436,7 @@ class SmallCNN(nn.Module):
   std: tuple | None = None
   widths: Sequence[int] = (32, 64, 128)
   convs_per_stage: int = 1
+  max_pool: str = "reshape"  # 'reshape' | 'reduce_window' (see _max_pool)
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
@@ -418,7 +444,7 @@ class SmallCNN(nn.Module):
     feats = {}
     for i, w in enumerate(self.widths):
       if i > 0:
-        x = _max_pool(x)
+        x = _max_pool(x, impl=self.max_pool)
       for j in range(self.convs_per_stage):
         x = _conv(w, 3, dtype=self.dtype, name=f"conv{i + 1}_{j}")(x)
         x = nn.relu(_bn(train, dtype=self.dtype, name=f"bn{i + 1}_{j}")(x))

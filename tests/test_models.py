@@ -2,6 +2,7 @@
 the feature projector. Large models are only traced (jax.eval_shape); real forwards use tiny inputs."""
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -429,3 +430,59 @@ def test_registry_errors():
   for name in ("resnet18", "resnet34", "preact_resnet18", "wrn34_10", "wrn34_20", "wrn28_10", "wide_resnet",
                "mobilenet_v2", "vgg16_bn", "small_cnn", "tiny_cnn", "mlp"):
     assert name in models.MODELS
+
+
+def _np_max_pool_ceil(x, k=2):
+  """float64 reference: k x k / stride-k max pool in ceil mode, and the index of each window's maximum."""
+  n, h, w, c = x.shape
+  ho, wo = -(-h // k), -(-w // k)
+  out = np.empty((n, ho, wo, c))
+  arg = np.empty((n, ho, wo, c, 2), int)
+  for i in range(ho):
+    for j in range(wo):
+      win = x[:, i * k:(i + 1) * k, j * k:(j + 1) * k, :]  # the edge window is cut short (ceil mode)
+      flat = win.reshape(n, -1, c)
+      a = flat.argmax(axis=1)
+      out[:, i, j, :] = flat.max(axis=1)
+      arg[:, i, j, :, 0] = i * k + a // win.shape[2]
+      arg[:, i, j, :, 1] = j * k + a % win.shape[2]
+  return out, arg
+
+
+@pytest.mark.parametrize("hw", [(8, 8), (7, 5), (1, 1)])
+def test_max_pool_matches_numpy_forward_and_gradient(hw):
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, *hw, 3))  # continuous values: every window has a unique maximum
+  want, arg = _np_max_pool_ceil(x)
+  got = models._max_pool(jnp.asarray(x, jnp.float32))
+  np.testing.assert_array_equal(np.asarray(got), want.astype(np.float32))
+  # and it equals Flax's reduce_window pool exactly
+  np.testing.assert_array_equal(got, nn.max_pool(jnp.asarray(x, jnp.float32), (2, 2), strides=(2, 2),
+                                                 padding="SAME"))
+  # gradient of sum(g * pool(x)): g lands on each window's maximum, nowhere else
+  g = rng.standard_normal(want.shape)
+  dx = jax.grad(lambda v: jnp.sum(jnp.asarray(g, jnp.float32) * models._max_pool(v)))(jnp.asarray(x, jnp.float32))
+  ref = np.zeros_like(x)
+  n_idx, i_idx, j_idx, c_idx = np.indices(want.shape)
+  ref[n_idx, arg[..., 0], arg[..., 1], c_idx] = g
+  np.testing.assert_allclose(np.asarray(dx), ref, rtol=1e-6, atol=1e-7)
+
+
+def test_max_pool_shares_the_gradient_of_tied_maxima():
+  x = jnp.asarray([[[[2.0], [2.0]], [[1.0], [0.5]]]])  # one 2x2 window, two entries tie at the maximum
+  dx = jax.grad(lambda v: models._max_pool(v).sum())(x)
+  np.testing.assert_allclose(np.asarray(dx)[0, :, :, 0], [[0.5, 0.5], [0.0, 0.0]])
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "vgg11_bn"])
+def test_max_pool_option_gives_the_same_network(name):
+  # the two lowerings of the pool: same logits and the same input gradient (what PGD uses) on random images
+  fast = models.get_model(name, num_classes=10)
+  ref = models.get_model(name, num_classes=10, max_pool="reduce_window")
+  variables = _np_variables(fast, (2, 32, 32, 3))
+  x = jax.random.uniform(jax.random.key(3), (2, 32, 32, 3))
+  np.testing.assert_array_equal(_run(fast, variables, x), _run(ref, variables, x))
+  grads = [jax.grad(lambda v, m=m: m.apply(variables, v, train=False)[:, 0].sum())(x) for m in (fast, ref)]
+  np.testing.assert_allclose(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="max_pool must be one of"):
+    models.get_model(name, num_classes=10, max_pool="avg").init(jax.random.key(0), x)
