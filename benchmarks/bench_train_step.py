@@ -98,6 +98,9 @@ def parse_args(argv=None):
   p.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
   p.add_argument("--unroll", type=_csv, default=["true"], help="attack loop variants: true,false")
   p.add_argument("--donate", type=_csv, default=["true"], help="state donation variants: true,false")
+  p.add_argument("--student-kwargs", action="append", default=None, metavar="JSON",
+                 help="student model option variant, repeatable, e.g. '{\"max_pool\": \"reduce_window\"}' "
+                      "('{}' = the defaults)")
   p.add_argument("--jax-dtypes", type=_csv, default=["float32"],
                  help="JAX compute dtype variants: float32,bfloat16 (bfloat16 = config.model.dtype and "
                       "config.teacher_dtype; parameters and optimizer state stay float32)")
@@ -488,7 +491,7 @@ def run_child(spec: dict) -> dict:
   cfg.num_epochs = 1
   cfg.model.dtype = dtype
   cfg.teacher_dtype = dtype
-  model = models.get_model(spec["model"], num_classes=ncls, **dkw)
+  model = models.get_model(spec["model"], num_classes=ncls, **dkw, **spec.get("student_kwargs", {}))
   steps_per_epoch = 1000
   with mock.patch.object(models, "init_model", init):
     state, projs, sched = train.create_state(cfg, model=model, image_shape=shape, teacher_modules=tmods,
@@ -698,6 +701,16 @@ def main(argv=None) -> int:
     for m in args.methods:
       cases.append((m, model, int(b)))
 
+  student_kwargs = []
+  for text in args.student_kwargs or ["{}"]:
+    try:
+      kw = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise SystemExit(f"--student-kwargs takes a JSON object, got {text!r}: {e}")
+    if not isinstance(kw, dict):
+      raise SystemExit(f"--student-kwargs takes a JSON object, got {text!r}")
+    student_kwargs.append(kw)
+
   results = []
   for method, model, batch in cases:
     tset = args.teacher_set or model
@@ -715,10 +728,12 @@ def main(argv=None) -> int:
           for dt in args.jax_dtypes:
             if dt not in ("float32", "bfloat16"):
               raise SystemExit(f"--jax-dtypes entries are float32 or bfloat16, got {dt!r}")
-            name = (f"jax[{xv['name']}" + ("" if _bool(un) else ",rolled") + ("" if _bool(dn) else ",no-donate")
-                    + ("" if dt == "float32" else ",bf16") + "]")
-            variants.append((name, dict(base, unroll=_bool(un), donate=_bool(dn), xla_mode=xv["xla_mode"],
-                                        xla_extra=xv["xla_extra"], dtype=dt)))
+            for skw in student_kwargs:
+              name = (f"jax[{xv['name']}" + ("" if _bool(un) else ",rolled") + ("" if _bool(dn) else ",no-donate")
+                      + ("" if dt == "float32" else ",bf16")
+                      + "".join(f",{k}={v}" for k, v in sorted(skw.items())) + "]")
+              variants.append((name, dict(base, unroll=_bool(un), donate=_bool(dn), xla_mode=xv["xla_mode"],
+                                          xla_extra=xv["xla_extra"], dtype=dt, student_kwargs=skw)))
     torch_variants = [(f"torch[{d}]", d) for d in args.torch_dtypes] if use_torch else []
     runs: dict[str, list] = {name: [] for name, _ in variants + torch_variants}
     for rep in range(args.repeats):
