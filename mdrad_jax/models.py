@@ -74,10 +74,10 @@ MAX_POOL_IMPLS = ("reshape", "reduce_window")
 def _max_pool(x, window: int = 2, impl: str = "reshape"):
   """``window`` x ``window`` / stride-``window`` max pool in ceil mode (a 1x1 map stays 1x1).
 
-  ``impl='reduce_window'`` is ``nn.max_pool`` (gradient by ``select_and_scatter``); the default, 'reshape', is
-  the same pool written as below.
+  ``impl='reshape'`` (the default): the windows do not overlap, so the pool is a reshape and a max over the two
+  window axes.  ``impl='reduce_window'`` is ``nn.max_pool``, whose gradient is XLA's ``select_and_scatter``.
 
-  The windows do not overlap, so the pool is a reshape and a max over the two window axes.  Its forward equals
+  The reshape form's forward equals
   ``nn.max_pool(x, (w, w), strides=(w, w), padding='SAME')`` exactly; its gradient is elementwise (a mask of
   the maxima) instead of XLA's ``select_and_scatter``, whose forward+backward took 4-10x as long on the CPU
   (docs/performance.md).  The gradients agree wherever a window's maximum is unique;
