@@ -45,6 +45,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  runtime.configure_compilation_cache()
   try:
     runtime.run(FLAGS.config, _WORKDIR.value)
   except runtime.USER_ERRORS as e:

@@ -16,6 +16,38 @@ def configure_xla() -> None:
   xla_flags.apply_defaults()
 
 
+CACHE_ENV = "MDRAD_COMPILATION_CACHE"
+
+
+def compilation_cache_dir() -> str:
+  """Where compiled programs are kept between runs: ``$MDRAD_COMPILATION_CACHE`` ('' or unset =
+  ``~/.cache/mdrad_jax/xla``; '0' or 'off' = no persistent cache)."""
+  value = os.environ.get(CACHE_ENV, "").strip()
+  if value.lower() in ("0", "off", "false", "none"):
+    return ""
+  return os.path.expanduser(value or os.path.join("~", ".cache", "mdrad_jax", "xla"))
+
+
+def configure_compilation_cache() -> str:
+  """Turns on JAX's persistent compilation cache (every job and study cell that compiles the same program
+  again, e.g. another seed of the same configuration, reads it from disk).  Returns the directory, '' = off.
+  A cache directory that cannot be created turns the cache off with a warning rather than failing the run."""
+  import jax
+  path = compilation_cache_dir()
+  if not path:
+    return ""
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    print(f"warning: compilation cache off: cannot create {path}: {e.strerror}", flush=True)
+    return ""
+  jax.config.update("jax_compilation_cache_dir", path)
+  # cache everything that took a measurable time to compile; small programs are cheaper to rebuild
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return path
+
+
 def run(config, workdir: str):
   if config.job == "train":
     from mdrad_jax import train

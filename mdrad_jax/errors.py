@@ -1,0 +1,12 @@
+"""The project's one error type for user mistakes.
+
+``main.py`` prints a :class:`UserError` on one line (``error: ...``) and exits with status 2; every other
+exception keeps its traceback, so a bug deep inside the library is never disguised as bad input.  Raise it
+for anything the user can fix: a config value, a missing or malformed file, a workdir in use.  Its message
+names the field or file, the value found and what is allowed.  It subclasses ``ValueError`` so that code
+catching ``ValueError`` around a config check keeps working.
+"""
+
+
+class UserError(ValueError):
+  """A problem with the user's input (config, command line, files), reported without a traceback."""
