@@ -317,7 +317,8 @@ for _name, _balanced in (("mtard", False), ("bmtard", True)):
 def _sa_mdrad_plan(hp, k):
   uses_features = hp["feature_weight"] != 0.0
   views = ("clean", "adv") if hp["teacher_view"] == "adv" else ("clean",)
-  s_views = ("adv",) if hp["alpha"] == 1.0 else ("adv", "clean")
+  needs_clean = hp["alpha"] != 1.0 or (hp["rectifier"] == "dynamic" and hp["dynamic_target"] == "student")
+  s_views = ("adv", "clean") if needs_clean else ("adv",)
   if hp["teacher_view"] not in ("nat", "adv"):
     raise ValueError(f"method.teacher_view must be 'nat' or 'adv', got {hp['teacher_view']!r}")
   return Plan(student_views=s_views, teacher_views=(views,) * k, student_features=uses_features,
@@ -332,13 +333,14 @@ def _sa_mdrad_loss(out, st, hp):
       projected_features=out.projected, teacher_features=out.teacher_clean_features,
       rectifier=hp["rectifier"], fusion=hp["fusion"], temperature=hp["temperature"], alpha=hp["alpha"],
       feature_weight=hp["feature_weight"], ce_weight=hp["ce_weight"], adr_lambda=hp["adr_lambda"],
-      reduction=hp["reduction"])
+      reduction=hp["reduction"], dynamic_target=hp["dynamic_target"], dynamic_beta=hp["dynamic_beta"])
 
 
 register(Method(
     name="sa_mdrad", loss=_sa_mdrad_loss, plan=_sa_mdrad_plan,
     defaults=dict(teacher_view="nat", rectifier="swap", fusion="camkd", temperature=4.0, alpha=5.0 / 6.0,
-                  feature_weight=1.0, ce_weight=0.0, adr_lambda=0.9, reduction="batchmean", inner="ce"),
+                  feature_weight=1.0, ce_weight=0.0, adr_lambda=0.9, reduction="batchmean", inner="ce",
+                  dynamic_target="student", dynamic_beta=1.0),
     make_objective=sa_mdrad_inner, attack_init="uniform", attack_bn="eval", min_teachers=1, max_teachers=None,
     description="SA-MDRAD (reconstruction, INFERRED): K standard teachers, per-sample rectification and "
                 "fusion, logit and feature distillation."))
