@@ -112,3 +112,16 @@ def test_wrong_teacher_count_is_a_clear_error():
     methods.get_method("mtard").check_teachers(1)
   with pytest.raises(ValueError, match="unknown method 'ardd'"):
     methods.get_method("ardd")
+
+
+def test_dynamic_rectifier_plan_and_step():
+  """With α = 1 the dynamic rectifier still needs S(x) (its fallback target): the plan runs it (not with the
+  label fallback), and the compiled step reports the mean trust λ in (0, 1]."""
+  hp = dict(config_lib.method_config("sa_mdrad", rectifier="dynamic", alpha=1.0, feature_weight=0.0))
+  plan = methods.get_method("sa_mdrad").plan(hp, 2)
+  assert plan.student_views == ("adv", "clean")
+  assert methods.get_method("sa_mdrad").plan(dict(hp, dynamic_target="label"), 2).student_views == ("adv",)
+  step, state, tvars, mesh = _setup("sa_mdrad", overrides={"rectifier": "dynamic", "alpha": 0.5})
+  _, m = jax.jit(step)(state, tvars, _batch())
+  assert 0.0 < float(m["dynamic_trust"]) <= 1.0
+  assert np.isfinite(float(m["loss"]))
