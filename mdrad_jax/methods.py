@@ -285,8 +285,9 @@ def _mtard_init(hp):
 
 
 def _mtard_kwargs(hp, lr_scale):
-  # lr_w decays ×0.1 with the learning rate as in the official code; lr_tau stays constant
-  return dict(lr_w=hp["lr_w"] * lr_scale, beta=hp["beta"], balanced=hp["balanced"], lr_tau=hp["lr_tau"])
+  # lr_w and (B-MTARD) lr_tau decay ×0.1 with the learning rate, as the official scripts do (215/260/285)
+  return dict(lr_w=hp["lr_w"] * lr_scale, beta=hp["beta"], balanced=hp["balanced"],
+              lr_tau=hp["lr_tau"] * lr_scale)
 
 
 def _mtard_loss(out, st, hp):

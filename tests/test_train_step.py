@@ -125,3 +125,17 @@ def test_dynamic_rectifier_plan_and_step():
   _, m = jax.jit(step)(state, tvars, _batch())
   assert 0.0 < float(m["dynamic_trust"]) <= 1.0
   assert np.isfinite(float(m["loss"]))
+
+
+def test_bmtard_temperature_rate_decays_with_the_learning_rate():
+  from mdrad_jax import losses
+  hp = dict(config_lib.method_config("bmtard"))
+  m = methods.get_method("bmtard")
+  st = losses.mtard_update_state(losses.mtard_init_state(), 1.0, 2.0, balanced=True)  # initialised
+  metrics = {"kl_adv": 0.8, "kl_nat": 1.5, "teacher_neg_entropy_adv": -0.5, "teacher_neg_entropy_nat": -1.0}
+  got = m.update_state(st, metrics, hp, 0.1)
+  want = losses.mtard_update_state(st, 0.8, 1.5, lr_w=hp["lr_w"] * 0.1, beta=hp["beta"], balanced=True,
+                                   entropy_adv=-0.5, entropy_nat=-1.0, lr_tau=hp["lr_tau"] * 0.1)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+  assert float(got.tau_adv) != float(m.update_state(st, metrics, hp, 1.0).tau_adv)
