@@ -166,7 +166,9 @@ register(Method(
     loss=lambda out, st, hp: losses.trades_loss(
         student_nat_logits=out.student_clean, student_adv_logits=out.student_adv, labels=out.labels,
         beta=hp["beta"], reduction=hp["reduction"]),
-    plan=_fixed_plan(("clean", "adv")), defaults=dict(beta=6.0, reduction="batchmean"),
+    # the official loop's forwards in train mode: S(x) for the CE, then S(x') and S(x) again inside the KL
+    # (the two clean outputs are equal; the three forwards move the BatchNorm statistics three times)
+    plan=_fixed_plan(("clean", "adv", "clean")), defaults=dict(beta=6.0, reduction="batchmean"),
     make_objective=trades_inner, attack_init="normal", attack_bn="eval", attack_clip_start=False,
     description="TRADES: CE(S(x)) + β KL(S(x) ‖ S(x')), inner max of the KL."))
 

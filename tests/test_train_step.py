@@ -127,6 +127,37 @@ def test_dynamic_rectifier_plan_and_step():
   assert np.isfinite(float(m["loss"]))
 
 
+def _stats_after_forwards(model, state, x, n):
+  """BatchNorm running statistics after ``n`` successive train-mode forwards on ``x`` (PyTorch's order)."""
+  stats = state.batch_stats["model"]
+  for _ in range(n):
+    _, upd = model.apply({"params": state.params["model"], "batch_stats": stats}, x, train=True,
+                         mutable=["batch_stats"])
+    stats = upd["batch_stats"]
+  return stats
+
+
+@pytest.mark.parametrize("name,epoch,forwards", [("trades", 0, 3), ("pgd_at", 0, 2)])
+def test_train_mode_forwards_move_batchnorm_as_the_official_loops(name, epoch, forwards):
+  """TRADES runs S(x), S(x'), S(x) in train mode; IAD-II runs no clean forward before its switch epoch.
+  With ε = 0 and no attack steps every view is x, so the statistics count the train-mode forwards."""
+  _, state, tvars, _ = _setup(name, overrides={"begin_epoch": 2.0} if name == "iad2" else None)
+  m = methods.get_method(name)
+  model = models.get_model("tiny_cnn", num_classes=C, widths=(8, 16))
+  tmods = tuple(models.get_model(n, num_classes=C, **({"widths": (8, 16)} if n == "tiny_cnn" else
+                                                      {"hidden": (32,)})) for n in ("tiny_cnn", "mlp")[:len(tvars)])
+  hp = dict(config_lib.method_config(name, **({"begin_epoch": 2.0} if name == "iad2" else {})))
+  attack = ts.AttackConfig(eps=0.0, step_size=0.0, num_steps=0, init="none", bn_mode="eval")
+  step = ts.make_train_step(model=model, method=m, hparams=hp, attack=attack, teacher_models=tmods,
+                            steps_per_epoch=1)
+  batch = _batch()
+  state = state.replace(step=jnp.asarray(epoch, state.step.dtype))
+  new_state, _ = jax.jit(step)(state, tvars, batch)
+  want = _stats_after_forwards(model, state, batch["image"], forwards)
+  for got_leaf, want_leaf in zip(jax.tree.leaves(new_state.batch_stats["model"]), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(got_leaf), np.asarray(want_leaf), rtol=1e-5, atol=1e-6)
+
+
 def test_bmtard_temperature_rate_decays_with_the_learning_rate():
   from mdrad_jax import losses
   hp = dict(config_lib.method_config("bmtard"))
