@@ -35,6 +35,9 @@ class Plan:
   student_features: bool = False                # projected student features on ``feature_view``
   teacher_features: bool = False                # teacher feature maps on the clean batch
   feature_view: str = "adv"
+  # the clean train-mode forward moves BatchNorm statistics only from this epoch on (None = always): a method
+  # whose official loop runs no clean forward before a switch epoch (IAD-II), and whose loss does not use it then
+  clean_stats_from_epoch: float | None = None
 
 
 def _no_state(hparams):
@@ -268,8 +271,14 @@ def _iad2_loss(out, st, hp):
       detach_self_target=hp["detach_self_target"], reduction=hp["reduction"])
 
 
+def _iad2_plan(hp, k):
+  # before begin_epoch the official loop runs no clean forward (the self term, its only use, is off)
+  return Plan(student_views=("adv", "clean"), teacher_views=(("adv",),) * k,
+              clean_stats_from_epoch=float(hp["begin_epoch"]))
+
+
 register(Method(
-    name="iad2", loss=_iad2_loss, plan=_fixed_plan(("adv", "clean"), ("adv",)),
+    name="iad2", loss=_iad2_loss, plan=_iad2_plan,
     defaults=dict(temperature=1.0, alpha1=0.5, alpha2=0.25, beta=0.1, begin_epoch=40.0,
                   detach_self_target=False, reduction="batchmean"),
     make_objective=ce_inner, attack_init="uniform", attack_bn="train_update", attack_clip_start=False,

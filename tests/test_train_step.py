@@ -137,7 +137,8 @@ def _stats_after_forwards(model, state, x, n):
   return stats
 
 
-@pytest.mark.parametrize("name,epoch,forwards", [("trades", 0, 3), ("pgd_at", 0, 2)])
+@pytest.mark.parametrize("name,epoch,forwards", [("trades", 0, 3), ("iad2", 0, 1), ("iad2", 5, 2),
+                                                 ("pgd_at", 0, 2)])
 def test_train_mode_forwards_move_batchnorm_as_the_official_loops(name, epoch, forwards):
   """TRADES runs S(x), S(x'), S(x) in train mode; IAD-II runs no clean forward before its switch epoch.
   With ε = 0 and no attack steps every view is x, so the statistics count the train-mode forwards."""
