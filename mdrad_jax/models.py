@@ -324,7 +324,9 @@ class WideResNet(nn.Module):
 
   Options for DeepMind's WideResNets (RobustBench's ``DMWideResNet``): ``activation='swish'`` (x·sigmoid(x)
   everywhere ReLU is) and ``conv_padding='same'`` (a stride-2 3x3 conv pads one row/column at the bottom/right
-  only, TensorFlow's ``SAME``; PyTorch's symmetric padding 1 otherwise)."""
+  only, TensorFlow's ``SAME`` for even sizes; PyTorch's symmetric padding 1 otherwise).  As in DeepMind's
+  code, that needs even map sizes at every stride-2 block (e.g. 32x32 inputs), where the 1x1 shortcut's
+  output size matches."""
   num_classes: int
   dtype: Dtype = jnp.float32
   mean: tuple | None = None
