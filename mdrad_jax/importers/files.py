@@ -69,7 +69,7 @@ def _load_torch(path: str):
   except pickle.UnpicklingError as e:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise UserError(f"{path}: refused, the pickle holds more than tensors (only plain state dicts are "
-                    f"read; nothing of it was run): {first}") from None
+                    f"read, e.g. torch.save(model.state_dict()); nothing of it was run): {first}") from None
   except (RuntimeError, EOFError, OSError, ValueError) as e:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise UserError(f"{path}: not a readable PyTorch file: {first}") from None

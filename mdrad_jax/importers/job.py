@@ -113,6 +113,10 @@ def run(config, workdir: str) -> dict:
     raise UserError("source.file is empty: give the weights file "
                     "(configs/import_teacher.py:source=FILE,arch=NAME,dataset=...)")
   arch = archs_lib.get_arch(src.arch)
+  if arch.layout != "flax" and config.model.name != arch.model:
+    raise UserError(f"config.model.name is {config.model.name!r} but arch {src.arch} is model {arch.model!r}: "
+                    f"give the arch in the config argument (configs/import_teacher.py:arch=...), which sets "
+                    f"the model")
   path = os.path.abspath(os.path.expanduser(src.file))
   state = files.read_state_dict(path)
   exported = _exported_model(path) if arch.layout == "flax" else None
