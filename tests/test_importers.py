@@ -426,3 +426,23 @@ def test_distil_a_student_from_two_imported_teachers(cifar, tmp_path):
   assert 0.0 <= res["test/pgd_accuracy"] <= 1.0 and res["test/num_examples"] == 8
   cfg = json.load(open(tmp_path / "student" / "config.json"))
   assert cfg["teachers"] == teachers and cfg["method"]["name"] == "sa_mdrad"
+
+
+def test_without_torch_safetensors_and_npz_still_read(tmp_path, monkeypatch):
+  sd = ts.randomise(ts.TVResNet(ts.TVBasicBlock, [1, 1, 1], [4, 8, 8])).state_dict()
+  st, npz, pt = (_save(tmp_path, sd, fmt, name=fmt) for fmt in ("safetensors", "npz", "pt"))
+  monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails, as without the extra
+  for path in (st, npz):
+    got = files.read_state_dict(path)
+    np.testing.assert_array_equal(got["layer2.0.downsample.0.weight"], sd["layer2.0.downsample.0.weight"].numpy())
+    assert "bn1.num_batches_tracked" not in got and len(got) == len(sd) - sum(
+        k.endswith("num_batches_tracked") for k in sd)
+  with pytest.raises(UserError, match=r"w\.pt: reading PyTorch files needs PyTorch \(pip install 'mdrad_jax\[torch\]'\)"):
+    files.read_state_dict(pt)
+
+
+def test_arch_changed_after_the_config_set_the_model_is_refused(cifar, tmp_path):
+  c = _import_config(cifar, str(tmp_path / "w.pt"), "chenyaofo:resnet20")
+  c.source.arch = "robustbench:wrn28_10"
+  with pytest.raises(UserError, match=r"config.model.name is 'resnet20' but arch robustbench:wrn28_10 is model"):
+    job.run(c, str(tmp_path / "teacher"))
