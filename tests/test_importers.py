@@ -289,6 +289,13 @@ def test_mismatching_file_is_one_error_and_writes_nothing(cifar, tmp_path):
   with pytest.raises(UserError, match=r"wrong shape 2: fc.bias is \(100,\), expected \(10,\)"):
     job.run(_import_config(cifar, path, "chenyaofo:resnet20"), str(workdir))
   assert not workdir.exists()
+  # non-finite weights are named too
+  sd = dict(net.state_dict())
+  sd["layer2.1.bn1.running_var"] = torch.full((32,), float("nan"))
+  path = _save(tmp_path, sd, "pt", name="nan")
+  with pytest.raises(UserError, match=r"layer2\.1\.bn1\.running_var holds NaN or Inf values"):
+    job.run(_import_config(cifar, path, "chenyaofo:resnet20"), str(workdir))
+  assert not workdir.exists()
 
 
 def test_used_workdir_is_refused_and_kept(cifar, tmp_path):

@@ -351,7 +351,10 @@ def convert(state: dict[str, np.ndarray], module, arch: Arch, image_shape, *, la
     leaf_sds = target[col]
     for p in path:
       leaf_sds = leaf_sds[p]
-    node[path[-1]] = _to_flax(path[-1], state[key], tuple(leaf_sds.shape), arch.fold_classifier, arch.layout)
+    value = _to_flax(path[-1], state[key], tuple(leaf_sds.shape), arch.fold_classifier, arch.layout)
+    if not np.all(np.isfinite(value)):
+      raise UserError(f"{label}: {key} holds NaN or Inf values")
+    node[path[-1]] = value
   return out
 
 

@@ -155,6 +155,9 @@ def run(config, workdir: str) -> dict:
   }
 
   os.makedirs(workdir, exist_ok=True)
+  # config.json first: a run interrupted before the checkpoint leaves no checkpoint, so importing again works
+  train.write_config(config, workdir, {"num_classes": info.num_classes, "image_shape": list(info.image_shape),
+                                       "import": record})
   params = {"model": variables["params"], "projectors": {}}
   stats = {"model": variables.get("batch_stats", {}), "projectors": {}}
   tstate = TrainState.create(params=params, batch_stats=stats, tx=optax.identity(),
@@ -164,8 +167,6 @@ def run(config, workdir: str) -> dict:
     ckpt.save(tstate, metrics={"test/accuracy": accuracy}, force=True)
   finally:
     ckpt.close()
-  train.write_config(config, workdir, {"num_classes": info.num_classes, "image_shape": list(info.image_shape),
-                                       "import": record})
   writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"))
   writer.write(step=0, epoch=0, **{"test/accuracy": accuracy, "test/num_examples": count})
   writer.close()
