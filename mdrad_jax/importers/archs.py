@@ -293,7 +293,7 @@ def _fmt(items, n=4):
   return text + (f" (+{len(items) - n} more)" if len(items) > n else "")
 
 
-def match(shapes: dict[str, tuple], module, arch: Arch, image_shape, *, label: str = "weights") -> list:
+def match(shapes: dict[str, tuple], module, arch: Arch, image_shape, *, label: str = "weights") -> tuple:
   """Pairs every variable of ``module`` with a key of the source (``shapes``: key -> shape), by shapes only.
 
   Returns ``(plan, target)``: ``[(collection, path, key), ...]`` and the variables' shapes.  Raises a
