@@ -50,7 +50,7 @@ def parse_arg(arg: str | None, defaults: dict) -> ml_collections.ConfigDict:
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.job = "train"  # 'train' | 'evaluate' | 'quickstart'
+  c.job = "train"  # 'train' | 'evaluate' | 'quickstart' | 'import_teacher'
   c.seed = 0
 
   c.data = ml_collections.ConfigDict()

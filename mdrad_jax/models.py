@@ -38,7 +38,8 @@ Dtype = Any
 
 __all__ = [
     "MODELS", "get_model", "init_model", "count_params", "FeatureProjector",
-    "ResNet", "PreActResNet", "WideResNet", "MobileNetV2", "VGG", "SmallCNN", "TinyCNN", "MLP",
+    "ResNet", "PreActResNet", "WideResNet", "MobileNetV2", "MobileNetV2Torchvision", "VGG", "SmallCNN",
+    "TinyCNN", "MLP",
 ]
 
 # PyTorch's kaiming_normal_(mode='fan_out', nonlinearity='relu') for convolutions (torchvision's choice;
@@ -55,10 +56,13 @@ BN_EPSILON = 1e-5
 # Shared pieces.
 # ---------------------------------------------------------------------------------------------
 def _conv(features: int, kernel: int, stride: int = 1, *, dtype: Dtype, name: str, groups: int = 1,
-          use_bias: bool = False) -> nn.Conv:
-  """A conv with PyTorch's symmetric zero padding ``kernel // 2``."""
+          use_bias: bool = False, padding=None) -> nn.Conv:
+  """A conv with PyTorch's symmetric zero padding ``kernel // 2`` (or the explicit ``padding`` given as
+  ``((top, bottom), (left, right))``)."""
   p = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((p, p), (p, p)),
+  if padding is None:
+    padding = ((p, p), (p, p))
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
                  feature_group_count=groups, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
                  kernel_init=conv_init, name=name)
 
@@ -95,6 +99,9 @@ def _max_pool(x, window: int = 2, impl: str = "reshape"):
     x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)), constant_values=-jnp.inf)
   x = x.reshape(n, (h + ph) // window, window, (w + pw) // window, window, c)
   return jnp.max(x, axis=(2, 4))
+
+
+_ACTIVATIONS = {"relu": nn.relu, "swish": nn.swish}
 
 
 def _prepare_input(x, mean, std, dtype):
@@ -181,7 +188,13 @@ class ResNet(nn.Module):
 
   The first stage keeps the resolution, each later stage halves it. ``widths=(64, 128, 256, 512)`` gives
   kuangliu's ResNet-18/34/50; ``widths=(16, 32, 64)`` with ``stage_sizes=(n, n, n)`` gives the CIFAR
-  ResNet-(6n+2) with projection shortcuts (the ResNet-20/56/110 of the KD literature).
+  ResNet-(6n+2) with projection shortcuts (the ResNet-20/32/44/56/110 of the KD literature and of
+  chenyaofo/pytorch-cifar-models, "option B").
+
+  Stem options for imported networks (the defaults are the CIFAR stem above): ``stem_kernel``/``stem_stride``
+  (torchvision's ImageNet stem is 7 and 2, padding 3) and ``stem_pool`` (PyTorch's
+  ``MaxPool2d(3, stride=2, padding=1)`` after the stem, padded with -inf, as torchvision's ResNets and
+  huyvnphan/PyTorch_CIFAR10's CIFAR ResNets have).
   """
   num_classes: int
   dtype: Dtype = jnp.float32
@@ -190,6 +203,9 @@ class ResNet(nn.Module):
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
   widths: Sequence[int] = (64, 128, 256, 512)
   block: str = "basic"
+  stem_kernel: int = 3
+  stem_stride: int = 1
+  stem_pool: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
@@ -199,8 +215,10 @@ class ResNet(nn.Module):
       raise ValueError(f"stage_sizes {tuple(self.stage_sizes)} and widths {tuple(self.widths)} differ in length")
     block_cls = _BLOCKS[self.block]
     x = _prepare_input(x, self.mean, self.std, self.dtype)
-    x = _conv(self.widths[0], 3, dtype=self.dtype, name="conv1")(x)
+    x = _conv(self.widths[0], self.stem_kernel, self.stem_stride, dtype=self.dtype, name="conv1")(x)
     x = nn.relu(_bn(train, dtype=self.dtype, name="bn1")(x))
+    if self.stem_pool:
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     feats = {}
     for i, (n, w) in enumerate(zip(self.stage_sizes, self.widths)):
       for j in range(n):
@@ -273,13 +291,19 @@ class WideBasicBlock(nn.Module):
   stride: int = 1
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
+  activation: str = "relu"
+  conv_padding: str = "pytorch"
 
   @nn.compact
   def __call__(self, x, train: bool):
+    act_fn = _ACTIVATIONS[self.activation]
     equal_in_out = x.shape[-1] == self.features
-    act = nn.relu(_bn(train, dtype=self.dtype, name="bn1")(x))
-    out = _conv(self.features, 3, self.stride, dtype=self.dtype, name="conv1")(act)
-    out = nn.relu(_bn(train, dtype=self.dtype, name="bn2")(out))
+    act = act_fn(_bn(train, dtype=self.dtype, name="bn1")(x))
+    padding = None
+    if self.conv_padding == "same" and self.stride == 2:
+      padding = ((0, 1), (0, 1))  # DeepMind's explicit F.pad(v, (0, 1, 0, 1)) before a padding-0 conv
+    out = _conv(self.features, 3, self.stride, dtype=self.dtype, name="conv1", padding=padding)(act)
+    out = act_fn(_bn(train, dtype=self.dtype, name="bn2")(out))
     if self.dropout_rate > 0:
       out = nn.Dropout(self.dropout_rate, deterministic=not train)(out)
     out = _conv(self.features, 3, dtype=self.dtype, name="conv2")(out)
@@ -296,7 +320,13 @@ class WideResNet(nn.Module):
   """WRN-depth-k: 3x3 conv (16) + 3 groups of (depth-4)/6 blocks with 16k, 32k, 64k channels, BN-ReLU,
   global pooling, linear. The TRADES PyTorch class also builds an unused ``sub_block1``; it takes no part
   in the forward pass and is not built here (so the count equals the forward-used PyTorch parameters).
-  Dropout (``dropout_rate > 0``, train mode) needs a ``'dropout'`` rng."""
+  Dropout (``dropout_rate > 0``, train mode) needs a ``'dropout'`` rng.
+
+  Options for DeepMind's WideResNets (RobustBench's ``DMWideResNet``): ``activation='swish'`` (x·sigmoid(x)
+  everywhere ReLU is) and ``conv_padding='same'`` (a stride-2 3x3 conv pads one row/column at the bottom/right
+  only, TensorFlow's ``SAME`` for even sizes; PyTorch's symmetric padding 1 otherwise).  As in DeepMind's
+  code, that needs even map sizes at every stride-2 block (e.g. 32x32 inputs), where the 1x1 shortcut's
+  output size matches."""
   num_classes: int
   dtype: Dtype = jnp.float32
   mean: tuple | None = None
@@ -304,6 +334,8 @@ class WideResNet(nn.Module):
   depth: int = 34
   widen_factor: int = 10
   dropout_rate: float = 0.0
+  activation: str = "relu"        # 'relu' | 'swish'
+  conv_padding: str = "pytorch"   # 'pytorch' | 'same'
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
@@ -311,6 +343,10 @@ class WideResNet(nn.Module):
       raise ValueError(f"WideResNet depth must be 6n+4 with n >= 1, got {self.depth}")
     if self.widen_factor < 1:
       raise ValueError(f"WideResNet widen_factor must be >= 1, got {self.widen_factor}")
+    if self.activation not in _ACTIVATIONS:
+      raise ValueError(f"WideResNet activation must be one of {sorted(_ACTIVATIONS)}, got {self.activation!r}")
+    if self.conv_padding not in ("pytorch", "same"):
+      raise ValueError(f"WideResNet conv_padding must be 'pytorch' or 'same', got {self.conv_padding!r}")
     n = (self.depth - 4) // 6
     k = self.widen_factor
     x = _prepare_input(x, self.mean, self.std, self.dtype)
@@ -319,10 +355,10 @@ class WideResNet(nn.Module):
     for i, w in enumerate((16 * k, 32 * k, 64 * k)):
       for j in range(n):
         stride = 2 if (i > 0 and j == 0) else 1
-        x = WideBasicBlock(w, stride, self.dropout_rate, dtype=self.dtype,
-                           name=f"block{i + 1}_{j}")(x, train)
+        x = WideBasicBlock(w, stride, self.dropout_rate, dtype=self.dtype, activation=self.activation,
+                           conv_padding=self.conv_padding, name=f"block{i + 1}_{j}")(x, train)
       feats[f"stage{i + 1}"] = x
-    x = nn.relu(_bn(train, dtype=self.dtype, name="bn1")(x))
+    x = _ACTIVATIONS[self.activation](_bn(train, dtype=self.dtype, name="bn1")(x))
     feats["last"] = x
     return _output(_classify(x, self.num_classes, name="fc"), feats, return_features)
 
@@ -384,6 +420,84 @@ class MobileNetV2(nn.Module):
     return _output(_classify(x, self.num_classes), feats, return_features)
 
 
+# torchvision's MobileNetV2 (ImageNet strides) and the CIFAR variant of chenyaofo/pytorch-cifar-models and
+# huyvnphan/PyTorch_CIFAR10 (stem stride 1, second stage stride 1), (expansion, out_channels, num_blocks, stride).
+MOBILENETV2_TORCHVISION_CFG = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
+                               (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+
+
+def make_divisible(v: float, divisor: int = 8) -> int:
+  """torchvision's ``_make_divisible``: the nearest multiple of ``divisor``, never below 90% of ``v``."""
+  new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
+  if new_v < 0.9 * v:
+    new_v += divisor
+  return int(new_v)
+
+
+class TorchvisionInvertedResidual(nn.Module):
+  """torchvision's block: [1x1 expand-BN-ReLU6] (absent when the expansion is 1), 3x3 depthwise-BN-ReLU6,
+  1x1 project-BN; identity residual when stride is 1 and the channel count is unchanged (no shortcut conv)."""
+  expansion: int
+  features: int
+  stride: int = 1
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    in_ch = x.shape[-1]
+    hidden = int(round(in_ch * self.expansion))
+    out = x
+    if self.expansion != 1:
+      out = _conv(hidden, 1, dtype=self.dtype, name="expand_conv")(out)
+      out = nn.relu6(_bn(train, dtype=self.dtype, name="expand_bn")(out))
+    out = _conv(hidden, 3, self.stride, groups=hidden, dtype=self.dtype, name="dw_conv")(out)
+    out = nn.relu6(_bn(train, dtype=self.dtype, name="dw_bn")(out))
+    out = _conv(self.features, 1, dtype=self.dtype, name="project_conv")(out)
+    out = _bn(train, dtype=self.dtype, name="project_bn")(out)
+    if self.stride == 1 and in_ch == self.features:
+      out = out + x
+    return out
+
+
+class MobileNetV2Torchvision(nn.Module):
+  """MobileNetV2 in torchvision's layout (ReLU6, channel counts rounded by ``make_divisible``, width
+  multiplier).  The defaults are the CIFAR variant (stem stride 1, ``MOBILENETV2_CIFAR_CFG``) of
+  chenyaofo/pytorch-cifar-models' ``mobilenetv2_x*`` and huyvnphan/PyTorch_CIFAR10's ``mobilenet_v2``;
+  ``stem_stride=2`` with ``MOBILENETV2_TORCHVISION_CFG`` is torchvision's ImageNet network.  Blocks are
+  ``block1``..``blockN`` in order (torchvision's ``features.1``..``features.N``); the classifier's dropout is
+  not built (identity in eval mode)."""
+  num_classes: int
+  dtype: Dtype = jnp.float32
+  mean: tuple | None = None
+  std: tuple | None = None
+  width_mult: float = 1.0
+  stem_stride: int = 1
+  cfg: Sequence[Sequence[int]] = MOBILENETV2_CIFAR_CFG
+  last_channel: int = 1280
+  round_nearest: int = 8
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, return_features: bool = False):
+    x = _prepare_input(x, self.mean, self.std, self.dtype)
+    stem = make_divisible(32 * self.width_mult, self.round_nearest)
+    last = make_divisible(self.last_channel * max(1.0, self.width_mult), self.round_nearest)
+    x = _conv(stem, 3, self.stem_stride, dtype=self.dtype, name="stem_conv")(x)
+    x = nn.relu6(_bn(train, dtype=self.dtype, name="stem_bn")(x))
+    feats = {}
+    k = 0
+    for i, (e, c, n, s) in enumerate(self.cfg):
+      out_ch = make_divisible(c * self.width_mult, self.round_nearest)
+      for j in range(n):
+        k += 1
+        x = TorchvisionInvertedResidual(e, out_ch, s if j == 0 else 1, dtype=self.dtype,
+                                        name=f"block{k}")(x, train)
+      feats[f"stage{i + 1}"] = x
+    x = _conv(last, 1, dtype=self.dtype, name="head_conv")(x)
+    x = nn.relu6(_bn(train, dtype=self.dtype, name="head_bn")(x))
+    feats["last"] = x
+    return _output(_classify(x, self.num_classes, name="classifier"), feats, return_features)
+
+
 # ---------------------------------------------------------------------------------------------
 # VGG with BatchNorm (kuangliu CIFAR variant: conv stack + one linear layer).
 # ---------------------------------------------------------------------------------------------
@@ -398,13 +512,19 @@ VGG_CFGS = {
 
 class VGG(nn.Module):
   """conv3x3 (with bias) - BN - ReLU stacks separated by 2x2 max-pools, global pooling, one linear layer.
-  ``features['last']`` is the map after the final max-pool (1x1 for 32x32 inputs)."""
+  ``features['last']`` is the map after the final max-pool (1x1 for 32x32 inputs).
+
+  ``classifier_hidden`` adds Dense-ReLU layers (``fc1``, ``fc2``...) between the pooling and the classifier:
+  ``(512, 512)`` is chenyaofo/pytorch-cifar-models' head, ``(4096, 4096)`` huyvnphan/PyTorch_CIFAR10's.  Their
+  dropout layers are not built (identity in eval mode, which is how an imported teacher runs); their flatten
+  equals the global pooling here because the last map is 1x1 for 32x32 inputs."""
   num_classes: int
   dtype: Dtype = jnp.float32
   mean: tuple | None = None
   std: tuple | None = None
   cfg: Sequence[Any] = VGG_CFGS["vgg16"]
   max_pool: str = "reshape"  # 'reshape' | 'reduce_window' (see _max_pool)
+  classifier_hidden: Sequence[int] = ()
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
@@ -421,7 +541,15 @@ class VGG(nn.Module):
         x = nn.relu(_bn(train, dtype=self.dtype, name=f"bn{conv_i}")(x))
         conv_i += 1
     feats["last"] = x
-    return _output(_classify(x, self.num_classes, name="classifier"), feats, return_features)
+    if not self.classifier_hidden:
+      return _output(_classify(x, self.num_classes, name="classifier"), feats, return_features)
+    h = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    for k, width in enumerate(self.classifier_hidden):
+      h = nn.relu(nn.Dense(int(width), dtype=jnp.float32, param_dtype=jnp.float32, kernel_init=dense_init,
+                           name=f"fc{k + 1}")(h))
+    logits = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32, kernel_init=dense_init,
+                      name="classifier")(h)
+    return _output(logits, feats, return_features)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -541,6 +669,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet34": functools.partial(ResNet, stage_sizes=(3, 4, 6, 3)),
     "resnet50": functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block="bottleneck"),
     "resnet20": functools.partial(ResNet, stage_sizes=(3, 3, 3), widths=(16, 32, 64)),
+    "resnet32": functools.partial(ResNet, stage_sizes=(5, 5, 5), widths=(16, 32, 64)),
+    "resnet44": functools.partial(ResNet, stage_sizes=(7, 7, 7), widths=(16, 32, 64)),
     "resnet56": functools.partial(ResNet, stage_sizes=(9, 9, 9), widths=(16, 32, 64)),
     "resnet110": functools.partial(ResNet, stage_sizes=(18, 18, 18), widths=(16, 32, 64)),
     "preact_resnet18": functools.partial(PreActResNet, stage_sizes=(2, 2, 2, 2)),
@@ -549,6 +679,12 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "wrn34_10": functools.partial(WideResNet, depth=34, widen_factor=10),
     "wrn34_20": functools.partial(WideResNet, depth=34, widen_factor=20),
     "mobilenet_v2": MobileNetV2,
+    "mobilenetv2_x0_5": functools.partial(MobileNetV2Torchvision, width_mult=0.5),
+    "mobilenetv2_x0_75": functools.partial(MobileNetV2Torchvision, width_mult=0.75),
+    "mobilenetv2_x1_0": functools.partial(MobileNetV2Torchvision, width_mult=1.0),
+    "mobilenetv2_x1_4": functools.partial(MobileNetV2Torchvision, width_mult=1.4),
+    "mobilenet_v2_torchvision": functools.partial(MobileNetV2Torchvision, stem_stride=2,
+                                                  cfg=MOBILENETV2_TORCHVISION_CFG),
     "vgg11_bn": functools.partial(VGG, cfg=VGG_CFGS["vgg11"]),
     "vgg13_bn": functools.partial(VGG, cfg=VGG_CFGS["vgg13"]),
     "vgg16_bn": functools.partial(VGG, cfg=VGG_CFGS["vgg16"]),
@@ -564,6 +700,10 @@ def _accepted_kwargs(factory) -> set[str]:
   return {p for p in inspect.signature(cls).parameters if p not in ("parent", "name")}
 
 
+def _as_tuple(value):
+  return tuple(_as_tuple(v) if isinstance(v, (list, tuple)) else v for v in value)
+
+
 def get_model(name: str, *, num_classes: int, **kwargs) -> nn.Module:
   """Builds model ``name`` from ``MODELS``; ``kwargs`` override its attributes (``dtype`` may be a string)."""
   if name not in MODELS:
@@ -577,9 +717,9 @@ def get_model(name: str, *, num_classes: int, **kwargs) -> nn.Module:
     raise ValueError(f"model {name!r} has no option(s) {unknown}; its options: {sorted(accepted - {'num_classes'})}")
   if isinstance(kwargs.get("dtype"), str):
     kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
-  for key in ("mean", "std", "stage_sizes", "widths", "hidden"):
-    if key in kwargs and kwargs[key] is not None:
-      kwargs[key] = tuple(kwargs[key])
+  for key, value in kwargs.items():  # lists (e.g. read back from config.json) become hashable tuples
+    if isinstance(value, (list, tuple)):
+      kwargs[key] = _as_tuple(value)
   return factory(num_classes=int(num_classes), **kwargs)
 
 

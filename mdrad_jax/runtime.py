@@ -7,7 +7,7 @@ import os
 # and exits non-zero instead of showing a traceback.
 USER_ERRORS = (ValueError, OSError, KeyError)
 
-JOBS = ("train", "evaluate", "quickstart", "study")
+JOBS = ("train", "evaluate", "quickstart", "study", "import_teacher")
 
 
 def configure_xla() -> None:
@@ -61,4 +61,7 @@ def run(config, workdir: str):
   if config.job == "study":
     from mdrad_jax import study
     return study.run(config, workdir)
+  if config.job == "import_teacher":
+    from mdrad_jax.importers import job as import_job
+    return import_job.run(config, workdir)
   raise ValueError(f"config.job must be one of {JOBS}, got {config.job!r}")

@@ -486,3 +486,37 @@ def test_max_pool_option_gives_the_same_network(name):
   np.testing.assert_allclose(grads[0], grads[1], rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="max_pool must be one of"):
     models.get_model(name, num_classes=10, max_pool="avg").init(jax.random.key(0), x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks of public checkpoints (see docs/teachers.md): published parameter counts, traced only.
+# ---------------------------------------------------------------------------------------------
+# chenyaofo/pytorch-cifar-models' README (CIFAR-10, millions to 2 decimals), torchvision's model docs
+# (ImageNet-1k, exact), DeepMind's WRN-70-16 (266.8M).
+@pytest.mark.parametrize("name,kwargs,nc,hw,published,tol", [
+    ("resnet32", {}, 10, 32, 0.47e6, 5e3), ("resnet44", {}, 10, 32, 0.66e6, 5e3),
+    ("mobilenetv2_x0_5", {}, 10, 32, 0.70e6, 5e3), ("mobilenetv2_x0_75", {}, 10, 32, 1.37e6, 5e3),
+    ("mobilenetv2_x1_0", {}, 10, 32, 2.24e6, 5e3), ("mobilenetv2_x1_4", {}, 10, 32, 4.33e6, 5e3),
+    ("vgg11_bn", {"classifier_hidden": (512, 512)}, 10, 32, 9.76e6, 5e3),
+    ("vgg19_bn", {"classifier_hidden": (512, 512)}, 10, 32, 20.57e6, 5e3),
+    ("resnet18", {"stem_kernel": 7, "stem_stride": 2, "stem_pool": True}, 1000, 224, 11689512, 0),
+    ("resnet50", {"stem_kernel": 7, "stem_stride": 2, "stem_pool": True}, 1000, 224, 25557032, 0),
+    ("mobilenet_v2_torchvision", {}, 1000, 224, 3504872, 0),
+    ("wide_resnet", {"depth": 70, "widen_factor": 16, "activation": "swish", "conv_padding": "same"}, 10, 32,
+     266.8e6, 5e4),
+])
+def test_public_checkpoint_networks_have_published_sizes(name, kwargs, nc, hw, published, tol):
+  model = models.get_model(name, num_classes=nc, **kwargs)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, hw, hw, 3)), train=False))
+  assert abs(models.count_params(variables) - published) <= tol
+
+
+def test_stem_pool_and_same_padding_shapes():
+  # torchvision's stem: 7x7/2 conv then 3x3/2 max-pool (padding 1): 224 -> 112 -> 56; then 56, 28, 14, 7
+  m = models.get_model("resnet18", num_classes=10, stem_kernel=7, stem_stride=2, stem_pool=True)
+  _, _, feats = _shapes(m, (1, 224, 224, 3))
+  assert [feats[f"stage{i}"].shape[1] for i in range(1, 5)] == [56, 28, 14, 7]
+  # SAME-style stride-2 padding (one row/column after) halves even sizes, as the symmetric padding does
+  m = models.get_model("wide_resnet", num_classes=10, depth=10, widen_factor=1, conv_padding="same")
+  _, _, feats = _shapes(m, (1, 32, 32, 3))
+  assert [feats[f"stage{i}"].shape[1] for i in range(1, 4)] == [32, 16, 8]
