@@ -32,6 +32,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import utils as tfds_utils
 
 from mdrad_jax.data import sources
+from mdrad_jax.errors import UserError
 
 DATA_DIR_ENV = "MDRAD_DATA_DIR"
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -238,7 +239,7 @@ DATASETS: dict[str, DatasetSpec] = {
 
 def get_spec(name: str) -> DatasetSpec:
   if name not in DATASETS:
-    raise ValueError(f"data.name: unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
+    raise UserError(f"data.name: unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
   return DATASETS[name]
 
 
@@ -248,7 +249,7 @@ def resolve_dirs(name: str, data_dir: str | None, source_dir: str | None) -> tup
   data_dir = os.path.abspath(os.path.expanduser(data_dir or default_data_dir()))
   source_dir = source_dir or spec.default_source(data_dir)
   if name == "image_folder" and not source_dir:
-    raise ValueError("image_folder: source_dir is required (a folder or .tar/.tar.gz/.zip archive with "
+    raise UserError("image_folder: source_dir is required (a folder or .tar/.tar.gz/.zip archive with "
                      "<split>/<class>/<image> files)")
   if source_dir:
     source_dir = os.path.abspath(os.path.expanduser(source_dir))
@@ -297,7 +298,7 @@ def _check_array_record(path: str):
   files = os.listdir(path)
   if not any(".array_record" in f for f in files):
     formats = sorted({fmt for f in files for fmt in ("tfrecord", "riegeli", "parquet") if f".{fmt}" in f})
-    raise ValueError(
+    raise UserError(
         f"{path}: prepared dataset has no ArrayRecord files (found {formats or 'none'}); the loader reads "
         "ArrayRecord only. Move that copy away, or point data_dir elsewhere, and prepare again.")
 

@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
+from mdrad_jax.errors import MissingFileError
+
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
@@ -37,8 +39,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".t
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 
 
-class SourceError(FileNotFoundError):
-  """A source file is missing or is not in the official format."""
+class SourceError(MissingFileError):
+  """A source file is missing or is not in the official format (a ``UserError`` and a ``FileNotFoundError``)."""
 
 
 # ---------------------------------------------------------------------------------------------
