@@ -14,8 +14,8 @@ place of a good one.  :func:`robustness_report` is the same evaluation for any `
 
 Gradient-masking check (:func:`masking_flags`), each flag with its reason:
 
-* (a) a white-box attack (FGSM, PGD-20, CW∞, APGD-CE) is weaker than the black-box Square attack run alone on
-  the same points (by more than the margin, and significantly by a paired sign test), or Square inside
+* (a) a multi-step white-box attack (PGD-20, CW∞, APGD-CE) is weaker than the black-box Square attack run alone
+  on the same points (by more than the margin, and significantly by a paired sign test), or Square inside
   AutoAttack flips many points that survived APGD-CE, APGD-T and FAB-T;
 * (b) PGD-20 accuracy above FGSM accuracy;
 * (c) accuracy that does not fall as ε grows in the sweep (rises between two ε, or is flat over the sweep);
@@ -46,6 +46,9 @@ from mdrad_jax.errors import MissingFileError, UserError
 from mdrad_jax.progress import is_main_process, log, progress_enabled
 
 WHITE_BOX = ("fgsm", "pgd20", "cw", "apgd-ce")
+# Check (a) compares these with Square.  Single-step FGSM is not among them: on an ordinary network it is often
+# weaker than 5000 Square queries, which says that one step is a weak attack, not that gradients are masked.
+MULTI_STEP_WHITE_BOX = ("pgd20", "cw", "apgd-ce")
 NAMES = {"clean": "clean", "fgsm": "FGSM", "pgd20": "PGD-20", "cw": "CW∞ (PGD-30, κ = 50)",
          "autoattack": "AutoAttack (standard)", "autoattack_apgd_subset": "AutoAttack (APGD-CE + APGD-T subset)",
          "apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "fab-t": "FAB-T", "square": "Square"}
@@ -261,10 +264,12 @@ def masking_flags(report: dict, *, tolerance: float = 0.01, aa_gap: float = 0.10
   acc = {k: v["accuracy"] for k, v in res.items()}
   pct = lambda v: f"{100 * v:.2f}%"  # noqa: E731
 
-  # (a) white-box weaker than black-box Square on the same points.
+  # (a) multi-step white-box weaker than black-box Square on the same points.
   sq = report.get("square_alone")
   if sq:
     for name, wb in sq["white_box_on_same_points"].items():
+      if name not in MULTI_STEP_WHITE_BOX:
+        continue
       b = wb["square_broke_white_box_survivors"]
       c = wb.get("white_box_broke_square_survivors", sq["correct"] - (wb["correct"] - b))
       p = sign_test_p(b, c)
