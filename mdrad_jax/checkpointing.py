@@ -16,6 +16,7 @@ import contextlib
 import errno
 import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -87,7 +88,11 @@ class Checkpointer:
     )
     self._best_fn = best_fn
     self._best_mode = best_mode
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    try:
+      self.manager = ocp.CheckpointManager(self.directory, options=options)
+    except ValueError:  # orbax reads every step's metrics file here
+      _check_json_files(self.directory)
+      raise
 
   # -- queries ---------------------------------------------------------------------------------
   def latest_step(self) -> int | None:
@@ -116,14 +121,15 @@ class Checkpointer:
     if metrics is not None:
       clean_metrics = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
     try:
-      saved = self.manager.save(int(state.step), args=ocp.args.Composite(**items),
-                                metrics=clean_metrics, force=force)
-      if saved:
-        self.manager.wait_until_finished()
-    except OSError as e:
-      if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        raise UserError(f"cannot write the checkpoint of step {int(state.step)} in {self.directory}: "
-                        f"{os.strerror(e.errno)} (earlier checkpoints are kept)") from None
+      with _quiet_orbax(logging.CRITICAL), _no_closed_loop_noise():
+        saved = self.manager.save(int(state.step), args=ocp.args.Composite(**items),
+                                  metrics=clean_metrics, force=force)
+        if saved:
+          self.manager.wait_until_finished()
+    except (OSError, ValueError) as e:
+      if _disk_full(e):
+        raise UserError(f"cannot write the checkpoint of step {int(state.step)} in {self.directory}: no space "
+                        f"left on the device (earlier checkpoints are kept)") from None
       raise
     return saved
 
@@ -226,6 +232,16 @@ class Checkpointer:
     self.manager.close()
 
 
+def _check_json_files(directory: str) -> None:
+  """Raises ``UserError`` naming the first JSON file of a checkpoint directory that does not parse."""
+  from mdrad_jax.workdir import read_json
+  for step in sorted(os.listdir(directory)) if os.path.isdir(directory) else ():
+    for rel in ("metrics/metrics", "_CHECKPOINT_METADATA"):
+      path = os.path.join(directory, step, rel)
+      if os.path.isfile(path):
+        read_json(path, "checkpoint file")
+
+
 def _describe(e: BaseException) -> str:
   text = " ".join(str(e).split()) or type(e).__name__
   return text if len(text) <= 240 else text[:237] + "..."
@@ -255,17 +271,49 @@ def _move_iterator(data_iterator, num_batches: int) -> None:
       f"this run's own order")
 
 
+def _disk_full(e: BaseException) -> bool:
+  """Whether a failed write ran out of space (an OSError, or tensorstore's RESOURCE_EXHAUSTED ValueError)."""
+  while e is not None:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    if "RESOURCE_EXHAUSTED" in str(e) or "No space left on device" in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
 @contextlib.contextmanager
-def _quiet_orbax():
-  """Silences orbax's warning that a step's item directory has no step-level metadata file: reading one
-  item of a manager's step directory with a ``StandardCheckpointer`` is expected to find none."""
-  logger = logging.getLogger("absl")
-  level = logger.level
-  logger.setLevel(logging.ERROR)
+def _no_closed_loop_noise():
+  """A save that fails part-way leaves tensorstore callbacks that find orbax's event loop closed; each prints a
+  traceback ('Event loop is closed') through ``sys.excepthook``.  The save's own exception says what went
+  wrong, so these are dropped while it runs; any other exception is printed as usual."""
+  previous = sys.excepthook
+
+  def hook(kind, value, tb):
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+      return
+    previous(kind, value, tb)
+
+  sys.excepthook = hook
   try:
     yield
   finally:
-    logger.setLevel(level)
+    sys.excepthook = previous
+
+
+@contextlib.contextmanager
+def _quiet_orbax(level: int = logging.ERROR):
+  """Silences orbax's warning that a step's item directory has no step-level metadata file: reading one
+  item of a manager's step directory with a ``StandardCheckpointer`` is expected to find none.  During a
+  save (``level=CRITICAL``) it also drops the error that each of orbax's writer threads logs when the save
+  fails: the save raises that error once."""
+  logger = logging.getLogger("absl")
+  previous = logger.level
+  logger.setLevel(level)
+  try:
+    yield
+  finally:
+    logger.setLevel(previous)
 
 
 def _local_target(ckptr, step_dir: str):
