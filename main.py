@@ -49,6 +49,12 @@ def _flag_error_text(e: Exception) -> str:
   return text
 
 
+def _unloadable_config(argv) -> str:
+  path = next((a.split("=", 1)[1] for a in argv if a.startswith(("--config=", "-config="))), "")
+  path = path.split(":", 1)[0]
+  return f"config file {path}: {'cannot be read' if os.path.exists(path) else 'no such file'}"
+
+
 def cli(argv, stderr=None) -> int:
   """Runs the command line ``argv`` (``argv[0]`` is the program) and returns the exit status.
 
@@ -56,11 +62,19 @@ def cli(argv, stderr=None) -> int:
   """
   stderr = sys.stderr if stderr is None else stderr
   FLAGS.unparse_flags()
+  for name in [n for n in FLAGS if n.startswith("config.")]:  # override flags a previous call defined
+    delattr(FLAGS, name)
+  saved_argv, sys.argv = sys.argv, list(argv)  # config_flags reads the --config.* overrides from sys.argv
   try:
     rest = FLAGS(list(argv))
   except (flags.Error, SyntaxError, AttributeError, KeyError, ValueError, TypeError) as e:
     print(f"error: bad command line: {_one_line(_flag_error_text(e))}", file=stderr)
     return 2
+  except OSError:  # a --config.* override of a config file that could not be loaded
+    print(f"error: bad command line: {_unloadable_config(argv)}", file=stderr)
+    return 2
+  finally:
+    sys.argv = saved_argv
   if len(rest) > 1:
     print(f"error: bad command line: unexpected arguments: {' '.join(rest[1:])}", file=stderr)
     return 2
@@ -68,9 +82,7 @@ def cli(argv, stderr=None) -> int:
   if not isinstance(config, ml_collections.ConfigDict):
     error = getattr(config, "_error", None)  # config_flags' stand-in for a file it could not load
     if error is not None:
-      path = FLAGS["config"].serialize().split("=", 1)[-1].split(":", 1)[0]
-      why = "cannot be read" if os.path.exists(path) else "no such file"
-      print(f"error: bad command line: config file {path}: {why}", file=stderr)
+      print(f"error: bad command line: {_unloadable_config(argv)}", file=stderr)
     else:
       print(f"error: bad command line: get_config() of the --config file returned "
             f"{type(config).__name__}, expected an ml_collections.ConfigDict", file=stderr)

@@ -33,7 +33,13 @@ CHECKPOINT_DIR = "checkpoints"
 BROKEN_DIR = "checkpoints_broken"
 # What reading a damaged checkpoint raises (tensorstore and orbax: ValueError; missing files: OSError; JSON:
 # ValueError; a pytree that lacks a key: KeyError).  Anything else is a bug and propagates.
-_UNREADABLE = (ValueError, OSError, KeyError, UserError)
+_UNREADABLE = (ValueError, OSError, KeyError, IndexError, UserError)
+
+
+def _unreadable(e: BaseException) -> bool:
+  """A restore error that means a damaged checkpoint: the types above, or the bare ``Exception`` orbax
+  raises around a tensorstore read error."""
+  return isinstance(e, _UNREADABLE) or type(e) is Exception
 
 
 class NonFiniteStateError(RuntimeError):
@@ -144,7 +150,9 @@ class Checkpointer:
     for step in steps:
       try:
         restored = self.restore(state, step=step, data_iterator=data_iterator)
-      except _UNREADABLE as e:
+      except Exception as e:  # noqa: BLE001 -- sorted by _unreadable; anything else propagates
+        if not _unreadable(e):
+          raise
         failures.append((step, e))
         continue
       if failures:
@@ -350,7 +358,7 @@ def load_model_variables(path: str, *, which: str = "best") -> tuple[dict, dict 
     ckpt_root = os.path.dirname(path)
   else:
     raise MissingFileError(
-        f"{path} is neither a training workdir (config.json + checkpoints/), a checkpoints/ directory, "
+        f"teacher/checkpoint {path} is neither a training workdir (config.json + checkpoints/), a checkpoints/ directory, "
         f"nor a checkpoint step directory (with state/)")
   if run_config is None:
     cfg = os.path.join(os.path.dirname(ckpt_root), "config.json")
@@ -370,7 +378,9 @@ def load_model_variables(path: str, *, which: str = "best") -> tuple[dict, dict 
   with _quiet_orbax(), ocp.StandardCheckpointer() as ckptr:
     try:
       tree = ckptr.restore(os.path.join(step_dir, "state"), _local_target(ckptr, step_dir))
-    except _UNREADABLE as e:
+    except Exception as e:  # noqa: BLE001
+      if not _unreadable(e):
+        raise
       raise UserError(f"checkpoint {step_dir} does not restore: {_describe(e)}") from e
   variables: dict[str, Any] = {"params": tree["params"]["model"]}
   bs = tree.get("batch_stats", {}).get("model")

@@ -361,11 +361,14 @@ def check_prepared(path: str) -> None:
                         f"prepare the dataset again") from None
       try:
         if not reader.ok() or reader.num_records() != expected:
-          got = reader.num_records() if reader.ok() else "an unreadable index"
-          raise UserError(f"{shard}: truncated or corrupt ArrayRecord file ({got} records, {info_path} "
-                          f"lists {expected}); prepare the dataset again")
+          got = f"{reader.num_records()} records" if reader.ok() else "an unreadable index"
+          raise UserError(f"{shard}: truncated or corrupt ArrayRecord file ({got}, {info_path} lists "
+                          f"{expected} records); prepare the dataset again")
       finally:
-        reader.close()
+        try:
+          reader.close()
+        except RuntimeError:  # closing a reader of a broken file reports the damage again
+          pass
   _checked[path] = stamp
 
 
