@@ -479,3 +479,48 @@ def test_small_variants_run_on_digits(env, tmp_path, config):
   assert code == 0, err[-3000:]
   steps = _metric_steps(str(tmp_path / "w"))
   assert steps and steps[-1][1]  # ended with an evaluation
+
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(env, tmp_path):
+  """Two processes (``jax.distributed`` on localhost): SIGTERM to process 1 only; JAX's preemption sync point
+  makes both checkpoint the same step and stop there, each with one line and status 143."""
+  import socket
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    port = sock.getsockname()[1]
+  cfg = {"data": {"name": "digits", "data_dir": env["data"]}, "model": {"name": "tiny_cnn"},
+         "num_epochs": 30, "num_train_examples": 256, "batch_size": 64, "eval_batch_size": 128,
+         "eval": {"num_examples": 128, "every_epochs": 0}, "log_every_steps": 1, "checkpoint": {"best_metric": ""}}
+  (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+  w = str(tmp_path / "w")
+  worker_env = {k: v for k, v in _subprocess_env().items() if not k.startswith(("SLURM_", "OMPI_", "TPU_"))}
+  worker_env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "scaling_worker.py"), "train",
+                             str(tmp_path / "cfg.json"), w, str(tmp_path / f"{i}.out"), f"--process={i}/2",
+                             f"--port={port}"], cwd=ROOT, env=worker_env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  try:
+    metrics = os.path.join(w, "metrics.jsonl")
+    deadline = time.time() + 180
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+      if os.path.isfile(metrics) and any(json.loads(l)["step"] >= 6 for l in open(metrics) if l.strip()):
+        break
+      time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    errs = [p.communicate(timeout=180)[1] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  assert [p.returncode for p in procs] == [143, 143], errs
+  stops = []
+  for err in errs:
+    lines = [l for l in err.splitlines() if l.startswith("interrupted:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    stops.append(int(re.search(r"SIGTERM at step (\d+) of 120", lines[0]).group(1)))
+  assert stops[0] == stops[1] and 6 <= stops[0] < 120
+  assert checkpointing.Checkpointer(w).latest_step() == stops[0]
+  assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(os.path.join(w, "checkpoints",
+                                                                                       str(stops[0]), "data")))
