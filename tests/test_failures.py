@@ -524,3 +524,19 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(env, tmp_pa
   assert checkpointing.Checkpointer(w).latest_step() == stops[0]
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(os.path.join(w, "checkpoints",
                                                                                        str(stops[0]), "data")))
+
+
+def test_disk_full_while_checkpointing_is_one_line(env, tmp_path, monkeypatch):
+  """What tensorstore raises when the disk is full (seen on a 60 KiB tmpfs): one line, no checkpoint."""
+  import orbax.checkpoint as ocp
+
+  def full(self, step, *a, **kw):
+    raise ValueError(f'RESOURCE_EXHAUSTED: Error writing "params.model.conv1.kernel/0" in OCDBT database at '
+                     f'local file "{tmp_path}/w/checkpoints/{step}.orbax-checkpoint-tmp/": Failed writing: '
+                     f'No space left on device [OS error 28]')
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", full)
+  code, err = cli(TEACHER, *[a.format(data=env["data"]) for a in COMMON], f"--workdir={tmp_path / 'w'}")
+  assert code == 2
+  assert "cannot write the checkpoint of step 22 in" in one_error_line(err)
+  assert "no space left on the device (earlier checkpoints are kept)" in err
