@@ -41,6 +41,7 @@ from mdrad_jax import data as data_lib
 from mdrad_jax import evaluation
 from mdrad_jax import parallel
 from mdrad_jax import train
+from mdrad_jax import validation
 from mdrad_jax import workdir as workdir_lib
 from mdrad_jax.errors import MissingFileError, UserError
 from mdrad_jax.progress import is_main_process, log, progress_enabled
@@ -513,6 +514,7 @@ def run(config, workdir: str) -> dict:
   """Evaluates ``config.evaluate.checkpoint`` ('' = ``workdir`` itself) and writes the report to ``workdir``."""
   t_start = time.perf_counter()
   e = config.evaluate
+  validation.validate(config)  # also when called directly (study stages), not only from main.py
   parallel.initialize_distributed(config.get("distributed"))
   which = e.get("which", "best")
   ckpt_path = e.checkpoint or workdir

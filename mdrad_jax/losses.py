@@ -28,7 +28,8 @@ import jax.numpy as jnp
 
 REDUCTIONS = ("batchmean", "elem_mean", "sum", "none")
 CE_REDUCTIONS = ("mean", "sum", "none")
-RECTIFIERS = ("none", "swap", "adr")
+RECTIFIERS = ("none", "swap", "adr", "dynamic")
+DYNAMIC_TARGETS = ("student", "label")
 FUSIONS = ("uniform", "camkd", "ptrue", "entropy")
 RSLAD_LOG_EPS = 1e-5
 
@@ -203,16 +204,53 @@ def rectify_none(logits, labels):
   return logits
 
 
+def dynamic_trust(student_adv_logits, labels, *, beta=1.0):
+  """Per-sample trust in the teachers, λ_i = (1 − P_S(y_i | x'_i))^β, from the student's current adversarial
+  prediction at τ = 1 (stop-gradient), shape [N].  A sample the student already classifies robustly and
+  confidently gets λ → 0 (the teachers' guidance is trusted less); one it fails on gets λ → 1."""
+  s = sg(_f32(student_adv_logits))
+  _check_logits("student_adv_logits", s)
+  _check_labels(labels, s.shape[0])
+  p_y = jnp.take_along_axis(jax.nn.softmax(s, axis=-1), labels.astype(jnp.int32)[:, None], axis=-1)[:, 0]
+  return sg(jnp.power(jnp.clip(1.0 - p_y, 0.0, 1.0), beta))
+
+
+def rectify_dynamic(p_hat, student_adv_logits, labels, *, student_clean_logits=None, target="student",
+                    temperature=1.0, beta=1.0):
+  """Dynamic rectification (INFERRED): p̃_i = λ_i·p̂_i + (1 − λ_i)·q_i with λ_i = :func:`dynamic_trust`.
+
+  ``p_hat`` [N, C] is the fused (swap-rectified) teacher target; the fallback q_i is the student's own clean
+  prediction softmax(S(x_i)/τ) (``target='student'``, stop-gradient: the introspection of IAD) or the
+  one-hot label (``target='label'``).  The rectification follows the student as it trains: the more robust
+  the student is on a sample, the less that sample's target comes from the standard teachers.  Returns
+  ``(p̃ [N, C], λ [N])``, both stop-gradient.
+  """
+  _check_choice("dynamic_target", target, DYNAMIC_TARGETS)
+  p = sg(_f32(p_hat))
+  lam = dynamic_trust(student_adv_logits, labels, beta=beta)
+  if target == "student":
+    if student_clean_logits is None:
+      raise ValueError("rectify_dynamic: target='student' needs student_clean_logits")
+    q = sg(jax.nn.softmax(_f32(student_clean_logits) / temperature, axis=-1))
+  else:
+    q = jax.nn.one_hot(labels, p.shape[-1], dtype=p.dtype)
+  _check_same("fallback target", q, "p_hat", p)
+  return sg(lam[:, None] * p + (1.0 - lam[:, None]) * q), lam
+
+
 def rectify(kind: str, teacher_logits, labels, *, temperature=1.0, adr_lambda=0.9):
   """Rectified, tempered teacher probabilities (stop-gradient), [N, C] or [K, N, C] like the input.
 
   * ``'none'``: softmax(z/τ);
   * ``'swap'``: softmax(rectify_swap(z, y)/τ);
-  * ``'adr'``:  rectify_adr(softmax(z/τ), y, adr_lambda).
+  * ``'adr'``:  rectify_adr(softmax(z/τ), y, adr_lambda);
+  * ``'dynamic'``: the teacher part of the dynamic rectifier, i.e. ``'swap'``; the student-dependent mixing
+    of :func:`rectify_dynamic` is applied to the fused target by :func:`sa_mdrad_loss`, which has the
+    student's outputs.
   """
   _check_choice("rectifier", kind, RECTIFIERS)
   z = sg(_f32(teacher_logits))
-  if kind == "swap":
+  if kind in ("swap", "dynamic"):
     z = rectify_swap(z, labels)
   p = jax.nn.softmax(z / temperature, axis=-1)
   if kind == "adr":
@@ -311,7 +349,8 @@ def _metrics(**terms):
 def sa_mdrad_loss(*, student_adv_logits, teacher_nat_logits, labels, student_nat_logits=None,
                   teacher_adv_logits=None, projected_features=None, teacher_features=None,
                   rectifier="swap", fusion="camkd", temperature=4.0, alpha=5.0 / 6.0,
-                  feature_weight=1.0, ce_weight=0.0, adr_lambda=0.9, reduction="batchmean"):
+                  feature_weight=1.0, ce_weight=0.0, adr_lambda=0.9, reduction="batchmean",
+                  dynamic_target="student", dynamic_beta=1.0):
   """SA-MDRAD outer loss (multi-teacher, sample-aware rectification, adaptive fusion, logits + features).
 
   RECONSTRUCTION (INFERRED): the paper's full text and code are unavailable; this implements the configurable
@@ -324,6 +363,10 @@ def sa_mdrad_loss(*, student_adv_logits, teacher_nat_logits, labels, student_nat
     L_feat = Σ_k (1/N) Σ_i w^{nat}_ki·mean_{hwc}(P_k(f_S(x'))_i − f_{T_k}(x_i))²
     L      = α·L_adv + (1 − α)·L_nat + λ_f·L_feat + λ_ce·CE(S(x'), y)
 
+  With ``rectifier='dynamic'`` both fused targets (swap-rectified) are then mixed per sample with a fallback
+  by :func:`rectify_dynamic`: p̂_i ← λ_i·p̂_i + (1 − λ_i)·q_i, λ_i = (1 − P_S(y_i|x'_i))^β, q_i the
+  student's own clean prediction at τ (``dynamic_target='student'``) or the one-hot label ('label').
+
   Teacher view: the nat-view targets come from ``teacher_nat_logits`` = T_k(x) [K, N, C]; the adv-view targets
   from ``teacher_adv_logits`` = T_k(x') when given (V-adv), else from T_k(x) too (V-nat, default).
 
@@ -335,10 +378,11 @@ def sa_mdrad_loss(*, student_adv_logits, teacher_nat_logits, labels, student_nat
     teacher_adv_logits: optional T_k(x') [K, N, C] (V-adv).
     projected_features / teacher_features: K maps each (P_k(f_S(x')) and f_{T_k}(x)); required unless
       ``feature_weight`` is the Python number 0.
-    rectifier: 'swap' (default) | 'adr' | 'none'.  fusion: 'camkd' (default) | 'ptrue' | 'entropy' | 'uniform'.
+    rectifier: 'swap' (default) | 'adr' | 'none' | 'dynamic'.  fusion: 'camkd' (default) | 'ptrue' | 'entropy' | 'uniform'.
     temperature: τ (default 4).  alpha: α (default 5/6; may be an array, e.g. MTARD's adaptive w_adv).
     feature_weight: λ_f (default 1).  ce_weight: λ_ce (default 0).  adr_lambda: λ of the 'adr' rectifier.
     reduction: KL reduction (default 'batchmean').
+    dynamic_target / dynamic_beta: fallback q ('student' | 'label') and β of the 'dynamic' rectifier.
   """
   if student_nat_logits is None and not _is_static(alpha, 1.0):
     raise ValueError("sa_mdrad_loss: student_nat_logits is required unless alpha == 1")
@@ -360,6 +404,15 @@ def sa_mdrad_loss(*, student_adv_logits, teacher_nat_logits, labels, student_nat
     p_adv, _ = fused_soft_target(t_adv, labels, **target_kw)
   else:
     p_adv = p_nat
+  dyn_lambda = None
+  if rectifier == "dynamic":
+    if dynamic_target == "student" and student_nat_logits is None:
+      raise ValueError("sa_mdrad_loss: rectifier='dynamic' with dynamic_target='student' needs "
+                       "student_nat_logits")
+    dyn_kw = dict(student_clean_logits=student_nat_logits, target=dynamic_target, temperature=temperature,
+                  beta=dynamic_beta)
+    p_adv, dyn_lambda = rectify_dynamic(p_adv, s_adv, labels, **dyn_kw)
+    p_nat, _ = rectify_dynamic(p_nat, s_adv, labels, **dyn_kw)
 
   def tempered_kl(p, s):
     log_q = jax.nn.log_softmax(s / temperature, axis=-1)
@@ -383,9 +436,10 @@ def sa_mdrad_loss(*, student_adv_logits, teacher_nat_logits, labels, student_nat
 
   y = jnp.broadcast_to(labels[None], t_nat.shape[:2])
   teacher_correct = jnp.argmax(t_nat, axis=-1) == y
+  extra = {} if dyn_lambda is None else {"dynamic_trust": jnp.mean(dyn_lambda)}
   return loss, _metrics(kl_adv=kl_adv, kl_nat=kl_nat, feature=feat, ce=ce,
                         teacher_acc=jnp.mean(teacher_correct),
-                        fusion_max_weight=jnp.mean(jnp.max(w_nat, axis=0)))
+                        fusion_max_weight=jnp.mean(jnp.max(w_nat, axis=0)), **extra)
 
 
 def kd_loss(*, student_logits, teacher_logits, labels=None, temperature=4.0, alpha=0.9,

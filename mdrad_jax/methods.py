@@ -35,6 +35,9 @@ class Plan:
   student_features: bool = False                # projected student features on ``feature_view``
   teacher_features: bool = False                # teacher feature maps on the clean batch
   feature_view: str = "adv"
+  # the clean train-mode forward moves BatchNorm statistics only from this epoch on (None = always): a method
+  # whose official loop runs no clean forward before a switch epoch (IAD-II), and whose loss does not use it then
+  clean_stats_from_epoch: float | None = None
 
 
 def _no_state(hparams):
@@ -166,7 +169,9 @@ register(Method(
     loss=lambda out, st, hp: losses.trades_loss(
         student_nat_logits=out.student_clean, student_adv_logits=out.student_adv, labels=out.labels,
         beta=hp["beta"], reduction=hp["reduction"]),
-    plan=_fixed_plan(("clean", "adv")), defaults=dict(beta=6.0, reduction="batchmean"),
+    # the official loop's forwards in train mode: S(x) for the CE, then S(x') and S(x) again inside the KL
+    # (the two clean outputs are equal; the three forwards move the BatchNorm statistics three times)
+    plan=_fixed_plan(("clean", "adv", "clean")), defaults=dict(beta=6.0, reduction="batchmean"),
     make_objective=trades_inner, attack_init="normal", attack_bn="eval", attack_clip_start=False,
     description="TRADES: CE(S(x)) + β KL(S(x) ‖ S(x')), inner max of the KL."))
 
@@ -266,8 +271,14 @@ def _iad2_loss(out, st, hp):
       detach_self_target=hp["detach_self_target"], reduction=hp["reduction"])
 
 
+def _iad2_plan(hp, k):
+  # before begin_epoch the official loop runs no clean forward (the self term, its only use, is off)
+  return Plan(student_views=("adv", "clean"), teacher_views=(("adv",),) * k,
+              clean_stats_from_epoch=float(hp["begin_epoch"]))
+
+
 register(Method(
-    name="iad2", loss=_iad2_loss, plan=_fixed_plan(("adv", "clean"), ("adv",)),
+    name="iad2", loss=_iad2_loss, plan=_iad2_plan,
     defaults=dict(temperature=1.0, alpha1=0.5, alpha2=0.25, beta=0.1, begin_epoch=40.0,
                   detach_self_target=False, reduction="batchmean"),
     make_objective=ce_inner, attack_init="uniform", attack_bn="train_update", attack_clip_start=False,
@@ -285,8 +296,9 @@ def _mtard_init(hp):
 
 
 def _mtard_kwargs(hp, lr_scale):
-  # lr_w decays ×0.1 with the learning rate as in the official code; lr_tau stays constant
-  return dict(lr_w=hp["lr_w"] * lr_scale, beta=hp["beta"], balanced=hp["balanced"], lr_tau=hp["lr_tau"])
+  # lr_w and (B-MTARD) lr_tau decay ×0.1 with the learning rate, as the official scripts do (215/260/285)
+  return dict(lr_w=hp["lr_w"] * lr_scale, beta=hp["beta"], balanced=hp["balanced"],
+              lr_tau=hp["lr_tau"] * lr_scale)
 
 
 def _mtard_loss(out, st, hp):
@@ -317,7 +329,8 @@ for _name, _balanced in (("mtard", False), ("bmtard", True)):
 def _sa_mdrad_plan(hp, k):
   uses_features = hp["feature_weight"] != 0.0
   views = ("clean", "adv") if hp["teacher_view"] == "adv" else ("clean",)
-  s_views = ("adv",) if hp["alpha"] == 1.0 else ("adv", "clean")
+  needs_clean = hp["alpha"] != 1.0 or (hp["rectifier"] == "dynamic" and hp["dynamic_target"] == "student")
+  s_views = ("adv", "clean") if needs_clean else ("adv",)
   if hp["teacher_view"] not in ("nat", "adv"):
     raise ValueError(f"method.teacher_view must be 'nat' or 'adv', got {hp['teacher_view']!r}")
   return Plan(student_views=s_views, teacher_views=(views,) * k, student_features=uses_features,
@@ -332,13 +345,14 @@ def _sa_mdrad_loss(out, st, hp):
       projected_features=out.projected, teacher_features=out.teacher_clean_features,
       rectifier=hp["rectifier"], fusion=hp["fusion"], temperature=hp["temperature"], alpha=hp["alpha"],
       feature_weight=hp["feature_weight"], ce_weight=hp["ce_weight"], adr_lambda=hp["adr_lambda"],
-      reduction=hp["reduction"])
+      reduction=hp["reduction"], dynamic_target=hp["dynamic_target"], dynamic_beta=hp["dynamic_beta"])
 
 
 register(Method(
     name="sa_mdrad", loss=_sa_mdrad_loss, plan=_sa_mdrad_plan,
     defaults=dict(teacher_view="nat", rectifier="swap", fusion="camkd", temperature=4.0, alpha=5.0 / 6.0,
-                  feature_weight=1.0, ce_weight=0.0, adr_lambda=0.9, reduction="batchmean", inner="ce"),
+                  feature_weight=1.0, ce_weight=0.0, adr_lambda=0.9, reduction="batchmean", inner="ce",
+                  dynamic_target="student", dynamic_beta=1.0),
     make_objective=sa_mdrad_inner, attack_init="uniform", attack_bn="eval", min_teachers=1, max_teachers=None,
     description="SA-MDRAD (reconstruction, INFERRED): K standard teachers, per-sample rectification and "
                 "fusion, logit and feature distillation."))

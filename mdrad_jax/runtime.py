@@ -5,7 +5,7 @@ import os
 
 from mdrad_jax.errors import UserError
 
-JOBS = ("train", "evaluate", "quickstart")
+JOBS = ("train", "evaluate", "quickstart", "study")
 
 
 def configure_xla() -> None:
@@ -72,4 +72,7 @@ def run_job(config, workdir: str):
   if config.job == "quickstart":
     from mdrad_jax import quickstart
     return quickstart.run(config, workdir)
+  if config.job == "study":
+    from mdrad_jax import study
+    return study.run(config, workdir)
   raise UserError(f"config.job = {config.job!r}: expected one of {JOBS}")

@@ -27,6 +27,7 @@ from mdrad_jax import optim
 from mdrad_jax import parallel
 from mdrad_jax import precision
 from mdrad_jax import train_step as step_lib
+from mdrad_jax import validation
 from mdrad_jax import workdir as workdir_lib
 from mdrad_jax.errors import Interrupted, UserError
 from mdrad_jax.preemption import StopOnSignal
@@ -149,6 +150,36 @@ def create_state(config, *, model, image_shape, teacher_modules, teacher_vars, m
   return state, projectors, schedule
 
 
+def step_flops(jitted_step, *args) -> float | None:
+  """FLOPs of one call of ``jitted_step(*args)`` by XLA's cost analysis of the lowered program (None where
+  the backend gives none).  Lowering reuses the trace of the call, so this costs no second compilation."""
+  try:
+    ca = jitted_step.lower(*args).cost_analysis()
+  except Exception:  # cost analysis is best effort: some backends do not implement it
+    return None
+  if isinstance(ca, (list, tuple)):
+    ca = ca[0] if ca else None
+  if not ca or "flops" not in ca:
+    return None
+  return float(ca["flops"])
+
+
+COST_FILE = "cost.json"
+
+
+def write_cost(workdir: str, *, flops_per_step: float | None, total_steps: int, batch_size: int) -> None:
+  """``cost.json``: the train step's FLOPs (XLA cost analysis, all devices together) and the run's total."""
+  if jax.process_index() != 0:
+    return
+  d = {"train_step_flops": flops_per_step, "total_steps": int(total_steps), "batch_size": int(batch_size),
+       "train_flops": None if flops_per_step is None else flops_per_step * total_steps,
+       "source": "XLA cost analysis of the lowered train step; evaluation not included"}
+  path = os.path.join(workdir, COST_FILE)
+  with open(path + ".tmp", "w") as f:
+    json.dump(d, f, indent=2)
+  os.replace(path + ".tmp", path)
+
+
 # ---------------------------------------------------------------------------------------------
 # Evaluation during training.
 # ---------------------------------------------------------------------------------------------
@@ -213,6 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   that trains something else (``workdir.check_same_run``).  SIGINT/SIGTERM stop the run after the current
   step with a checkpoint of it (``errors.Interrupted``).
   """
+  validation.validate(config)  # also when called directly (quickstart and study stages), not only from main.py
   parallel.initialize_distributed(config.get("distributed"))
   mesh = parallel.create_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
@@ -319,6 +351,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with stop:
       while step < total_steps:
         batch = parallel.shard_batch(next(train_iter), mesh)
+        if step == start_step and not os.path.isfile(os.path.join(workdir, COST_FILE)):
+          write_cost(workdir, flops_per_step=step_flops(p_train_step, state, teacher_vars, batch),
+                     total_steps=total_steps, batch_size=config.batch_size)
         state, metrics = p_train_step(state, teacher_vars, batch)
         step += 1
         n_window += 1

@@ -160,7 +160,11 @@ def make_train_step(*, model: nn.Module, method: Method, hparams: dict, attack: 
       for view in plan.student_views:
         xin = x_adv if view == "adv" else x
         want_feats = plan.student_features and view == plan.feature_view
+        prev = cur
         out, cur = _apply(model, p["model"], cur, xin, train=True, features=want_feats)
+        if view == "clean" and plan.clean_stats_from_epoch is not None:
+          on = epoch >= plan.clean_stats_from_epoch
+          cur = jax.tree.map(lambda new, old: jnp.where(on, new, old), cur, prev)
         if want_feats:
           out, f = out
           outs, new_proj_stats = [], {}

@@ -46,6 +46,12 @@ def test_recipes_follow_the_official_codes():
   assert _load("ard").get_config("dataset=cifar10,faithful_lr").optim.schedule == "ard_faithful"
   c = _load("iad1").get_config("dataset=cifar10,epochs=20")
   assert c.method.begin_epoch == pytest.approx(6.0) and tuple(c.optim.boundaries) == (10, 15)
+  # TRADES: the official CIFAR-10 script's recipe on request; the default stays the PGD-AT recipe
+  t = _load("trades").get_config("dataset=cifar10,faithful")
+  assert (t.num_epochs, tuple(t.optim.boundaries), t.optim.weight_decay) == (76, (75,), 2e-4)
+  assert (t.attack.eps, t.attack.step_size, t.attack.num_steps) == (0.031, 0.007, 10)
+  d = _load("trades").get_config("dataset=cifar10")
+  assert (d.num_epochs, d.optim.weight_decay, d.attack.eps) == (110, 5e-4, 8 / 255)
 
 
 def test_teacher_and_quickstart_configs():

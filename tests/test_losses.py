@@ -61,7 +61,7 @@ def np_adr(p, y, lam):
 
 
 def np_rectify(kind, z, y, tau, lam):
-  if kind == "swap":
+  if kind in ("swap", "dynamic"):  # 'dynamic' = swap on the teacher side; the student mixing comes after fusion
     return np_softmax(np_swap(z, y), tau)
   p = np_softmax(z, tau)
   return np_adr(p, y, lam) if kind == "adr" else p
@@ -273,7 +273,8 @@ def test_feature_losses(data):
 # ---------------------------------------------------------------------------------------------
 # Method losses against NumPy.
 # ---------------------------------------------------------------------------------------------
-def np_sa_mdrad(d, *, rectifier, fusion, tau, alpha, lam_f, lam_ce, adr_lambda, reduction, view):
+def np_sa_mdrad(d, *, rectifier, fusion, tau, alpha, lam_f, lam_ce, adr_lambda, reduction, view,
+                dyn_target="student", dyn_beta=1.0):
   y = d["y"]
   w = np_fusion(fusion, d["t_nat"], y)
   p_nat = (w[..., None] * np_rectify(rectifier, d["t_nat"], y, tau, adr_lambda)).sum(0)
@@ -282,6 +283,11 @@ def np_sa_mdrad(d, *, rectifier, fusion, tau, alpha, lam_f, lam_ce, adr_lambda, 
     p_adv = (w_a[..., None] * np_rectify(rectifier, d["t_adv"], y, tau, adr_lambda)).sum(0)
   else:
     p_adv = p_nat
+  if rectifier == "dynamic":
+    lam_i = np.clip(1 - np_softmax(d["s_adv"])[np.arange(len(y)), y], 0, 1) ** dyn_beta
+    q = np_softmax(d["s_nat"], tau) if dyn_target == "student" else np.eye(C)[y]
+    p_adv = lam_i[:, None] * p_adv + (1 - lam_i[:, None]) * q
+    p_nat = lam_i[:, None] * p_nat + (1 - lam_i[:, None]) * q
   kl_adv = tau ** 2 * np_reduce(np_kl_rows(p_adv, np_log_softmax(d["s_adv"], tau)), C, reduction)
   kl_nat = tau ** 2 * np_reduce(np_kl_rows(p_nat, np_log_softmax(d["s_nat"], tau)), C, reduction)
   feat = sum((w[k] * np_feature_mse(d["proj"][k], d["feat"][k])).mean() for k in range(K))
@@ -310,6 +316,39 @@ def test_sa_mdrad_loss(data, rectifier, fusion, view, reduction):
   close(m["kl_nat"], kl_nat)
   close(m["feature"], feat)
   assert all(np.asarray(v).shape == () for v in m.values())
+
+
+@pytest.mark.parametrize("target,beta,view", [("student", 1.0, "nat"), ("label", 2.5, "adv"),
+                                               ("student", 0.5, "adv")])
+def test_sa_mdrad_dynamic_rectifier(data, target, beta, view):
+  d = data
+  loss, m = L.sa_mdrad_loss(
+      student_adv_logits=d["s_adv"], student_nat_logits=d["s_nat"], teacher_nat_logits=d["t_nat"],
+      teacher_adv_logits=d["t_adv"] if view == "adv" else None, labels=d["y"],
+      projected_features=d["proj"], teacher_features=d["feat"], rectifier="dynamic", fusion="camkd",
+      temperature=3.0, alpha=0.7, feature_weight=2.0, ce_weight=0.5, dynamic_target=target, dynamic_beta=beta)
+  want, kl_adv, kl_nat, _ = np_sa_mdrad(d, rectifier="dynamic", fusion="camkd", tau=3.0, alpha=0.7, lam_f=2.0,
+                                        lam_ce=0.5, adr_lambda=0.9, reduction="batchmean", view=view,
+                                        dyn_target=target, dyn_beta=beta)
+  close(loss, want)
+  close(m["kl_adv"], kl_adv)
+  close(m["kl_nat"], kl_nat)
+  lam = np.clip(1 - np_softmax(d["s_adv"])[np.arange(N), d["y"]], 0, 1) ** beta
+  close(m["dynamic_trust"], lam.mean())
+
+
+def test_dynamic_trust_limits():
+  """λ → 1 where the student is wrong with certainty, → 0 where it is right with certainty."""
+  s = jnp.array([[20.0, 0.0, 0.0], [0.0, 20.0, 0.0]])
+  y = jnp.array([0, 0])
+  lam = np.asarray(L.dynamic_trust(s, y))
+  assert lam[0] < 1e-6 and lam[1] > 1 - 1e-6
+  p_hat = jnp.full((2, 3), 1 / 3)
+  out, _ = L.rectify_dynamic(p_hat, s, y, target="label")
+  close(out[0], [1.0, 0.0, 0.0], atol=1e-6)     # robust sample: the label
+  close(out[1], np.full(3, 1 / 3), atol=1e-6)   # failed sample: the teachers' target
+  with pytest.raises(ValueError, match="student_clean_logits"):
+    L.rectify_dynamic(p_hat, s, y, target="student")
 
 
 def test_sa_mdrad_defaults_and_alpha_one(data):

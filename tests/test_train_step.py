@@ -112,3 +112,62 @@ def test_wrong_teacher_count_is_a_clear_error():
     methods.get_method("mtard").check_teachers(1)
   with pytest.raises(ValueError, match="unknown method 'ardd'"):
     methods.get_method("ardd")
+
+
+def test_dynamic_rectifier_plan_and_step():
+  """With α = 1 the dynamic rectifier still needs S(x) (its fallback target): the plan runs it (not with the
+  label fallback), and the compiled step reports the mean trust λ in (0, 1]."""
+  hp = dict(config_lib.method_config("sa_mdrad", rectifier="dynamic", alpha=1.0, feature_weight=0.0))
+  plan = methods.get_method("sa_mdrad").plan(hp, 2)
+  assert plan.student_views == ("adv", "clean")
+  assert methods.get_method("sa_mdrad").plan(dict(hp, dynamic_target="label"), 2).student_views == ("adv",)
+  step, state, tvars, mesh = _setup("sa_mdrad", overrides={"rectifier": "dynamic", "alpha": 0.5})
+  _, m = jax.jit(step)(state, tvars, _batch())
+  assert 0.0 < float(m["dynamic_trust"]) <= 1.0
+  assert np.isfinite(float(m["loss"]))
+
+
+def _stats_after_forwards(model, state, x, n):
+  """BatchNorm running statistics after ``n`` successive train-mode forwards on ``x`` (PyTorch's order)."""
+  stats = state.batch_stats["model"]
+  for _ in range(n):
+    _, upd = model.apply({"params": state.params["model"], "batch_stats": stats}, x, train=True,
+                         mutable=["batch_stats"])
+    stats = upd["batch_stats"]
+  return stats
+
+
+@pytest.mark.parametrize("name,epoch,forwards", [("trades", 0, 3), ("iad2", 0, 1), ("iad2", 5, 2),
+                                                 ("pgd_at", 0, 2)])
+def test_train_mode_forwards_move_batchnorm_as_the_official_loops(name, epoch, forwards):
+  """TRADES runs S(x), S(x'), S(x) in train mode; IAD-II runs no clean forward before its switch epoch.
+  With ε = 0 and no attack steps every view is x, so the statistics count the train-mode forwards."""
+  _, state, tvars, _ = _setup(name, overrides={"begin_epoch": 2.0} if name == "iad2" else None)
+  m = methods.get_method(name)
+  model = models.get_model("tiny_cnn", num_classes=C, widths=(8, 16))
+  tmods = tuple(models.get_model(n, num_classes=C, **({"widths": (8, 16)} if n == "tiny_cnn" else
+                                                      {"hidden": (32,)})) for n in ("tiny_cnn", "mlp")[:len(tvars)])
+  hp = dict(config_lib.method_config(name, **({"begin_epoch": 2.0} if name == "iad2" else {})))
+  attack = ts.AttackConfig(eps=0.0, step_size=0.0, num_steps=0, init="none", bn_mode="eval")
+  step = ts.make_train_step(model=model, method=m, hparams=hp, attack=attack, teacher_models=tmods,
+                            steps_per_epoch=1)
+  batch = _batch()
+  state = state.replace(step=jnp.asarray(epoch, state.step.dtype))
+  new_state, _ = jax.jit(step)(state, tvars, batch)
+  want = _stats_after_forwards(model, state, batch["image"], forwards)
+  for got_leaf, want_leaf in zip(jax.tree.leaves(new_state.batch_stats["model"]), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(got_leaf), np.asarray(want_leaf), rtol=1e-5, atol=1e-6)
+
+
+def test_bmtard_temperature_rate_decays_with_the_learning_rate():
+  from mdrad_jax import losses
+  hp = dict(config_lib.method_config("bmtard"))
+  m = methods.get_method("bmtard")
+  st = losses.mtard_update_state(losses.mtard_init_state(), 1.0, 2.0, balanced=True)  # initialised
+  metrics = {"kl_adv": 0.8, "kl_nat": 1.5, "teacher_neg_entropy_adv": -0.5, "teacher_neg_entropy_nat": -1.0}
+  got = m.update_state(st, metrics, hp, 0.1)
+  want = losses.mtard_update_state(st, 0.8, 1.5, lr_w=hp["lr_w"] * 0.1, beta=hp["beta"], balanced=True,
+                                   entropy_adv=-0.5, entropy_nat=-1.0, lr_tau=hp["lr_tau"] * 0.1)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+  assert float(got.tau_adv) != float(m.update_state(st, metrics, hp, 1.0).tau_adv)

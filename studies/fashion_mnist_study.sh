@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The CPU-scale comparative study on Fashion-MNIST (configs/study.py:fashion_mnist; docs/results.md).
+# Resumable: run it again on the same directory and it skips finished cells and resumes the interrupted one.
+# Usage: bash studies/fashion_mnist_study.sh [RUN_DIR] [extra main.py flags, e.g. --config.study.only=table2]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+R=${1:-runs/fmnist_study}
+shift || true
+mkdir -p "$R"
+export MDRAD_PROGRESS=${MDRAD_PROGRESS:-0}
+CMD="bash studies/fashion_mnist_study.sh $R $*"
+$PY main.py --config=configs/study.py:fashion_mnist --workdir="$R" --config.study.command="$CMD" "$@" 2>&1 \
+  | grep --line-buffered -v "^[WI][0-9]\{4\} " | tee -a "$R/study.log"

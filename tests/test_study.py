@@ -1,0 +1,132 @@
+"""The study job on its small grid (every method once on digits): table shape, numbers from each cell's own
+evaluation, mean ± std against NumPy, resume without retraining, subsets."""
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+from mdrad_jax import runtime
+from mdrad_jax import study as study_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small_config(**study_overrides):
+  spec = importlib.util.spec_from_file_location("study_config", os.path.join(ROOT, "configs", "study.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config("small")
+  c.study.rows.pgd_at.seeds = (0, 1)  # one row with two seeds, so that the std is exercised
+  for k, v in study_overrides.items():
+    c.study[k] = v
+  return c
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("study"))
+  os.environ["MDRAD_PROGRESS"] = "0"
+  result = runtime.run(small_config(), workdir)
+  return workdir, result
+
+
+def _read(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def test_every_row_and_method_is_in_the_table(finished):
+  workdir, _ = finished
+  study = _read(os.path.join(workdir, "study.json"))
+  config = small_config()
+  assert {r["row"] for r in study["rows"]} == set(config.study.rows.keys())
+  methods = {r["method"] for r in study["rows"]}
+  assert {"sa_mdrad", "adaad", "rslad", "ard", "iad1", "mtard", "bmtard", "kd", "pgd_at", "trades"} <= methods
+  assert len(study["cells"]) == len(config.study.rows) + 1  # pgd_at has two seeds
+  lines = open(os.path.join(workdir, "study.md")).read().splitlines()
+  for r in study["rows"]:
+    found = [i for i, x in enumerate(lines) if x.startswith(f"| {r['label']} |")]
+    assert len(found) == 1, r["label"]
+    header = next(lines[i] for i in range(found[0], -1, -1) if lines[i].startswith("| row |"))
+    assert lines[found[0]].count("|") == header.count("|")
+    assert f"| {r['n_seeds']} |" in lines[found[0]]
+  for name in ("study_robust_vs_clean.png", "study_robust_vs_compute.png"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 1000
+
+
+def test_cell_numbers_come_from_its_own_evaluations(finished):
+  workdir, _ = finished
+  study = _read(os.path.join(workdir, "study.json"))
+  dirs = set()
+  for cell in study["cells"]:
+    d = os.path.join(workdir, "runs", cell["row"], f"seed{cell['seed']}")
+    assert os.path.realpath(cell["dir"]) == os.path.realpath(d)
+    dirs.add(d)
+    main = _read(os.path.join(d, "eval_main", "eval.json"))
+    aa = _read(os.path.join(d, "eval_aa", "eval.json"))
+    for rep in (main, aa):
+      assert os.path.realpath(rep["meta"]["checkpoint"]["path"]) == os.path.realpath(d)
+      assert rep["meta"]["checkpoint"]["step"] == cell["checkpoint_step"]
+      for key, entry in rep["attacks"].items():
+        assert cell["attacks"][key]["correct"] == entry["correct"]
+        assert cell["attacks"][key]["accuracy"] == entry["accuracy"]
+    assert set(cell["attacks"]) == {"clean", "pgd20", "cw", "autoattack_apgd_subset"}
+    run_cfg = _read(os.path.join(d, "config.json"))
+    assert run_cfg["seed"] == cell["seed"] and run_cfg["method"]["name"] == cell["method"]
+    # the last checkpoint, the same rule for every method
+    steps = sorted(int(s) for s in os.listdir(os.path.join(d, "checkpoints")) if s.isdigit())
+    assert cell["checkpoint_step"] == steps[-1]
+    cost = _read(os.path.join(d, "cost.json"))
+    assert cell["train_flops"] == pytest.approx(cost["train_step_flops"] * cost["total_steps"])
+    assert cell["train_flops"] > 0
+  assert len(dirs) == len(study["cells"])
+  # the two seeds of one row are different runs
+  a, b = [c for c in study["cells"] if c["row"] == "pgd_at"]
+  assert a["attacks"] != b["attacks"] or a["in_training"] != b["in_training"]
+
+
+def test_row_statistics_against_numpy(finished):
+  workdir, _ = finished
+  study = _read(os.path.join(workdir, "study.json"))
+  for r in study["rows"]:
+    for key in ("clean", "pgd20", "cw", "autoattack_apgd_subset"):
+      vals = []
+      for seed in r["seeds"]:
+        d = os.path.join(workdir, "runs", r["row"], f"seed{seed}")
+        name = "eval_aa" if key.startswith("autoattack") else "eval_main"
+        vals.append(_read(os.path.join(d, name, "eval.json"))["attacks"][key]["accuracy"])
+      vals = np.asarray(vals, np.float64)
+      assert r[key]["mean"] == pytest.approx(vals.mean())
+      assert r[key]["std"] == pytest.approx(vals.std(ddof=1) if len(vals) > 1 else 0.0)
+    teacher_flops = sum(study["teachers"][t]["train_flops"] for t in r["teachers"])
+    assert r["total_flops"] == pytest.approx(r["train_flops"] + teacher_flops)
+
+
+def test_rank_names_take_the_most_accurate_teachers(finished):
+  workdir, _ = finished
+  study = _read(os.path.join(workdir, "study.json"))
+  acc = {n: study["teachers"][n]["test_accuracy"] for n in ("tiny", "mlp")}
+  best = max(acc, key=acc.get)
+  assert next(r for r in study["rows"] if r["row"] == "adaad")["teachers"] == [best]
+  assert next(r for r in study["rows"] if r["row"] == "mtard")["teachers"] == [best, min(acc, key=acc.get)]
+
+
+def test_rerun_skips_finished_cells_and_only_selects(finished):
+  workdir, _ = finished
+  cells = [os.path.join(workdir, "runs", r, "seed0", "cell.json") for r in ("sa_mdrad", "pgd_at")]
+  before = [os.stat(p).st_mtime_ns for p in cells]
+  out = runtime.run(small_config(only="sa_mdrad,pgd_at/seed1"), workdir)
+  assert sorted((c["row"], c["seed"]) for c in out["cells"]) == [("pgd_at", 1), ("sa_mdrad", 0)]
+  assert [os.stat(p).st_mtime_ns for p in cells] == before
+  with pytest.raises(ValueError, match="selects no cell"):
+    runtime.run(small_config(only="no_such_row"), workdir)
+
+
+def test_changed_row_config_is_refused(finished):
+  workdir, _ = finished
+  c = small_config(only="kd")
+  c.study.rows.kd.overrides = type(c.study.rows.kd.overrides)({"method": {"temperature": 2.0}})
+  with pytest.raises(ValueError, match="another config"):
+    study_lib.run(c, workdir)
