@@ -17,7 +17,7 @@ import numbers
 import os
 from typing import Any, Callable
 
-from mdrad_jax.errors import UserError
+from mdrad_jax.errors import MissingFileError, UserError
 
 _MISSING = object()
 
@@ -84,6 +84,11 @@ def number(config, path: str, *, lo: float | None = None, hi: float | None = Non
       if allow:
         expected += f" (or {' or '.join(f'{a:g}' for a in allow)})"
     fail(path, v, expected)
+
+
+def missing_path(path: str, value) -> None:
+  raise MissingFileError(f"config.{path} = {value!r}: expected an existing training workdir or checkpoint "
+                         f"directory (no such path)")
 
 
 def choice(config, path: str, choices) -> None:
@@ -198,7 +203,7 @@ def check_training(config) -> None:
       if not isinstance(t, str) or not t:
         fail(f"teachers[{k}]", t, "the path of a teacher's training workdir")
       if not os.path.exists(os.path.expanduser(t)):
-        fail(f"teachers[{k}]", t, "an existing training workdir or checkpoint directory (no such path)")
+        missing_path(f"teachers[{k}]", t)
 
 
 def check_evaluate(config) -> None:
@@ -229,7 +234,7 @@ def check_evaluate(config) -> None:
   number(config, "evaluate.masking_significance", lo=0.0, hi=1.0, lo_open=True)
   path = _get(config, "evaluate.checkpoint", "")
   if path and not os.path.exists(os.path.expanduser(path)):
-    fail("evaluate.checkpoint", path, "an existing training workdir or checkpoint directory (no such path)")
+    missing_path("evaluate.checkpoint", path)
 
 
 def check_quickstart(config) -> None:
