@@ -4,12 +4,20 @@ Layout: ``WORKDIR/checkpoints/<step>/{state,data}``.  The last ``keep`` checkpoi
 by ``best_metric`` when a metric is given.  Orbax writes each checkpoint to a temporary directory and renames
 it when complete, so an interrupted save never replaces a good checkpoint; a state with non-finite parameters is
 refused before anything is written.
+
+A checkpoint that does not restore (a truncated or overwritten array file, a deleted or malformed metadata file,
+a data-iterator position that does not match its step) is set aside by :meth:`Checkpointer.restore_newest`
+into ``WORKDIR/checkpoints_broken/<step>`` (never deleted) and the next older one is restored instead; when none
+restores the run stops with one line naming the step directory and the error.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import sys
+import time
 from typing import Any
 
 import grain
@@ -18,9 +26,20 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from mdrad_jax.errors import MissingFileError, UserError
 from mdrad_jax.train_state import TrainState
 
 CHECKPOINT_DIR = "checkpoints"
+BROKEN_DIR = "checkpoints_broken"
+# What reading a damaged checkpoint raises (tensorstore and orbax: ValueError; missing files: OSError; JSON:
+# ValueError; a pytree that lacks a key: KeyError).  Anything else is a bug and propagates.
+_UNREADABLE = (ValueError, OSError, KeyError, IndexError, UserError)
+
+
+def _unreadable(e: BaseException) -> bool:
+  """A restore error that means a damaged checkpoint: the types above, or the bare ``Exception`` orbax
+  raises around a tensorstore read error."""
+  return isinstance(e, _UNREADABLE) or type(e) is Exception
 
 
 class NonFiniteStateError(RuntimeError):
@@ -58,7 +77,7 @@ class Checkpointer:
     self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
     self.best_metric = best_metric or None
     if best_mode not in ("max", "min"):
-      raise ValueError(f"checkpoint.best_mode must be 'max' or 'min', got {best_mode!r}")
+      raise UserError(f"checkpoint.best_mode must be 'max' or 'min', got {best_mode!r}")
     policies = [ocm.LatestN(n=keep)]
     best_fn = None
     if self.best_metric:
@@ -75,7 +94,11 @@ class Checkpointer:
     )
     self._best_fn = best_fn
     self._best_mode = best_mode
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    try:
+      self.manager = ocp.CheckpointManager(self.directory, options=options)
+    except ValueError:  # orbax reads every step's metrics file here
+      _check_json_files(self.directory)
+      raise
 
   # -- queries ---------------------------------------------------------------------------------
   def latest_step(self) -> int | None:
@@ -103,9 +126,62 @@ class Checkpointer:
     clean_metrics = None
     if metrics is not None:
       clean_metrics = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
-    saved = self.manager.save(int(state.step), args=ocp.args.Composite(**items),
-                              metrics=clean_metrics, force=force)
+    try:
+      with _quiet_orbax(logging.CRITICAL), _no_closed_loop_noise():
+        saved = self.manager.save(int(state.step), args=ocp.args.Composite(**items),
+                                  metrics=clean_metrics, force=force)
+        if saved:
+          self.manager.wait_until_finished()
+    except (OSError, ValueError) as e:
+      if _disk_full(e):
+        raise UserError(f"cannot write the checkpoint of step {int(state.step)} in {self.directory}: no space "
+                        f"left on the device (earlier checkpoints are kept)") from None
+      raise
     return saved
+
+  def restore_newest(self, state: TrainState, *, data_iterator=None) -> TrainState | None:
+    """Restores the newest checkpoint that restores; None when there is no checkpoint.
+
+    A newer checkpoint that fails to restore is moved to ``WORKDIR/checkpoints_broken/`` (one line says so)
+    once an older one restored; when none restores, nothing is moved and a ``UserError`` names the newest.
+    """
+    steps = sorted(self.all_steps(), reverse=True)
+    failures = []
+    for step in steps:
+      try:
+        restored = self.restore(state, step=step, data_iterator=data_iterator)
+      except Exception as e:  # noqa: BLE001 -- sorted by _unreadable; anything else propagates
+        if not _unreadable(e):
+          raise
+        failures.append((step, e))
+        continue
+      if failures:
+        self._set_aside([s for s, _ in failures])
+        from mdrad_jax.progress import log
+        bad = ", ".join(f"step {s} ({_describe(e)})" for s, e in failures)
+        log(f"checkpoint {bad} does not restore: resumed from step {step} instead; the broken one(s) moved "
+            f"to {os.path.join(os.path.dirname(self.directory), BROKEN_DIR)}")
+      return restored
+    if failures:
+      step, e = failures[0]
+      older = f" (nor do the {len(failures) - 1} older one(s))" if len(failures) > 1 else ""
+      raise UserError(f"checkpoint {os.path.join(self.directory, str(step))} does not restore{older}: "
+                      f"{_describe(e)}; move it aside to start again") from e
+    return None
+
+  def _set_aside(self, steps) -> None:
+    if jax.process_index() == 0:
+      aside = os.path.join(os.path.dirname(self.directory), BROKEN_DIR)
+      os.makedirs(aside, exist_ok=True)
+      for step in steps:
+        target = os.path.join(aside, str(step))
+        if os.path.exists(target):
+          target += f".{time.strftime('%Y%m%d-%H%M%S')}"
+        os.rename(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("mdrad_jax checkpoints set aside")
+    self.manager.reload()
 
   def restore(self, state: TrainState, *, step: int | None = None, data_iterator=None) -> TrainState:
     """Restores into the structure (and shardings) of ``state``; also moves ``data_iterator``.
@@ -118,7 +194,7 @@ class Checkpointer:
     """
     step = self.latest_step() if step is None else step
     if step is None:
-      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+      raise MissingFileError(f"no checkpoint in {self.directory}")
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_tree(state))
     items = {"state": ocp.args.StandardRestore(target)}
     reposition = False
@@ -129,13 +205,29 @@ class Checkpointer:
         reposition = True
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     tree = restored["state"]
+    if int(np.asarray(tree["step"])) != int(step):
+      raise UserError(f"{os.path.join(self.directory, str(step))}: holds the state of step "
+                      f"{int(np.asarray(tree['step']))}")
     if reposition:
       _move_iterator(data_iterator, int(step))
+    elif "data" in items:
+      position = _iterator_position(data_iterator)
+      if position is not None and position != int(step):
+        raise UserError(f"{self._data_file(step)}: data-iterator position next_index={position} does not match "
+                        f"the checkpoint's step {step} (one batch per step)")
     return state.replace(**tree)
 
-  def _data_saved_for_this_process(self, step: int) -> bool:
+  def _data_file(self, step: int) -> str:
     name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-    return os.path.isfile(os.path.join(self.directory, str(step), "data", name))
+    return os.path.join(self.directory, str(step), "data", name)
+
+  def _data_saved_for_this_process(self, step: int) -> bool:
+    path = self._data_file(step)
+    if not os.path.isfile(path):
+      return False
+    from mdrad_jax.workdir import read_json
+    read_json(path, "data-iterator state")  # malformed: one line naming the file
+    return True
 
   def _has_item(self, step: int, name: str) -> bool:
     return os.path.isdir(os.path.join(self.directory, str(step), name))
@@ -148,12 +240,36 @@ class Checkpointer:
     self.manager.close()
 
 
+def _check_json_files(directory: str) -> None:
+  """Raises ``UserError`` naming the first JSON file of a checkpoint directory that does not parse."""
+  from mdrad_jax.workdir import read_json
+  for step in sorted(os.listdir(directory)) if os.path.isdir(directory) else ():
+    for rel in ("metrics/metrics", "_CHECKPOINT_METADATA"):
+      path = os.path.join(directory, step, rel)
+      if os.path.isfile(path):
+        read_json(path, "checkpoint file")
+
+
+def _describe(e: BaseException) -> str:
+  text = " ".join(str(e).split()) or type(e).__name__
+  return text if len(text) <= 240 else text[:237] + "..."
+
+
+def _iterator_position(data_iterator) -> int | None:
+  """Batches a (single-process, index-based) grain iterator has yielded; None for other iterators."""
+  get_state = getattr(data_iterator, "get_state", None)
+  current = get_state() if get_state is not None else None
+  if isinstance(current, dict) and set(current) == {"next_index"}:
+    return int(current["next_index"])
+  return None
+
+
 def _move_iterator(data_iterator, num_batches: int) -> None:
   """Puts a fresh grain iterator of the training loader after its first ``num_batches`` batches."""
   get_state = getattr(data_iterator, "get_state", None)
   current = get_state() if get_state is not None else None
   if not isinstance(current, dict) or set(current) != {"next_index"}:
-    raise ValueError("this checkpoint was written by a different number of processes and the data "
+    raise UserError("this checkpoint was written by a different number of processes and the data "
                      "iterator cannot be repositioned here (use data.worker_count=0 to resume it)")
   data_iterator.set_state({"next_index": int(num_batches)})
   if hasattr(data_iterator, "start_prefetch"):
@@ -163,17 +279,49 @@ def _move_iterator(data_iterator, num_batches: int) -> None:
       f"this run's own order")
 
 
+def _disk_full(e: BaseException) -> bool:
+  """Whether a failed write ran out of space (an OSError, or tensorstore's RESOURCE_EXHAUSTED ValueError)."""
+  while e is not None:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    if "RESOURCE_EXHAUSTED" in str(e) or "No space left on device" in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
 @contextlib.contextmanager
-def _quiet_orbax():
-  """Silences orbax's warning that a step's item directory has no step-level metadata file: reading one
-  item of a manager's step directory with a ``StandardCheckpointer`` is expected to find none."""
-  logger = logging.getLogger("absl")
-  level = logger.level
-  logger.setLevel(logging.ERROR)
+def _no_closed_loop_noise():
+  """A save that fails part-way leaves tensorstore callbacks that find orbax's event loop closed; each prints a
+  traceback ('Event loop is closed') through ``sys.excepthook``.  The save's own exception says what went
+  wrong, so these are dropped while it runs; any other exception is printed as usual."""
+  previous = sys.excepthook
+
+  def hook(kind, value, tb):
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+      return
+    previous(kind, value, tb)
+
+  sys.excepthook = hook
   try:
     yield
   finally:
-    logger.setLevel(level)
+    sys.excepthook = previous
+
+
+@contextlib.contextmanager
+def _quiet_orbax(level: int = logging.ERROR):
+  """Silences orbax's warning that a step's item directory has no step-level metadata file: reading one
+  item of a manager's step directory with a ``StandardCheckpointer`` is expected to find none.  During a
+  save (``level=CRITICAL``) it also drops the error that each of orbax's writer threads logs when the save
+  fails: the save raises that error once."""
+  logger = logging.getLogger("absl")
+  previous = logger.level
+  logger.setLevel(level)
+  try:
+    yield
+  finally:
+    logger.setLevel(previous)
 
 
 def _local_target(ckptr, step_dir: str):
@@ -193,16 +341,15 @@ def load_model_variables(path: str, *, which: str = "best") -> tuple[dict, dict 
   workdir is given.  Returns ``(variables, run_config)`` where ``variables`` is ``{'params', 'batch_stats'}`` of
   the network alone and ``run_config`` the parsed ``config.json`` of the run when one is found (else None).
   """
-  import json
+  from mdrad_jax.workdir import read_json
 
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.exists(path):
-    raise FileNotFoundError(f"teacher/checkpoint path does not exist: {path}")
+    raise MissingFileError(f"teacher/checkpoint path does not exist: {path}")
   run_config = None
   step_dir = None
   if os.path.isfile(os.path.join(path, "config.json")):
-    with open(os.path.join(path, "config.json")) as f:
-      run_config = json.load(f)
+    run_config = read_json(os.path.join(path, "config.json"), "run config")
     ckpt_root = os.path.join(path, CHECKPOINT_DIR)
   elif os.path.basename(path) == CHECKPOINT_DIR:
     ckpt_root = path
@@ -210,14 +357,13 @@ def load_model_variables(path: str, *, which: str = "best") -> tuple[dict, dict 
     step_dir = path
     ckpt_root = os.path.dirname(path)
   else:
-    raise FileNotFoundError(
-        f"{path} is neither a training workdir (config.json + checkpoints/), a checkpoints/ directory, "
+    raise MissingFileError(
+        f"teacher/checkpoint {path} is neither a training workdir (config.json + checkpoints/), a checkpoints/ directory, "
         f"nor a checkpoint step directory (with state/)")
   if run_config is None:
     cfg = os.path.join(os.path.dirname(ckpt_root), "config.json")
     if os.path.isfile(cfg):
-      with open(cfg) as f:
-        run_config = json.load(f)
+      run_config = read_json(cfg, "run config")
   if step_dir is None:
     best_metric = None
     if run_config is not None:
@@ -226,11 +372,16 @@ def load_model_variables(path: str, *, which: str = "best") -> tuple[dict, dict 
     ckpt = Checkpointer(os.path.dirname(ckpt_root), best_metric=best_metric, best_mode=mode)
     step = ckpt.best_step() if which == "best" else ckpt.latest_step()
     if step is None:
-      raise FileNotFoundError(f"no checkpoint found under {ckpt_root}")
+      raise MissingFileError(f"no checkpoint found under {ckpt_root}")
     step_dir = os.path.join(ckpt_root, str(step))
     ckpt.close()
   with _quiet_orbax(), ocp.StandardCheckpointer() as ckptr:
-    tree = ckptr.restore(os.path.join(step_dir, "state"), _local_target(ckptr, step_dir))
+    try:
+      tree = ckptr.restore(os.path.join(step_dir, "state"), _local_target(ckptr, step_dir))
+    except Exception as e:  # noqa: BLE001
+      if not _unreadable(e):
+        raise
+      raise UserError(f"checkpoint {step_dir} does not restore: {_describe(e)}") from e
   variables: dict[str, Any] = {"params": tree["params"]["model"]}
   bs = tree.get("batch_stats", {}).get("model")
   if bs:

@@ -60,7 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.augment = "none"  # 'none' | 'crop_flip'
   c.data.crop_padding = 4
   c.data.worker_count = 0
-  c.num_train_examples = -1  # > 0: use only the first N training examples
+  c.num_train_examples = -1  # > 0: use only the first N training examples (the whole split if it is smaller)
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "tiny_cnn"
@@ -103,7 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every_epochs = 1
-  c.eval.num_examples = -1   # examples of the test split used by the in-training evaluation (-1 = all)
+  c.eval.num_examples = -1   # examples of the test split used by the in-training evaluation (-1 = all; at most all)
   c.eval.pgd_steps = 0       # > 0: also report PGD accuracy during training
   c.eval.pgd_step_size = 2 / 255
 

@@ -10,3 +10,23 @@ catching ``ValueError`` around a config check keeps working.
 
 class UserError(ValueError):
   """A problem with the user's input (config, command line, files), reported without a traceback."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+  """A file or directory the user named (or a run needs) does not exist; also a ``FileNotFoundError``."""
+
+
+class Interrupted(Exception):
+  """A run stopped on SIGINT/SIGTERM after checkpointing its last finished step.
+
+  ``main.py`` prints it on one line (``interrupted: ...``) and exits with ``128 + signal number`` (130 for
+  SIGINT, 143 for SIGTERM), the status a shell reports for a process ended by that signal.
+  """
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.signum = int(signum)
+
+  @property
+  def exit_code(self) -> int:
+    return 128 + self.signum

@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mdrad_jax.errors import UserError
+
 DATA_AXIS = "data"
 
 
@@ -46,7 +48,7 @@ def initialize_distributed(dist_config=None) -> bool:
     return False
   enabled = str(dist_config.get("enabled", "auto")).strip().lower()
   if enabled not in DISTRIBUTED_MODES:
-    raise ValueError(f"config.distributed.enabled must be one of {DISTRIBUTED_MODES}, "
+    raise UserError(f"config.distributed.enabled must be one of {DISTRIBUTED_MODES}, "
                      f"got {dist_config.get('enabled')!r}")
   if enabled == "false":
     return False
@@ -64,14 +66,14 @@ def initialize_distributed(dist_config=None) -> bool:
     return False
   if given and len(given) < 3 and cluster is None and method is None:
     missing = sorted({"coordinator_address", "num_processes", "process_id"} - set(given))
-    raise ValueError(f"config.distributed: {', '.join(given)} given without {', '.join(missing)}; outside "
+    raise UserError(f"config.distributed: {', '.join(given)} given without {', '.join(missing)}; outside "
                      f"SLURM/Open MPI/Cloud TPU give coordinator_address, num_processes and process_id together")
   if num is not None and int(num) < 1:
-    raise ValueError(f"config.distributed.num_processes must be >= 1, got {num}")
+    raise UserError(f"config.distributed.num_processes must be >= 1, got {num}")
   if pid is not None and num is not None and not 0 <= int(pid) < int(num):
-    raise ValueError(f"config.distributed.process_id must lie in [0, {int(num)}), got {pid}")
+    raise UserError(f"config.distributed.process_id must lie in [0, {int(num)}), got {pid}")
   if address is not None and ":" not in str(address):
-    raise ValueError(f"config.distributed.coordinator_address must be 'host:port', got {address!r}")
+    raise UserError(f"config.distributed.coordinator_address must be 'host:port', got {address!r}")
   kwargs: dict[str, Any] = {}
   if address is not None:
     kwargs["coordinator_address"] = str(address)
@@ -103,7 +105,7 @@ def parse_device_ids(value) -> list[int] | None:
   try:
     return [int(p) for p in parts]
   except (TypeError, ValueError):
-    raise ValueError(f"config.distributed.local_device_ids must be comma-separated integers, "
+    raise UserError(f"config.distributed.local_device_ids must be comma-separated integers, "
                      f"got {value!r}") from None
 
 
@@ -164,10 +166,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def check_batch_size(global_batch: int, mesh: Mesh, what: str = "batch_size") -> None:
   n = mesh.devices.size
   if global_batch % n:
-    raise ValueError(
+    raise UserError(
         f"{what}={global_batch} must be divisible by the number of devices ({n})")
   if global_batch % jax.process_count():
-    raise ValueError(
+    raise UserError(
         f"{what}={global_batch} must be divisible by the number of processes ({jax.process_count()})")
 
 
@@ -228,7 +230,7 @@ def fsdp_spec(shape, num_shards: int, *, min_size: int = FSDP_MIN_SIZE) -> P:
 def teacher_shardings(tree, mesh: Mesh, mode: str = "replicated", *, min_size: int = FSDP_MIN_SIZE):
   """A pytree of ``NamedSharding`` matching ``tree`` (teacher variables, arrays or shape structs)."""
   if mode not in TEACHER_SHARDINGS:
-    raise ValueError(f"config.teacher_sharding must be one of {TEACHER_SHARDINGS}, got {mode!r}")
+    raise UserError(f"config.teacher_sharding must be one of {TEACHER_SHARDINGS}, got {mode!r}")
   n = mesh.shape[DATA_AXIS]
   if mode == "replicated":
     return jax.tree.map(lambda _: replicated(mesh), tree)

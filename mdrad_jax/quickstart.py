@@ -23,6 +23,7 @@ from mdrad_jax import config_lib
 from mdrad_jax import data as data_lib
 from mdrad_jax import evaluation
 from mdrad_jax import train
+from mdrad_jax import workdir as workdir_lib
 from mdrad_jax.progress import is_main_process, log
 
 
@@ -53,6 +54,7 @@ def run(config, workdir: str) -> dict:
   q = config.quickstart
   os.makedirs(workdir, exist_ok=True)
   t0 = time.perf_counter()
+  workdir_lib.check_same_run(config, workdir)
   train.write_config(config, workdir)
 
   teacher_dirs = []

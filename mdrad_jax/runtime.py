@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import os
 
-# Errors caused by the user's input (bad config value, missing file...): main.py prints them on one line
-# and exits non-zero instead of showing a traceback.
-USER_ERRORS = (ValueError, OSError, KeyError)
+from mdrad_jax.errors import UserError
 
 JOBS = ("train", "evaluate", "quickstart", "study", "import_teacher")
 
@@ -49,6 +47,22 @@ def configure_compilation_cache() -> str:
 
 
 def run(config, workdir: str):
+  """Runs ``config.job`` on ``workdir``: the config is validated first (nothing is written for a bad one), then
+  the job runs holding the workdir's lock (one writer per workdir; process 0 holds it)."""
+  from mdrad_jax import parallel
+  from mdrad_jax import validation
+  from mdrad_jax import workdir as workdir_lib
+  if not workdir:
+    raise UserError("--workdir is empty: give the directory the job writes to")
+  validation.validate(config, jobs=JOBS)
+  parallel.initialize_distributed(config.get("distributed"))
+  import jax
+  with workdir_lib.lock(workdir, enabled=jax.process_index() == 0):
+    return run_job(config, workdir)
+
+
+def run_job(config, workdir: str):
+  """Dispatches to the job's ``run(config, workdir)`` (no validation, no lock: see ``run``)."""
   if config.job == "train":
     from mdrad_jax import train
     return train.train_and_evaluate(config, workdir)
@@ -64,4 +78,4 @@ def run(config, workdir: str):
   if config.job == "import_teacher":
     from mdrad_jax.importers import job as import_job
     return import_job.run(config, workdir)
-  raise ValueError(f"config.job must be one of {JOBS}, got {config.job!r}")
+  raise UserError(f"config.job = {config.job!r}: expected one of {JOBS}")

@@ -27,12 +27,16 @@ from mdrad_jax import optim
 from mdrad_jax import parallel
 from mdrad_jax import precision
 from mdrad_jax import train_step as step_lib
+from mdrad_jax import validation
+from mdrad_jax import workdir as workdir_lib
+from mdrad_jax.errors import Interrupted, UserError
+from mdrad_jax.preemption import StopOnSignal
 from mdrad_jax.progress import MetricsWriter, progress_bar, log
 from mdrad_jax.train_state import TrainState, split_variables
 
 
-class NonFiniteLossError(RuntimeError):
-  pass
+class NonFiniteLossError(UserError):
+  """The training loss became NaN/Inf: the run stops without checkpointing that state (one line from main.py)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -50,30 +54,38 @@ def build_model(model_config, num_classes: int):
   return models_lib.get_model(model_config.name, num_classes=num_classes, **kwargs)
 
 
-def load_teachers(paths, *, num_classes: int, image_shape, dtype: str = "float32"):
+def load_teachers(paths, *, num_classes: int, image_shape, dtype: str = "float32", dataset: str | None = None):
   """Loads frozen teachers from training workdirs or checkpoint paths.
 
   Returns ``(modules, variables)``: the Flax modules (rebuilt from each run's ``config.json``) and their
-  variables, which the train step receives as arguments.
+  variables, which the train step receives as arguments.  A teacher trained on another dataset (when
+  ``dataset`` is given), another number of classes or another input shape is refused.
   """
   modules, variables = [], []
   for path in paths:
     v, run_cfg = checkpointing.load_model_variables(path)
     if run_cfg is None or "model" not in run_cfg:
-      raise ValueError(f"teacher {path}: no config.json next to the checkpoint, cannot tell its model")
+      raise UserError(f"teacher {path}: no config.json next to the checkpoint, cannot tell its model")
     mcfg = ml_collections.ConfigDict(run_cfg["model"])
     if dtype != "float32":
       mcfg.dtype = dtype
+    t_data = (run_cfg.get("data") or {}).get("name")
+    if dataset is not None and t_data is not None and t_data != dataset:
+      raise UserError(f"teacher {path} was trained on {t_data!r}, this run trains on {dataset!r}")
     t_classes = run_cfg.get("num_classes")
     if t_classes is not None and t_classes != num_classes:
-      raise ValueError(f"teacher {path} has {t_classes} classes, the dataset has {num_classes}")
+      raise UserError(f"teacher {path} has {t_classes} classes, the dataset has {num_classes}")
+    t_shape = run_cfg.get("image_shape")
+    if t_shape is not None and tuple(t_shape) != tuple(image_shape):
+      raise UserError(f"teacher {path} was trained on {tuple(t_shape)} images, this dataset has "
+                      f"{tuple(image_shape)}")
     module = build_model(mcfg, num_classes)
     # check the stored variables fit the module
     expected = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, *image_shape))))
     got = jax.tree.map(lambda a: (tuple(a.shape)), v["params"])
     want = jax.tree.map(lambda a: (tuple(a.shape)), expected["params"])
     if got != want:
-      raise ValueError(f"teacher {path}: parameters do not match model {mcfg.name!r} "
+      raise UserError(f"teacher {path}: parameters do not match model {mcfg.name!r} "
                        f"for input {tuple(image_shape)}")
     modules.append(module)
     variables.append(jax.tree.map(jnp.asarray, v))
@@ -93,21 +105,16 @@ def _clip_start(value, method) -> bool:
   if value in ("", None):
     return method.attack_clip_start
   if str(value).lower() not in ("true", "false"):
-    raise ValueError(f"attack.clip_start must be '', 'true' or 'false', got {value!r}")
+    raise UserError(f"attack.clip_start must be '', 'true' or 'false', got {value!r}")
   return str(value).lower() == "true"
 
 
 def write_config(config, workdir: str, extra: dict | None = None) -> None:
+  """``workdir/config.json`` on process 0 (see ``workdir.write_config``); call it only once the config is
+  validated, ``workdir.check_same_run`` accepted it and the checkpoint (if any) restored."""
   if jax.process_index() != 0:
     return
-  d = config.to_dict()
-  if extra:
-    d.update(extra)
-  path = os.path.join(workdir, "config.json")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(d, f, indent=2, sort_keys=True, default=str)
-  os.replace(tmp, path)
+  workdir_lib.write_config(config, workdir, extra)
 
 
 def create_state(config, *, model, image_shape, teacher_modules, teacher_vars, method, steps_per_epoch):
@@ -230,17 +237,23 @@ def pad_batch(batch: dict, size: int) -> dict:
 # The loop.
 # ---------------------------------------------------------------------------------------------
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains as ``config`` says, resuming from ``workdir``; returns the final evaluation metrics."""
+  """Trains as ``config`` says, resuming from ``workdir``; returns the final evaluation metrics.
+
+  Nothing is written to ``workdir`` before the config, the dataset and the teachers are checked and the
+  checkpoint (if any) is restored; ``config.json`` of a run already in ``workdir`` is never replaced by one
+  that trains something else (``workdir.check_same_run``).  SIGINT/SIGTERM stop the run after the current
+  step with a checkpoint of it (``errors.Interrupted``).
+  """
+  validation.validate(config)  # also when called directly (quickstart and study stages), not only from main.py
   parallel.initialize_distributed(config.get("distributed"))
-  os.makedirs(workdir, exist_ok=True)
   mesh = parallel.create_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   precision.check_config(config)
   teacher_sharding = config.get("teacher_sharding", "replicated")
   if teacher_sharding not in parallel.TEACHER_SHARDINGS:
-    raise ValueError(f"config.teacher_sharding must be one of {parallel.TEACHER_SHARDINGS}, "
-                     f"got {teacher_sharding!r}")
+    raise UserError(f"config.teacher_sharding must be one of {parallel.TEACHER_SHARDINGS}, "
+                    f"got {teacher_sharding!r}")
 
   info = data_lib.dataset_info(config.data.name, **data_kwargs(config))
   method = methods_lib.get_method(config.method.name)
@@ -248,19 +261,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model = build_model(config.model, info.num_classes)
   teacher_modules, teacher_vars = load_teachers(
       config.teachers, num_classes=info.num_classes, image_shape=info.image_shape,
-      dtype=config.get("teacher_dtype", "float32"))
+      dtype=config.get("teacher_dtype", "float32"), dataset=config.data.name)
 
   train_size = info.split_sizes[info.train_split]
   if config.get("num_train_examples", -1) and config.num_train_examples > 0:
     train_size = min(train_size, config.num_train_examples)
   steps_per_epoch = train_size // config.batch_size
   if steps_per_epoch == 0:
-    raise ValueError(f"batch_size={config.batch_size} is larger than the training split "
-                     f"({train_size} examples)")
+    raise UserError(f"config.batch_size = {config.batch_size} is larger than the training split "
+                    f"({train_size} examples of {config.data.name}/{info.train_split})")
   total_steps = int(math.ceil(config.num_epochs * steps_per_epoch))
+  test_size = info.split_sizes[info.test_split]
+  ev = config.eval
+  eval_size = min(test_size, ev.num_examples) if ev.num_examples > 0 else test_size
+  run_facts = {"num_classes": info.num_classes, "image_shape": list(info.image_shape)}
+  workdir_lib.check_same_run(config, workdir, run_facts)
 
-  write_config(config, workdir, {"num_classes": info.num_classes,
-                                 "image_shape": list(info.image_shape)})
   state, projectors, schedule = create_state(
       config, model=model, image_shape=info.image_shape, teacher_modules=teacher_modules,
       teacher_vars=teacher_vars, method=method, steps_per_epoch=steps_per_epoch)
@@ -272,16 +288,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_loader = data_lib.create_loader(
       config.data.name, info.train_split, batch_size=config.batch_size, train=True,
       seed=config.seed, augment=config.data.augment, crop_padding=config.data.crop_padding,
-      num_examples=(config.num_train_examples if config.get("num_train_examples", -1) > 0 else None),
+      num_examples=(train_size if train_size < info.split_sizes[info.train_split] else None),
       worker_count=config.data.worker_count, **data_kwargs(config))
   train_iter = iter(train_loader)
 
   ckpt = checkpointing.Checkpointer(workdir, keep=config.checkpoint.keep,
                                     best_metric=config.checkpoint.best_metric or None,
                                     best_mode=config.checkpoint.best_mode)
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(state, data_iterator=train_iter)
+  try:
+    restored = ckpt.restore_newest(state, data_iterator=train_iter)
+  except BaseException:
+    ckpt.close()
+    raise
+  if restored is not None:
+    state = restored
     log(f"resumed from {ckpt.directory} at step {int(state.step)}")
+  write_config(config, workdir, run_facts)
 
   t_shardings = parallel.teacher_shardings(teacher_vars, mesh, teacher_sharding)
   teacher_vars = parallel.put_global(teacher_vars, t_shardings)
@@ -292,7 +314,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       lr_schedule=schedule, base_lr=float(config.optim.lr))
   p_train_step = step_lib.jit_train_step(step_fn, mesh, teacher_sharding=t_shardings)
 
-  ev = config.eval
   eval_pgd = None
   if ev.pgd_steps > 0:
     eval_pgd = step_lib.AttackConfig(eps=float(config.attack.eps), step_size=float(ev.pgd_step_size),
@@ -303,18 +324,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     loader = data_lib.create_loader(
         config.data.name, info.test_split, batch_size=config.eval_batch_size, train=False,
         seed=0, drop_remainder=False,
-        num_examples=(ev.num_examples if ev.num_examples > 0 else None), **data_kwargs(config))
-    n = info.split_sizes[info.test_split]
-    if ev.num_examples > 0:
-      n = min(n, ev.num_examples)
-    per_process = -(-n // jax.process_count())
+        num_examples=(eval_size if eval_size < test_size else None), **data_kwargs(config))
+    per_process = -(-eval_size // jax.process_count())
     res = evaluate_model(p_eval_step, st.model_variables(), loader, mesh,
                          batch_size=config.eval_batch_size, key=jax.random.key(config.seed + 1),
                          num_batches=-(-per_process // (config.eval_batch_size // jax.process_count())))
     return {f"test/{k}": v for k, v in res.items()}
 
-  writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"))
   start_step = int(parallel.to_host(state.step))
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  if jax.process_index() == 0:
+    dropped = drop_replayed_metrics(metrics_path, start_step)
+    if dropped:
+      log(f"metrics.jsonl: dropped {dropped} line(s) after step {start_step}, written before the run stopped "
+          f"and trained again from the checkpoint")
+  writer = MetricsWriter(metrics_path)
   last_eval: dict = {}
   if start_step >= total_steps:
     log(f"training already complete ({start_step}/{total_steps} steps)")
@@ -322,44 +346,54 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t_window, n_window = time.perf_counter(), 0
   acc_metrics: list = []
   step = start_step
+  stop = StopOnSignal(multiprocess=jax.process_count() > 1)
   try:
-    while step < total_steps:
-      batch = parallel.shard_batch(next(train_iter), mesh)
-      if step == start_step and not os.path.isfile(os.path.join(workdir, COST_FILE)):
-        write_cost(workdir, flops_per_step=step_flops(p_train_step, state, teacher_vars, batch),
-                   total_steps=total_steps, batch_size=config.batch_size)
-      state, metrics = p_train_step(state, teacher_vars, batch)
-      step += 1
-      n_window += 1
-      acc_metrics.append(metrics)
-      bar.update(1)
-      end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
-      if step % config.log_every_steps == 0 or end_of_epoch:
-        host = [parallel.to_host(m) for m in acc_metrics]
-        mean = {k: float(np.mean([h[k] for h in host])) for k in host[0]}
-        if not np.isfinite(mean["loss"]):
-          raise NonFiniteLossError(
-              f"loss became {mean['loss']} at step {step}; stopping without saving "
-              f"(last good checkpoint kept in {ckpt.directory})")
-        dt = time.perf_counter() - t_window
-        mean["images_per_sec"] = n_window * config.batch_size / max(dt, 1e-9)
-        mean["lr"] = float(schedule(step - 1))
-        writer.write(step=step, epoch=step / steps_per_epoch,
-                     **{f"train/{k}": v for k, v in mean.items()})
-        bar.set_postfix(loss=f"{mean['loss']:.4f}", acc=f"{mean['accuracy']:.3f}",
-                        img_s=f"{mean['images_per_sec']:.1f}")
-        acc_metrics, t_window, n_window = [], time.perf_counter(), 0
-      if end_of_epoch:
-        epoch = step // steps_per_epoch if step % steps_per_epoch == 0 else step / steps_per_epoch
-        do_eval = (step == total_steps or
-                   (ev.every_epochs > 0 and (step // steps_per_epoch) % ev.every_epochs == 0))
-        if do_eval:
-          last_eval = run_eval(state)
-          writer.write(step=step, epoch=epoch, **last_eval)
-          bar.write(f"epoch {epoch}: " + ", ".join(
-              f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in last_eval.items()))
-        if (step // steps_per_epoch) % config.checkpoint.every_epochs == 0 or step == total_steps:
-          ckpt.save(state, data_iterator=train_iter, metrics=last_eval if do_eval else None)
+    with stop:
+      while step < total_steps:
+        batch = parallel.shard_batch(next(train_iter), mesh)
+        if step == start_step and not os.path.isfile(os.path.join(workdir, COST_FILE)):
+          write_cost(workdir, flops_per_step=step_flops(p_train_step, state, teacher_vars, batch),
+                     total_steps=total_steps, batch_size=config.batch_size)
+        state, metrics = p_train_step(state, teacher_vars, batch)
+        step += 1
+        n_window += 1
+        acc_metrics.append(metrics)
+        bar.update(1)
+        end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
+        if step % config.log_every_steps == 0 or end_of_epoch:
+          host = [parallel.to_host(m) for m in acc_metrics]
+          mean = {k: float(np.mean([h[k] for h in host])) for k in host[0]}
+          if not np.isfinite(mean["loss"]):
+            raise NonFiniteLossError(
+                f"loss became {mean['loss']} at step {step}; stopped without saving this state (the last "
+                f"good checkpoint is kept in {ckpt.directory}); a lower optim.lr usually helps")
+          dt = time.perf_counter() - t_window
+          mean["images_per_sec"] = n_window * config.batch_size / max(dt, 1e-9)
+          mean["lr"] = float(schedule(step - 1))
+          writer.write(step=step, epoch=step / steps_per_epoch,
+                       **{f"train/{k}": v for k, v in mean.items()})
+          bar.set_postfix(loss=f"{mean['loss']:.4f}", acc=f"{mean['accuracy']:.3f}",
+                          img_s=f"{mean['images_per_sec']:.1f}")
+          acc_metrics, t_window, n_window = [], time.perf_counter(), 0
+        saved = False
+        if end_of_epoch:
+          epoch = step // steps_per_epoch if step % steps_per_epoch == 0 else step / steps_per_epoch
+          do_eval = (step == total_steps or
+                     (ev.every_epochs > 0 and (step // steps_per_epoch) % ev.every_epochs == 0))
+          if do_eval:
+            last_eval = run_eval(state)
+            writer.write(step=step, epoch=epoch, **last_eval)
+            bar.write(f"epoch {epoch}: " + ", ".join(
+                f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in last_eval.items()))
+          if (step // steps_per_epoch) % config.checkpoint.every_epochs == 0 or step == total_steps:
+            ckpt.save(state, data_iterator=train_iter, metrics=last_eval if do_eval else None)
+            saved = True
+        if stop.should_stop(step, ckpt.manager):
+          if not saved:
+            ckpt.save(state, data_iterator=train_iter, force=True)
+          ckpt.wait()
+          raise Interrupted(f"{stop.signal_name} at step {step} of {total_steps}: checkpoint of step {step} "
+                            f"saved in {ckpt.directory}; run the same command again to resume", stop.signum)
   finally:
     bar.close()
     ckpt.close()
@@ -367,3 +401,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if not last_eval:
     last_eval = run_eval(state)
   return last_eval
+
+
+def drop_replayed_metrics(path: str, last_step: int) -> int:
+  """Removes from ``metrics.jsonl`` the records after ``last_step`` (the step the run resumes from): a run
+  that stopped between two checkpoints logged them, and trains those steps again.  Also drops a line cut
+  short by a crash.  Returns how many lines were dropped (the file is rewritten only then)."""
+  if not os.path.isfile(path):
+    return 0
+  keep, dropped = [], 0
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+        step = int(record.get("step", 0)) if isinstance(record, dict) else None
+      except (ValueError, TypeError):
+        step = None
+      if step is None or step > last_step:
+        dropped += 1
+      else:
+        keep.append(line if line.endswith("\n") else line + "\n")
+  if dropped:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+      f.writelines(keep)
+    os.replace(tmp, path)
+  return dropped

@@ -138,7 +138,7 @@ def devices_main(out_path):
 # ---------------------------------------------------------------------------------------------
 def train_main(argv):
   import argparse
-  from mdrad_jax import parallel, train
+  from mdrad_jax import errors, parallel, train
   ap = argparse.ArgumentParser()
   ap.add_argument("config")
   ap.add_argument("workdir")
@@ -174,6 +174,11 @@ def train_main(argv):
   builtins.open = recording_open
   try:
     metrics = train.train_and_evaluate(cfg, workdir)
+  except errors.Interrupted as e:  # stopped by a signal after checkpointing: report it like main.py
+    with real_open(args.out, "w") as f:
+      json.dump({"interrupted": str(e), "process_index": jax.process_index()}, f)
+    print(f"interrupted: {e}", file=sys.stderr, flush=True)
+    sys.exit(e.exit_code)
   finally:
     builtins.open = real_open
   info = {"metrics": {k: float(v) for k, v in metrics.items()}, "writes": sorted(set(writes)),

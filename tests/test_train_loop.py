@@ -82,7 +82,7 @@ def _main(*args, cwd=ROOT):
 @pytest.mark.parametrize("args,expect", [
     (["--config=configs/teacher.py", "--config.batch_sise=3"], "batch_size"),
     (["--config=configs/teacher.py:modl=x"], "unknown config argument 'modl'"),
-    (["--config=configs/teacher.py:model=resnet_18,dataset=digits"], "unknown model 'resnet_18'"),
+    (["--config=configs/teacher.py:model=resnet_18,dataset=digits"], "config.model.name = 'resnet_18'"),
     (["--config=configs/missing.py"], "configs/missing.py"),
 ])
 def test_main_reports_bad_input_on_one_line(tmp_path, args, expect):

@@ -32,6 +32,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import utils as tfds_utils
 
 from mdrad_jax.data import sources
+from mdrad_jax.errors import UserError
 
 DATA_DIR_ENV = "MDRAD_DATA_DIR"
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -238,7 +239,7 @@ DATASETS: dict[str, DatasetSpec] = {
 
 def get_spec(name: str) -> DatasetSpec:
   if name not in DATASETS:
-    raise ValueError(f"data.name: unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
+    raise UserError(f"data.name: unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
   return DATASETS[name]
 
 
@@ -248,7 +249,7 @@ def resolve_dirs(name: str, data_dir: str | None, source_dir: str | None) -> tup
   data_dir = os.path.abspath(os.path.expanduser(data_dir or default_data_dir()))
   source_dir = source_dir or spec.default_source(data_dir)
   if name == "image_folder" and not source_dir:
-    raise ValueError("image_folder: source_dir is required (a folder or .tar/.tar.gz/.zip archive with "
+    raise UserError("image_folder: source_dir is required (a folder or .tar/.tar.gz/.zip archive with "
                      "<split>/<class>/<image> files)")
   if source_dir:
     source_dir = os.path.abspath(os.path.expanduser(source_dir))
@@ -289,15 +290,115 @@ def find_prepared(name: str, data_dir: str, source_dir: str | None) -> str | Non
     path = os.path.join(root, v)
     if os.path.isfile(os.path.join(path, "dataset_info.json")):
       _check_array_record(path)
+      check_prepared(path)
+      if name == "image_folder":
+        _check_fresh(path, source_dir)
       return path
   return None
+
+
+# The feature classes this package's builders write (and tfds' own builders of the same datasets).  tfds
+# imports the module of every ``pythonClassName`` in features.json, so a spec naming anything else is refused
+# before tfds reads it.
+ALLOWED_FEATURES = frozenset(f"{c.__module__}.{c.__name__}" for c in (
+    tfds.features.FeaturesDict, tfds.features.Image, tfds.features.ClassLabel, tfds.features.Text,
+    tfds.features.Tensor))
+FINGERPRINT_FILE = "source_fingerprint.json"
+_checked: dict[str, tuple] = {}
+
+
+def _class_names(node, where: str):
+  if isinstance(node, dict):
+    for k, v in node.items():
+      if k == "pythonClassName" and v not in ALLOWED_FEATURES:
+        raise UserError(f"{where}: feature class {v!r} is not one this package writes "
+                        f"({', '.join(sorted(c.rsplit('.', 1)[1] for c in ALLOWED_FEATURES))}); refusing to "
+                        f"load it (tfds would import its module)")
+      _class_names(v, where)
+  elif isinstance(node, list):
+    for v in node:
+      _class_names(v, where)
+
+
+def check_prepared(path: str) -> None:
+  """Checks a prepared directory before tfds opens it: ``dataset_info.json`` and ``features.json`` are valid
+  JSON, the feature spec names only known feature classes with an ``image`` and a ``label``, and every
+  ArrayRecord shard listed is there, complete and holds the records listed.  Each error names the file."""
+  from array_record.python.array_record_module import ArrayRecordReader
+  from mdrad_jax.workdir import read_json
+
+  files = sorted(os.listdir(path))
+  stamp = tuple((f, os.stat(os.path.join(path, f)).st_size, os.stat(os.path.join(path, f)).st_mtime_ns)
+                for f in files)
+  if _checked.get(path) == stamp:
+    return
+  info_path = os.path.join(path, "dataset_info.json")
+  info = read_json(info_path, "dataset info")
+  feat_path = os.path.join(path, "features.json")
+  if not os.path.isfile(feat_path):
+    raise UserError(f"{feat_path}: missing (a prepared dataset has its feature spec there); prepare again")
+  spec = read_json(feat_path, "feature spec")
+  _class_names(spec, feat_path)
+  features = spec.get("featuresDict", {}).get("features", {}) if isinstance(spec, dict) else {}
+  if not isinstance(features, dict) or "image" not in features or "label" not in features:
+    raise UserError(f"{feat_path}: expected features 'image' and 'label', found "
+                    f"{sorted(features) if isinstance(features, dict) else features!r}")
+  if not isinstance(info, dict) or not isinstance(info.get("splits"), list):
+    raise UserError(f"{info_path}: no list of splits")
+  for split in info["splits"]:
+    template = split.get("filepathTemplate", "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}")
+    lengths = [int(n) for n in split.get("shardLengths", [])]
+    for i, expected in enumerate(lengths):
+      fname = template.format(DATASET=info.get("name"), SPLIT=split.get("name"), FILEFORMAT="array_record",
+                              SHARD_X_OF_Y=f"{i:05d}-of-{len(lengths):05d}")
+      shard = os.path.join(path, fname)
+      if not os.path.isfile(shard):
+        raise UserError(f"{shard}: missing (listed in {info_path}); prepare the dataset again")
+      try:
+        reader = ArrayRecordReader(shard)
+      except RuntimeError as e:  # what array_record raises for a file it cannot parse
+        raise UserError(f"{shard}: truncated or corrupt ArrayRecord file ({' '.join(str(e).split())[:160]}); "
+                        f"prepare the dataset again") from None
+      try:
+        if not reader.ok() or reader.num_records() != expected:
+          got = f"{reader.num_records()} records" if reader.ok() else "an unreadable index"
+          raise UserError(f"{shard}: truncated or corrupt ArrayRecord file ({got}, {info_path} lists "
+                          f"{expected} records); prepare the dataset again")
+      finally:
+        try:
+          reader.close()
+        except RuntimeError:  # closing a reader of a broken file reports the damage again
+          pass
+  _checked[path] = stamp
+
+
+def _check_fresh(path: str, source_dir: str) -> None:
+  """An image-folder copy is refused once its source changed after preparation (files added, removed or
+  modified)."""
+  from mdrad_jax.workdir import read_json
+
+  stamp_path = os.path.join(path, FINGERPRINT_FILE)
+  if not os.path.isfile(stamp_path):
+    return  # prepared before fingerprints were recorded
+  recorded = read_json(stamp_path, "source fingerprint")
+  if not isinstance(recorded, dict) or recorded.get("fingerprint") != sources.source_fingerprint(source_dir):
+    raise UserError(f"image_folder: the prepared copy {path} is stale: {source_dir} changed after it was "
+                    f"prepared; delete {os.path.dirname(path)} to prepare it again")
+
+
+def _record_fingerprint(path: str, source_dir: str, fingerprint: str) -> None:
+  import json
+  tmp = os.path.join(path, FINGERPRINT_FILE + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump({"source": source_dir, "fingerprint": fingerprint}, f)
+  os.replace(tmp, os.path.join(path, FINGERPRINT_FILE))
 
 
 def _check_array_record(path: str):
   files = os.listdir(path)
   if not any(".array_record" in f for f in files):
     formats = sorted({fmt for f in files for fmt in ("tfrecord", "riegeli", "parquet") if f".{fmt}" in f})
-    raise ValueError(
+    raise UserError(
         f"{path}: prepared dataset has no ArrayRecord files (found {formats or 'none'}); the loader reads "
         "ArrayRecord only. Move that copy away, or point data_dir elsewhere, and prepare again.")
 
@@ -318,6 +419,7 @@ def prepare(name: str, *, data_dir: str | None = None, source_dir: str | None = 
     print(f"[mdrad_jax.data] preparing {name} (one-time) from {source_dir or spec.source_hint} "
           f"into {dataset_root(name, data_dir, source_dir)} ...", flush=True)
   start = time.time()
+  fingerprint = sources.source_fingerprint(source_dir) if name == "image_folder" else None
   builder = spec.builder(**kwargs)
   config = tfds.download.DownloadConfig(try_download_gcs=False)
   if not verbose:
@@ -331,6 +433,8 @@ def prepare(name: str, *, data_dir: str | None = None, source_dir: str | None = 
       return found
     raise
   path = os.fspath(builder.data_dir)
+  if fingerprint is not None:
+    _record_fingerprint(path, source_dir, fingerprint)
   if verbose:
     sizes = ", ".join(f"{k}={v.num_examples}" for k, v in sorted(builder.info.splits.items()))
     print(f"[mdrad_jax.data] prepared {name}: {sizes} in {time.time() - start:.1f}s -> {path}", flush=True)

@@ -25,6 +25,7 @@ from absl import flags
 import tensorflow_datasets as tfds
 
 from mdrad_jax.data import builders
+from mdrad_jax.errors import UserError
 
 AUGMENTATIONS = ("none", "crop", "flip", "crop_flip")
 
@@ -50,12 +51,12 @@ def _open(name: str, data_dir, source_dir):
   builder = tfds.builder_from_directory(path)
   features = builder.info.features
   if "image" not in features or "label" not in features:
-    raise ValueError(f"{path}: expected features 'image' and 'label', found {sorted(features.keys())}")
+    raise UserError(f"{path}: expected features 'image' and 'label', found {sorted(features.keys())}")
   shape = tuple(features["image"].shape)
   if len(shape) != 3 or any(d is None for d in shape):
-    raise ValueError(f"{path}: feature 'image' must have a fixed (H, W, C) shape, got {shape}")
+    raise UserError(f"{path}: feature 'image' must have a fixed (H, W, C) shape, got {shape}")
   if not hasattr(features["label"], "num_classes"):
-    raise ValueError(f"{path}: feature 'label' must be a ClassLabel, got {type(features['label']).__name__}")
+    raise UserError(f"{path}: feature 'label' must be a ClassLabel, got {type(features['label']).__name__}")
   return path, builder
 
 
@@ -65,11 +66,11 @@ def _splits(name: str, builder) -> tuple[str, str]:
     spec = builders.get_spec(name)
     return spec.train_split, spec.test_split
   if "train" not in splits:
-    raise ValueError(f"image_folder: expected a 'train' split folder, found {sorted(splits)}")
+    raise UserError(f"image_folder: expected a 'train' split folder, found {sorted(splits)}")
   for test in ("test", "val", "validation"):
     if test in splits:
       return "train", test
-  raise ValueError(f"image_folder: expected a 'test' (or 'val'/'validation') split folder next to 'train', "
+  raise UserError(f"image_folder: expected a 'test' (or 'val'/'validation') split folder next to 'train', "
                    f"found {sorted(splits)}")
 
 
@@ -93,11 +94,11 @@ def dataset_info(name: str, *, data_dir=None, source_dir=None) -> DatasetInfo:
 def _split_spec(name: str, builder, split: str, num_examples: int | None) -> str:
   available = sorted(builder.info.splits.keys())
   if split not in available:
-    raise ValueError(f"{name}: unknown split {split!r}; available splits: {available}")
+    raise UserError(f"{name}: unknown split {split!r}; available splits: {available}")
   if num_examples is None:
     return split
   if not isinstance(num_examples, (int, np.integer)) or num_examples <= 0:
-    raise ValueError(f"num_examples must be a positive integer or None, got {num_examples!r}")
+    raise UserError(f"num_examples must be a positive integer or None, got {num_examples!r}")
   return f"{split}[:{int(num_examples)}]"
 
 
@@ -113,7 +114,7 @@ def crop_flip(images: np.ndarray, offset_y, offset_x, flip, padding: int) -> np.
   flip = np.asarray(flip, dtype=bool).reshape(b)
   for name, off in (("offset_y", offset_y), ("offset_x", offset_x)):
     if b and (off.min() < 0 or off.max() > 2 * padding):
-      raise ValueError(f"crop_flip: {name} must lie in [0, {2 * padding}], got [{off.min()}, {off.max()}]")
+      raise UserError(f"crop_flip: {name} must lie in [0, {2 * padding}], got [{off.min()}, {off.max()}]")
   padded = np.zeros((b, h + 2 * padding, w + 2 * padding, c), images.dtype)
   padded[:, padding:padding + h, padding:padding + w] = images
   out = np.empty_like(images)
@@ -190,7 +191,7 @@ def _process(process_index, process_count) -> tuple[int, int]:
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if process_count < 1 or not 0 <= process_index < process_count:
-    raise ValueError(f"process_index must lie in [0, process_count={process_count}), got {process_index}")
+    raise UserError(f"process_index must lie in [0, process_count={process_count}), got {process_index}")
   return int(process_index), int(process_count)
 
 
@@ -227,16 +228,16 @@ def create_loader(name: str, split: str, *, batch_size: int, train: bool, seed: 
   loader created with the same arguments.
   """
   if augment not in AUGMENTATIONS:
-    raise ValueError(f"data.augment must be one of {AUGMENTATIONS}, got {augment!r}")
+    raise UserError(f"data.augment must be one of {AUGMENTATIONS}, got {augment!r}")
   if not isinstance(crop_padding, (int, np.integer)) or crop_padding < 0:
-    raise ValueError(f"data.crop_padding must be a non-negative integer, got {crop_padding!r}")
+    raise UserError(f"data.crop_padding must be a non-negative integer, got {crop_padding!r}")
   if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-    raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    raise UserError(f"seed must be an integer in [0, 2**32), got {seed!r}")
   if num_epochs is not None and num_epochs < 1:
-    raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs!r}")
+    raise UserError(f"num_epochs must be >= 1 or None, got {num_epochs!r}")
   process_index, process_count = _process(process_index, process_count)
   if batch_size < 1 or batch_size % process_count:
-    raise ValueError(f"batch_size must be a positive multiple of process_count={process_count}, "
+    raise UserError(f"batch_size must be a positive multiple of process_count={process_count}, "
                      f"got {batch_size}")
   local_batch = batch_size // process_count
 
@@ -246,7 +247,7 @@ def create_loader(name: str, split: str, *, batch_size: int, train: bool, seed: 
                                      drop_remainder=train)
   source = builder.as_data_source(split=shard)
   if len(source) == 0:
-    raise ValueError(f"{name}: split {spec!r} has no example for process {process_index} of {process_count}")
+    raise UserError(f"{name}: split {spec!r} has no example for process {process_index} of {process_count}")
 
   shuffle = train if shuffle is None else bool(shuffle)
   if num_epochs is None and not train:

@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
+from mdrad_jax.errors import MissingFileError
+
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
@@ -37,8 +39,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".t
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 
 
-class SourceError(FileNotFoundError):
-  """A source file is missing or is not in the official format."""
+class SourceError(MissingFileError):
+  """A source file is missing or is not in the official format (a ``UserError`` and a ``FileNotFoundError``)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,7 +481,33 @@ def index_image_folder(path: str) -> FolderIndex:
                         f"{size[0]}x{size[1]} like {first} (images are not resized)")
   mode = "L" if all(headers[r][1] in _GRAY_MODES for r in rels) else "RGB"
   class_names = sorted({cls for items in files.values() for _, cls in items})
+  if "train" in files:
+    untrained = sorted(set(class_names) - {cls for _, cls in files["train"]})
+    if untrained:
+      raise SourceError(f"image_folder: {path}: class(es) {untrained} have images in "
+                        f"{sorted(s for s in files if s != 'train')} but none in train/ (a class the model "
+                        f"never sees in training cannot be learnt)")
   return FolderIndex(path, prefix, files, class_names, size, mode)
+
+
+def source_fingerprint(path: str) -> str:
+  """A digest of what a source is made of, without reading the files: for a folder every file's relative
+  path, size and modification time; for an archive its size and modification time."""
+  import hashlib
+
+  path = os.path.abspath(os.path.expanduser(path))
+  h = hashlib.sha256()
+  if os.path.isdir(path):
+    for dirpath, dirnames, filenames in os.walk(path):
+      dirnames.sort()
+      for fname in sorted(filenames):
+        full = os.path.join(dirpath, fname)
+        st = os.stat(full)
+        h.update(f"{os.path.relpath(full, path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+  elif os.path.exists(path):
+    st = os.stat(path)
+    h.update(f"{st.st_size}\0{st.st_mtime_ns}".encode())
+  return h.hexdigest()
 
 
 def image_folder_examples(index: FolderIndex, split: str) -> Iterator[tuple[str, Any, int]]:
