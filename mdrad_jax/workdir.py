@@ -32,10 +32,13 @@ RUN_FIELDS = ("seed", "data.name", "data.source_dir", "data.augment", "data.crop
 
 @contextlib.contextmanager
 def lock(workdir: str, *, enabled: bool = True) -> Iterator[str | None]:
-  """Holds an exclusive lock on ``workdir`` (created if needed) for the duration of the block."""
+  """Holds an exclusive lock on ``workdir`` (created if needed) for the duration of the block.  A workdir
+  that the lock created and that holds nothing else when the block ends (a job that failed before writing) is
+  removed again, so that a refused job leaves nothing behind."""
   if not enabled:
     yield None
     return
+  created = not os.path.isdir(workdir)
   try:
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, LOCK_FILE)
@@ -55,6 +58,10 @@ def lock(workdir: str, *, enabled: bool = True) -> Iterator[str | None]:
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     yield path
   finally:
+    if created and os.listdir(workdir) == [LOCK_FILE]:
+      os.remove(path)
+      with contextlib.suppress(OSError):
+        os.rmdir(workdir)
     os.close(fd)  # closing the descriptor releases the lock
 
 
