@@ -93,6 +93,15 @@ def _max_diff(a, b):
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+def _norm_rel_diff(a, b):
+  """||a − b|| / ||b|| over every floating-point leaf together (L2)."""
+  pairs = [(np.asarray(x, np.float64), np.asarray(y, np.float64)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+           if np.issubdtype(np.asarray(y).dtype, np.floating)]
+  num = sum(float(np.sum((x - y) ** 2)) for x, y in pairs)
+  den = sum(float(np.sum(y ** 2)) for _, y in pairs)
+  return (num / den) ** 0.5 if den else num ** 0.5
+
+
 def _max_rel_diff(a, b):
   return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)) / (np.abs(np.asarray(y)) + 1e-3),
                           initial=0.0))
@@ -116,6 +125,7 @@ def devices_main(out_path):
          "param_rel_diff": _max_rel_diff(t1["params"], t8["params"]),
          "stats_diff": _max_diff(t1["batch_stats"], t8["batch_stats"]),
          "opt_diff": _max_diff(t1["opt_state"], t8["opt_state"]),
+         "opt_norm_rel_diff": _norm_rel_diff(t1["opt_state"], t8["opt_state"]),
          "param_change": _max_diff(jax.tree.map(np.asarray, state.params), t1["params"])}
     if name == "sa_mdrad":
       lf, tf, tv = _run(step, state, tvars, mesh8, teacher_mode="fsdp")

@@ -60,7 +60,15 @@ def test_eight_devices_match_one_device(eight_devices, name):
   # training moved the parameters far more than the tolerance: the comparison means something
   assert r["param_change"] > 1e-3
   assert r["loss_diff"] < 1e-5, (r["losses_1"], r["losses_8"])
-  assert r["param_diff"] < 1e-5 and r["stats_diff"] < 1e-5 and r["opt_diff"] < 1e-5, r
+  assert r["param_diff"] < 1e-5 and r["stats_diff"] < 1e-5, r
+  if name == "adaad":
+    # AdaAD's attack differentiates through teacher and student on every step, and its sign step turns a
+    # last-bit difference (another per-device batch shape, another convolution blocking) into a flipped pixel
+    # now and then; its gradients are small (KL 'elem_mean'), so the momentum agrees to ~1e-3 in norm
+    # (measured 1.0e-3 on a 2-core x86 machine), not 1e-5.  A sharding error gives differences of order 1.
+    assert r["opt_norm_rel_diff"] < 1e-2, r
+  else:
+    assert r["opt_diff"] < 1e-5, r
 
 
 def test_fsdp_teachers_are_sharded_and_match_replicated(eight_devices):
