@@ -177,7 +177,14 @@ def _apgd_loss_fn(loss):
   return dlr_loss_targeted
 
 
-def _apgd_init(logits_fn, x, y, y_target, key, *, eps, n_iter, loss):
+def _apgd_fill(n, *, eps, n_iter):
+  """The entries of APGD's start state that do not depend on the data, as host arrays.  Passed into the
+  compiled start, they are laid out like the batch (a constant made inside it would not be, under sharding)."""
+  return dict(it=np.zeros((n,), np.int32), step=np.full((n,), 2.0 * eps, np.float32),
+              loss_steps=np.zeros((n, n_iter), np.float32), reduced_last=np.ones((n,), bool))
+
+
+def _apgd_init(logits_fn, x, y, y_target, key, fill=None, *, eps, n_iter, loss):
   """APGD's state after the random start; every entry is batch-leading (``it``: the step count, per row)."""
   loss_indiv = _apgd_loss_fn(loss)
   if y_target is None:
@@ -189,16 +196,18 @@ def _apgd_init(logits_fn, x, y, y_target, key, *, eps, n_iter, loss):
     return jnp.sum(li), (li, z)
 
   n = x.shape[0]
+  if fill is None:
+    fill = {k: jnp.asarray(v) for k, v in _apgd_fill(n, eps=eps, n_iter=n_iter).items()}
   t = jax.random.uniform(key, x.shape, x.dtype, -1.0, 1.0)
   x_adv = jnp.clip(x + eps * t / (_bcast(_linf(t), x) + 1e-12), 0.0, 1.0)
   (_, (loss_cur, z)), grad = jax.value_and_grad(objective, has_aux=True)(x_adv)
   acc = jnp.argmax(z, axis=1) == y
   return dict(
-      x=x, y=y, y_target=y_target, it=jnp.zeros((n,), jnp.int32),
+      x=x, y=y, y_target=y_target, it=fill["it"],
       x_adv=x_adv, x_old=x_adv, grad=grad, x_best=x_adv, grad_best=grad, x_best_adv=x_adv,
-      loss_best=loss_cur, acc=acc, step=jnp.full((n,), 2.0 * eps, x.dtype),
-      loss_steps=jnp.zeros((n, n_iter), x.dtype), loss_best_last=loss_cur,
-      reduced_last=jnp.ones((n,), bool))
+      loss_best=loss_cur, acc=acc, step=fill["step"].astype(x.dtype),
+      loss_steps=fill["loss_steps"].astype(x.dtype), loss_best_last=loss_cur,
+      reduced_last=fill["reduced_last"])
 
 
 def _apgd_step(logits_fn, s, *, eps, n_iter, loss, rho):
@@ -261,6 +270,17 @@ def _robust_and_order(logits_fn, x, y, mask):
   return (jnp.argmax(z0, axis=1) == y) & mask, jnp.argsort(z0, axis=1).astype(jnp.int32)
 
 
+def _column(order, column):
+  """``order[i, column[i]]`` per row (inside a compiled part, so the result is laid out like the batch)."""
+  return jnp.take_along_axis(order, column[:, None], axis=1)[:, 0]
+
+
+def _rank_column(order, rank):
+  """The column of ``order`` (classes by increasing logit) that holds the class ranked ``rank``, per row, as a
+  host array: a compiled part places it like the other batch arguments."""
+  return np.full((order.shape[0],), order.shape[1] - rank, np.int32)
+
+
 def _merge_new(robust, adv, x_new, fooled):
   """Points fooled now (and robust until now) take ``x_new``; returns (still robust, adversarial inputs)."""
   new = fooled & robust
@@ -289,20 +309,24 @@ class _Apgd:
     def prepare(x, y, mask):
       return _robust_and_order(logits_fn, x, y, mask)
 
-    def init(x, y, y_target, key):
-      return _apgd_init(logits_fn, x, y, y_target, key, **kw)
+    self._fill = functools.partial(_apgd_fill, eps=eps, n_iter=n_iter)
 
-    def init_untargeted(x, y, key):
-      return _apgd_init(logits_fn, x, y, None, key, **kw)
+    def init(x, y, y_target, key, fill):
+      return _apgd_init(logits_fn, x, y, y_target, key, fill, **kw)
+
+    def init_rank(x, y, order, column, key, fill):
+      return _apgd_init(logits_fn, x, y, _column(order, column), key, fill, **kw)
+
+    def init_untargeted(x, y, key, fill):
+      return _apgd_init(logits_fn, x, y, None, key, fill, **kw)
 
     def step(state):
       return _apgd_step(logits_fn, state, rho=rho, **kw)
 
     self._prepare, self._init, self._step = jit(prepare), jit(init), jit(step)
-    self._init_untargeted, self._merge = jit(init_untargeted), jit(_apgd_merge)
+    self._init_untargeted, self._init_rank, self._merge = jit(init_untargeted), jit(init_rank), jit(_apgd_merge)
 
-  def _run(self, x, y, y_target, key):
-    st = self._init_untargeted(x, y, key) if y_target is None else self._init(x, y, y_target, key)
+  def _run(self, st):
     for _ in range(self.n_iter):
       st = self._step(st)
     return st
@@ -317,14 +341,15 @@ class _Apgd:
     for rank, j in runs:
       if not bool(jnp.any(robust)):
         break
+      k = jax.random.fold_in(key, j)
+      fill = self._fill(x.shape[0])
       if self.loss != "dlr_targeted":
-        y_target = None
+        st = self._init_untargeted(x, y, k, fill)
       elif rank is not None:
-        y_target = order[:, order.shape[1] - rank]
+        st = self._init_rank(x, y, order, _rank_column(order, rank), k, fill)
       else:
-        y_target = jnp.asarray(target_labels, jnp.int32)
-      st = self._run(x, y, y_target, jax.random.fold_in(key, j))
-      robust, adv = self._merge(st, robust, adv)
+        st = self._init(x, y, jnp.asarray(target_labels, jnp.int32), k, fill)
+      robust, adv = self._merge(self._run(st), robust, adv)
     return adv
 
 
@@ -494,8 +519,10 @@ def _fab_step(logits_fn, s, *, alpha_max, eta, beta):
   return dict(s, x1=x1, adv=adv, res=res)
 
 
-def _fab_init(x, y, y_target):
-  return dict(x=x, y=y, y_target=y_target, x1=x, adv=x, res=jnp.full((x.shape[0],), _NOT_FOUND, x.dtype))
+def _fab_init(x, y, y_target, res=None):
+  if res is None:
+    res = jnp.full((x.shape[0],), _NOT_FOUND, x.dtype)
+  return dict(x=x, y=y, y_target=y_target, x1=x, adv=x, res=res)
 
 
 def _fab_single_run(logits_fn, x, y, y_target, *, n_iter, alpha_max, eta, beta):
@@ -530,7 +557,10 @@ class _FabTargeted:
     def merge(state, robust, adv):
       return _fab_merge(logits_fn, state, robust, adv, eps=eps)
 
-    self._prepare, self._init, self._step, self._merge = jit(prepare), jit(_fab_init), jit(step), jit(merge)
+    def init(x, y, order, column, res):  # res: host array, laid out like the batch (see _apgd_fill)
+      return _fab_init(x, y, _column(order, column), res)
+
+    self._prepare, self._init, self._step, self._merge = jit(prepare), jit(init), jit(step), jit(merge)
 
   def __call__(self, x, y, mask, key):
     del key
@@ -539,7 +569,7 @@ class _FabTargeted:
     for j in range(self.n_target_classes):
       if not bool(jnp.any(robust)):
         break
-      st = self._init(x, y, order[:, order.shape[1] - 2 - j])
+      st = self._init(x, y, order, _rank_column(order, 2 + j), np.full((x.shape[0],), _NOT_FOUND, np.float32))
       for _ in range(self.n_iter):
         st = self._step(st)
       robust, adv = self._merge(st, robust, adv)
@@ -583,13 +613,12 @@ _SQUARE_QUERIES_PER_CALL = 5  # queries unrolled in one compiled call (5000 quer
 _SQUARE_CHECK_EVERY = 20      # calls between the host's checks whether any point is left to attack
 
 
-def _square_init(logits_fn, x, y, mask, key, *, eps):
+def _square_init(logits_fn, x, y, mask, key, it, *, eps):
   n, h, w, c = x.shape
   robust0 = (_predict(logits_fn, x) == y) & mask
   stripes = jnp.sign(jax.random.uniform(key, (n, 1, w, c), x.dtype, -1.0, 1.0))
   x_best = jnp.clip(x + eps * stripes, 0.0, 1.0)
-  return dict(x=x, y=y, robust0=robust0, x_best=x_best, margin_min=margin_loss(logits_fn(x_best), y),
-              it=jnp.zeros((n,), jnp.int32))
+  return dict(x=x, y=y, robust0=robust0, x_best=x_best, margin_min=margin_loss(logits_fn(x_best), y), it=it)
 
 
 def _square_step(logits_fn, st, key, *, eps, n_queries, p_init, queries):
@@ -645,7 +674,7 @@ class _Square:
     if x.ndim != 4:
       raise ValueError(f"square expects NHWC images, got shape {tuple(x.shape)}")
     k_init, k_loop = jax.random.split(key)
-    st = self._init(x, y, mask, k_init)
+    st = self._init(x, y, mask, k_init, np.zeros((x.shape[0],), np.int32))  # host array: see _apgd_fill
     for call in range(-(-self.n_queries // _SQUARE_QUERIES_PER_CALL)):
       if call % _SQUARE_CHECK_EVERY == 0 and not bool(jnp.any((st["margin_min"] > 0) & st["robust0"])):
         break
