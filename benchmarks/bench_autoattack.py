@@ -136,13 +136,24 @@ def build_networks(args):
 # ---------------------------------------------------------------------------------------------
 # The two runs.
 # ---------------------------------------------------------------------------------------------
-def run_library(logits_fn, x, y, *, eps, batch_size, overrides, seed):
+def load_module(path: str):
+  """Another version of ``mdrad_jax/autoattack.py`` (e.g. ``git show REV:mdrad_jax/autoattack.py > old.py``)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("autoattack_other", path)
+  mod = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = mod
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def run_library(logits_fn, x, y, *, eps, batch_size, overrides, seed, module=aa):
   t0 = time.perf_counter()
-  res = aa.autoattack(logits_fn, x, y, eps=eps, version="standard", seed=seed, batch_size=batch_size,
+  res = module.autoattack(logits_fn, x, y, eps=eps, version="standard", seed=seed, batch_size=batch_size,
                       progress=False, overrides=overrides)
   total = time.perf_counter() - t0
-  return dict(seconds=total, stage_seconds=dict(res.seconds), robust=res.robust.copy(),
-              robust_after=dict(res.robust_after), attacked=dict(res.attacked))
+  return dict(seconds=total, stage_seconds=dict(getattr(res, "seconds", {})), robust=res.robust.copy(),
+              robust_after=dict(res.robust_after), attacked=dict(res.attacked), broken_by=res.broken_by.copy(),
+              x_adv_rows=res.x_adv.reshape(len(res.x_adv), -1))
 
 
 class _StageLog(logging.Handler):
@@ -216,6 +227,9 @@ def main(argv=None) -> int:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--overrides", default="", help="e.g. 'square.n_queries=1000' (both implementations)")
   p.add_argument("--reference", choices=("on", "off"), default="on")
+  p.add_argument("--against-module", default="",
+                 help="instead of the reference: another version of mdrad_jax/autoattack.py (a file), to time a "
+                      "change; per-point outcomes (broken_by) and bit-identical x_adv rows are compared")
   p.add_argument("--torch-threads", type=int, default=0,
                  help="torch.set_num_threads (0 = one per core this process may run on)")
   p.add_argument("--json", default="")
@@ -233,6 +247,9 @@ def main(argv=None) -> int:
         f"batch {args.batch_size}")
   versions = dict(jax=jax.__version__, python=platform.python_version())
   logit_diff = None
+  other = load_module(args.against_module) if args.against_module else None
+  if other is not None:
+    args.reference = "off"
   if args.reference == "on":
     import torch
     torch.set_num_threads(args.torch_threads or len(os.sched_getaffinity(0)))
@@ -252,21 +269,24 @@ def main(argv=None) -> int:
   runs = []
   for r in range(args.repeats):
     order = ["library", "reference"] if r % 2 == 0 else ["reference", "library"]
-    if args.reference == "off":
+    if other is not None:
+      order = ["library", "other"] if r % 2 == 0 else ["other", "library"]
+    elif args.reference == "off":
       order = ["library"]
     for impl in order:
-      if impl == "library" and r == 0:
-        aa._cached_kernel.cache_clear()
-        aa._predict_kernel.cache_clear()
+      if impl in ("library", "other") and r == 0:  # the first run compiles
+        mod = aa if impl == "library" else other
+        mod._cached_kernel.cache_clear()
+        mod._predict_kernel.cache_clear()
       before = load_average()
-      if impl == "library":
+      if impl in ("library", "other"):
         out = run_library(logits_fn, x, y, eps=eps, batch_size=args.batch_size, overrides=overrides,
-                          seed=args.seed)
+                          seed=args.seed, module=aa if impl == "library" else other)
       else:
         out = run_reference(net, x, y, eps=eps, batch_size=args.batch_size, overrides=overrides,
                             seed=args.seed, device=device)
       out.update(attacked=out.get("attacked", {}), impl=impl, repeat=r, load_before=before, load_after=load_average(),
-                 includes_compile=(impl == "library" and r == 0))
+                 includes_compile=(impl in ("library", "other") and r == 0))
       runs.append(out)
       stages = ", ".join(f"{k} {v:.1f}" for k, v in out["stage_seconds"].items())
       print(f"repeat {r} {impl:9s}: {out['seconds']:8.1f} s  robust {int(out['robust'].sum())}/{len(y)}  "
@@ -275,6 +295,15 @@ def main(argv=None) -> int:
   summary = {}
   lib = [u for u in runs if u["impl"] == "library"]
   ref = [u for u in runs if u["impl"] == "reference"]
+  oth = [u for u in runs if u["impl"] == "other"]
+  if oth:
+    ratios = [b["seconds"] / a["seconds"] for a, b in zip(lib, oth)]
+    same = [int(np.sum(a["broken_by"] == b["broken_by"])) for a, b in zip(lib, oth)]
+    bits = [int(np.sum(np.all(a["x_adv_rows"] == b["x_adv_rows"], axis=1))) for a, b in zip(lib, oth)]
+    summary = dict(ratio_other_over_library=ratios, same_broken_by=same, bit_identical_x_adv_rows=bits, n=len(y))
+    print(f"other version time / library time per repeat: {', '.join(f'{v:.2f}' for v in ratios)}")
+    print(f"same broken_by: {', '.join(f'{v}/{len(y)}' for v in same)}; bit-identical x_adv rows: "
+          f"{', '.join(f'{v}/{len(y)}' for v in bits)}")
   if ref:
     ratios = [b["seconds"] / a["seconds"] for a, b in zip(lib, ref)]
     warm = [b["seconds"] / a["seconds"] for a, b in zip(lib, ref) if not a["includes_compile"]]
@@ -289,7 +318,9 @@ def main(argv=None) -> int:
     out = dict(command=sys.argv, description=desc, eps=eps, batch_size=args.batch_size,
                overrides=overrides, logit_max_diff=logit_diff, versions=versions,
                platform=jax.devices()[0].platform,
-               runs=[{**u, "robust": u["robust"].astype(int).tolist()} for u in runs], summary=summary)
+               runs=[{**{k: v for k, v in u.items() if k != "x_adv_rows"}, "robust": u["robust"].astype(int).tolist(),
+                      **({"broken_by": u["broken_by"].tolist()} if "broken_by" in u else {})} for u in runs],
+               summary=summary)
     with open(args.json, "w") as f:
       json.dump(out, f, indent=1)
   return 0
