@@ -260,12 +260,6 @@ def _apgd_single_run(logits_fn, x, y, y_target, key, *, eps, n_iter, loss, rho):
   return jax.lax.fori_loop(0, n_iter, lambda _, s: step(s), st)
 
 
-def _target_labels(logits_fn, x, rank):
-  """Label of the class ranked ``rank`` (2 = runner-up) by the logits at x."""
-  order = jnp.argsort(logits_fn(x), axis=1)
-  return jnp.take_along_axis(order, (order.shape[1] - rank) * jnp.ones((x.shape[0], 1), jnp.int32), axis=1)[:, 0]
-
-
 def _robust_and_order(logits_fn, x, y, mask):
   """Clean-correct real rows, and the classes of each row from the lowest logit to the highest."""
   z0 = logits_fn(x)
