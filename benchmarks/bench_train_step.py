@@ -64,6 +64,8 @@ TEACHER_SETS = {
     "small_cnn": [["small_cnn", {"widths": [64, 128, 256]}],
                   ["small_cnn", {"widths": [32, 64, 128, 256], "convs_per_stage": 2}],
                   ["mlp", {"hidden": [256, 256]}]],
+    # the GPU benchmark (benchmarks/gpu.sh): a WRN-34-10 and two smaller standard teachers, ResNet-18 student
+    "wrn34_10": [["wrn34_10", {}], ["resnet18", {}], ["mobilenet_v2", {}]],
     # tiny_cnn student (smoke tests, 8x8 inputs)
     "tiny_cnn": [["tiny_cnn", {"widths": [16, 32]}], ["mlp", {"hidden": [32]}],
                  ["tiny_cnn", {"widths": [8, 16]}]],
@@ -111,7 +113,12 @@ def parse_args(argv=None):
                       "defaults; a flag given here wins over a default of the same name)")
   p.add_argument("--torch", choices=("auto", "on", "off"), default="auto",
                  help="PyTorch reference: auto = when torch is installed")
-  p.add_argument("--torch-dtypes", type=_csv, default=["fp32", "bf16"])
+  p.add_argument("--torch-dtypes", type=_csv, default=["fp32", "bf16"],
+                 help="reference variants: fp32, bf16 (autocast), each optionally +compile (torch.compile of "
+                      "every network), e.g. fp32,bf16,fp32+compile,bf16+compile")
+  p.add_argument("--peak-tflops", type=float, default=0.0,
+                 help="the chip's peak (e.g. dense bfloat16 TFLOP/s from its data sheet): adds model FLOP "
+                      "utilisation, the method's necessary FLOPs / step time / this peak, for every row")
   p.add_argument("--torch-channels-last", action="store_true", help="NHWC memory format in the reference")
   p.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (0 = torch's default)")
   p.add_argument("--torch-count-flops", type=_bool, default=True,
@@ -755,7 +762,7 @@ def main(argv=None) -> int:
       write_json(args.json, cmdline, info, use_torch, results)
 
   print()
-  print_table(results)
+  print_table(results, peak_tflops=args.peak_tflops)
   print(f"load average at end: {loadavg()}")
   if args.json:
     write_json(args.json, cmdline, info, use_torch, results, load_end=loadavg())
@@ -809,13 +816,16 @@ def _steps_rss(r):
   return r.get("peak_rss_steps_bytes") or r["peak_rss_bytes"]
 
 
-def print_table(results):
+def print_table(results, peak_tflops: float = 0.0):
   head = ("method", "student", "batch", "variant", "compile s", "step s", "min s", "img/s", "peak RSS MiB", "XLA temp MiB",
           "GFLOP step", "GFLOP needed", "ratio", "useful GFLOP/s", "% matmul peak", "x vs torch fp32",
-          "x vs torch bf16")
+          "x vs torch bf16", "MFU %")
   rows = []
+  peak_chip = peak_tflops * 1e12
   for res in results:
     v = res["variants"]
+    nec_case = next(((s.get("necessary_flops") or {}).get("total") for s in v.values()
+                     if (s.get("necessary_flops") or {}).get("total")), None)
     t32 = v.get("torch[fp32]", {}).get("step_median_s")
     t16 = v.get("torch[bf16]", {}).get("step_median_s")
     for name, s in v.items():
@@ -836,7 +846,8 @@ def print_table(results):
           _fmt(s.get("flops_ratio"), "{:.3f}"), _fmt(useful and useful / 1e9, "{:.1f}"),
           _fmt(useful and peak and 100 * useful / peak, "{:.0f}"),
           _fmt(t32 / med if (is_jax and t32) else None, "{:.2f}"),
-          _fmt(t16 / med if (is_jax and t16) else None, "{:.2f}")))
+          _fmt(t16 / med if (is_jax and t16) else None, "{:.2f}"),
+          _fmt(100 * nec_case / med / peak_chip if (nec_case and peak_chip) else None, "{:.1f}")))
   widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(head)] if rows else []
   print(" | ".join(str(h).ljust(w) for h, w in zip(head, widths)))
   print("-+-".join("-" * w for w in widths))
@@ -844,7 +855,7 @@ def print_table(results):
     print(" | ".join(str(c).ljust(w) for c, w in zip(r, widths)))
   print("step s: median step time (median of the repeats' medians); min s: fastest timed step.  peak RSS: while running the steps (JAX: after compiling).  x vs torch: torch step time / JAX step time "
         "(> 1: JAX faster), same invocation.  ratio: XLA step FLOPs / necessary FLOPs.  useful GFLOP/s: necessary FLOPs / step time; % of the float32 matmul peak measured "
-        "in the same child.")
+        "in the same child.  MFU %: the case's necessary FLOPs / step time / --peak-tflops (the same work for every row).")
   for res in results:
     for name, s in res["variants"].items():
       if s.get("necessary_flops"):

@@ -88,6 +88,41 @@ class ResNet(nn.Module):
     return (logits, f) if return_features else logits
 
 
+class WideBasicBlock(nn.Module):
+  """TRADES WRN block, as ``mdrad_jax.models.WideBasicBlock`` (no dropout)."""
+
+  def __init__(self, cin, cout, stride):
+    super().__init__()
+    self.bn1, self.conv1 = nn.BatchNorm2d(cin), _conv(cin, cout, 3, stride)
+    self.bn2, self.conv2 = nn.BatchNorm2d(cout), _conv(cout, cout, 3)
+    self.shortcut = None if cin == cout else _conv(cin, cout, 1, stride)
+
+  def forward(self, x):
+    act = F.relu(self.bn1(x))
+    out = self.conv2(F.relu(self.bn2(self.conv1(act))))
+    return out + (x if self.shortcut is None else self.shortcut(act))
+
+
+class WideResNet(nn.Module):
+  def __init__(self, num_classes, depth=34, widen_factor=10, in_ch=3):
+    super().__init__()
+    n, k = (depth - 4) // 6, widen_factor
+    self.conv1 = _conv(in_ch, 16, 3)
+    blocks, cin = [], 16
+    for i, w in enumerate((16 * k, 32 * k, 64 * k)):
+      for j in range(n):
+        blocks.append(WideBasicBlock(cin, w, 2 if (i > 0 and j == 0) else 1))
+        cin = w
+    self.blocks = nn.Sequential(*blocks)
+    self.bn1 = nn.BatchNorm2d(cin)
+    self.linear = nn.Linear(cin, num_classes)
+
+  def forward(self, x, return_features=False):
+    f = F.relu(self.bn1(self.blocks(self.conv1(x))))
+    logits = _head(f, self.linear)
+    return (logits, f) if return_features else logits
+
+
 VGG_CFGS = {
     "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
     "vgg13": (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
@@ -239,6 +274,11 @@ def build_model(name: str, kwargs: dict, num_classes: int, image_shape) -> nn.Mo
     return VGG(num_classes, VGG_CFGS[name[:-3]], in_ch=c)
   if name == "mobilenet_v2":
     return MobileNetV2(num_classes, in_ch=c)
+  wrn = {"wrn28_10": (28, 10), "wrn34_10": (34, 10), "wrn34_20": (34, 20)}
+  if name in wrn or name == "wide_resnet":
+    depth, k = wrn.get(name, (34, 10))
+    return WideResNet(num_classes, depth=int(kw.get("depth", depth)), widen_factor=int(kw.get("widen_factor", k)),
+                      in_ch=c)
   if name == "small_cnn":
     return SmallCNN(num_classes, widths=tuple(kw.get("widths", (32, 64, 128))),
                     convs_per_stage=int(kw.get("convs_per_stage", 1)), in_ch=c)
@@ -405,7 +445,10 @@ def run(spec: dict) -> dict:
   if spec.get("threads"):
     torch.set_num_threads(int(spec["threads"]))
   torch.manual_seed(spec.get("seed", 0))
-  bf16 = spec.get("dtype", "fp32") == "bf16"
+  dtype_name, _, mode = spec.get("dtype", "fp32").partition("+")
+  if dtype_name not in ("fp32", "bf16") or mode not in ("", "compile"):
+    raise ValueError(f"dtype must be fp32 or bf16, optionally with '+compile', got {spec.get('dtype')!r}")
+  bf16 = dtype_name == "bf16"
 
   def autocast():
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -433,7 +476,16 @@ def run(spec: dict) -> dict:
         _, ft = t(x[:2], return_features=True)
         projectors.append(FeatureProjector(fs.shape[1], ft.shape[1], ft.shape[-2:]).to(device, memory_format=mem_fmt))
   projectors = nn.ModuleList(projectors)
-  opt = torch.optim.SGD(list(student.parameters()) + list(projectors.parameters()), lr=0.1, momentum=0.9,
+  # '+compile': every network's forward through torch.compile (the attack's input gradients and the update
+  # stay eager autograd calls on the compiled graphs); compilation happens in the warm-up steps.
+  params_of = {"student": student, "teachers": list(teachers), "projectors": list(projectors)}
+  counts = {"student": count_params(student), "teachers": [count_params(t) for t in teachers],
+            "projectors": [count_params(p) for p in projectors]}
+  if mode == "compile":
+    student = torch.compile(student)
+    teachers = [torch.compile(t) for t in teachers]
+    projectors = nn.ModuleList([torch.compile(p) for p in projectors])
+  opt = torch.optim.SGD(list(params_of["student"].parameters()) + [q for p in params_of["projectors"] for q in p.parameters()], lr=0.1, momentum=0.9,
                         weight_decay=5e-4)
   eps, step_size = 8 / 255, 2 / 255
   t_clean_on = [("clean" in v) or plan.teacher_features for v in plan.teacher_views]
@@ -497,9 +549,8 @@ def run(spec: dict) -> dict:
       torch.cuda.synchronize()
 
   out = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-         "dtype": "bf16 autocast" if bf16 else "fp32",
-         "param_counts": {"student": count_params(student), "teachers": [count_params(t) for t in teachers],
-                          "projectors": [count_params(p) for p in projectors]},
+         "dtype": ("bf16 autocast" if bf16 else "fp32") + (" + torch.compile" if mode else ""),
+         "param_counts": counts,
          "plan": {"student_views": list(plan.student_views),
                   "teacher_views": [list(v) for v in plan.teacher_views], "features": bool(plan.student_features)},
          "attack": dict(att, eps=eps, step_size=step_size, num_steps=spec["pgd_steps"])}

@@ -14,8 +14,10 @@ The attacks follow the reference algorithm of Croce & Hein (``autoattack``, ``se
   one sign per channel are drawn per query for the whole batch, and positions are drawn in [0, H − s), so the
   last row and column change only through the initial stripes or a square covering the whole image.
 
-Every attack is a pure function of ``(x, y, mask, key)`` over a fixed-size batch whose loops are ``lax`` loops;
-``mask`` marks the real rows of a padded batch.  The public functions (``apgd``, ``apgd_targeted``,
+Every attack is a function of ``(x, y, mask, key)`` over a fixed-size batch, built from pure parts (start,
+one iteration, merge of a run's result) that are compiled separately and called from a host loop: XLA:CPU runs
+a model 3-4x slower inside a compiled loop than as a top-level program.  ``_apgd_single_run`` and
+``_fab_single_run`` chain the same parts in a ``lax`` loop.  ``mask`` marks the real rows of a padded batch.  The public functions (``apgd``, ``apgd_targeted``,
 ``fab_targeted``, ``square``) attack a whole array in one batch and return ``x`` itself for every point that
 was not turned into an adversarial example, as the reference does.  ``autoattack`` is the Python driver: it
 batches the still-robust points, runs each attack only on them, and re-checks every returned point.
@@ -30,6 +32,7 @@ import functools
 import math
 import numbers
 import sys
+import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -168,118 +171,182 @@ def _step_size_check(loss_steps, i, k, rho, loss_best, loss_best_last, reduced_l
   return oscillating | no_improvement
 
 
-def _apgd_single_run(logits_fn, x, y, y_target, key, *, eps, n_iter, loss, rho):
-  """One APGD run on the whole batch; returns the final state (``x_best_adv``: last misclassified iterate,
-  ``acc``: never misclassified, ``x_best``/``loss_best``: highest-loss point, ``step``: step sizes)."""
+def _apgd_loss_fn(loss):
   if loss == "ce":
-    loss_indiv = lambda z: ce_loss(z, y)
-  elif loss == "dlr":
-    loss_indiv = lambda z: dlr_loss(z, y)
-  else:
-    loss_indiv = lambda z: dlr_loss_targeted(z, y, y_target)
+    return lambda z, y, y_target: ce_loss(z, y)
+  if loss == "dlr":
+    return lambda z, y, y_target: dlr_loss(z, y)
+  return dlr_loss_targeted
+
+
+def _apgd_fill(n, *, eps, n_iter):
+  """The entries of APGD's start state that do not depend on the data, as host arrays.  Passed into the
+  compiled start, they are laid out like the batch (a constant made inside it would not be, under sharding)."""
+  return dict(it=np.zeros((n,), np.int32), step=np.full((n,), 2.0 * eps, np.float32),
+              loss_steps=np.zeros((n, n_iter), np.float32), reduced_last=np.ones((n,), bool))
+
+
+def _apgd_init(logits_fn, x, y, y_target, key, fill=None, *, eps, n_iter, loss):
+  """APGD's state after the random start; every entry is batch-leading (``it``: the step count, per row)."""
+  loss_indiv = _apgd_loss_fn(loss)
+  if y_target is None:
+    y_target = y
 
   def objective(xa):
     z = logits_fn(xa)
-    li = loss_indiv(z)
+    li = loss_indiv(z, y, y_target)
     return jnp.sum(li), (li, z)
 
-  value_and_grad = jax.value_and_grad(objective, has_aux=True)
   n = x.shape[0]
+  if fill is None:
+    fill = {k: jnp.asarray(v) for k, v in _apgd_fill(n, eps=eps, n_iter=n_iter).items()}
   t = jax.random.uniform(key, x.shape, x.dtype, -1.0, 1.0)
   x_adv = jnp.clip(x + eps * t / (_bcast(_linf(t), x) + 1e-12), 0.0, 1.0)
-  (_, (loss_cur, z)), grad = value_and_grad(x_adv)
+  (_, (loss_cur, z)), grad = jax.value_and_grad(objective, has_aux=True)(x_adv)
   acc = jnp.argmax(z, axis=1) == y
-  is_ckpt, window = (jnp.asarray(a) for a in _checkpoint_tables(n_iter))
-
-  state = dict(
+  return dict(
+      x=x, y=y, y_target=y_target, it=fill["it"],
       x_adv=x_adv, x_old=x_adv, grad=grad, x_best=x_adv, grad_best=grad, x_best_adv=x_adv,
-      loss_best=loss_cur, acc=acc, step=jnp.full((n,), 2.0 * eps, x.dtype),
-      loss_steps=jnp.zeros((n_iter, n), x.dtype), loss_best_last=loss_cur,
-      reduced_last=jnp.ones((n,), bool))
-
-  def body(i, s):
-    grad2 = s["x_adv"] - s["x_old"]
-    x_old = s["x_adv"]
-    a = jnp.where(i > 0, 0.75, 1.0).astype(x.dtype)
-    x1 = _project(s["x_adv"] + _bcast(s["step"], x) * jnp.sign(s["grad"]), x, eps)
-    x1 = _project(s["x_adv"] + (x1 - s["x_adv"]) * a + grad2 * (1.0 - a), x, eps)
-    (_, (l, z)), grad = value_and_grad(x1)
-    pred_ok = jnp.argmax(z, axis=1) == y
-    acc = s["acc"] & pred_ok
-    x_best_adv = jnp.where(_bcast(~pred_ok, x), x1, s["x_best_adv"])
-    loss_steps = s["loss_steps"].at[i].set(l)
-    improved = l > s["loss_best"]
-    x_best = jnp.where(_bcast(improved, x), x1, s["x_best"])
-    grad_best = jnp.where(_bcast(improved, x), grad, s["grad_best"])
-    loss_best = jnp.where(improved, l, s["loss_best"])
-    reduce = _step_size_check(loss_steps, i, window[i], rho, loss_best, s["loss_best_last"], s["reduced_last"])
-    ck = is_ckpt[i]
-    halve = ck & reduce
-    return dict(
-        x_adv=jnp.where(_bcast(halve, x), x_best, x1), x_old=x_old,
-        grad=jnp.where(_bcast(halve, x), grad_best, grad), x_best=x_best, grad_best=grad_best,
-        x_best_adv=x_best_adv, loss_best=loss_best, acc=acc,
-        step=jnp.where(halve, s["step"] / 2.0, s["step"]), loss_steps=loss_steps,
-        loss_best_last=jnp.where(ck, loss_best, s["loss_best_last"]),
-        reduced_last=jnp.where(ck, reduce, s["reduced_last"]))
-
-  return jax.lax.fori_loop(0, n_iter, body, state)
+      loss_best=loss_cur, acc=acc, step=fill["step"].astype(x.dtype),
+      loss_steps=fill["loss_steps"].astype(x.dtype), loss_best_last=loss_cur,
+      reduced_last=fill["reduced_last"])
 
 
-def _target_labels(logits_fn, x, rank):
-  """Label of the class ranked ``rank`` (2 = runner-up) by the logits at x."""
-  order = jnp.argsort(logits_fn(x), axis=1)
-  return jnp.take_along_axis(order, (order.shape[1] - rank) * jnp.ones((x.shape[0], 1), jnp.int32), axis=1)[:, 0]
+def _apgd_step(logits_fn, s, *, eps, n_iter, loss, rho):
+  """One APGD iteration (step ``s['it']``) on the state of :func:`_apgd_init`."""
+  loss_indiv = _apgd_loss_fn(loss)
+  x, y = s["x"], s["y"]
+
+  def objective(xa):
+    z = logits_fn(xa)
+    li = loss_indiv(z, y, s["y_target"])
+    return jnp.sum(li), (li, z)
+
+  is_ckpt, window = (jnp.asarray(a) for a in _checkpoint_tables(n_iter))
+  i = s["it"][0]
+  grad2 = s["x_adv"] - s["x_old"]
+  x_old = s["x_adv"]
+  a = jnp.where(i > 0, 0.75, 1.0).astype(x.dtype)
+  x1 = _project(s["x_adv"] + _bcast(s["step"], x) * jnp.sign(s["grad"]), x, eps)
+  x1 = _project(s["x_adv"] + (x1 - s["x_adv"]) * a + grad2 * (1.0 - a), x, eps)
+  (_, (l, z)), grad = jax.value_and_grad(objective, has_aux=True)(x1)
+  pred_ok = jnp.argmax(z, axis=1) == y
+  acc = s["acc"] & pred_ok
+  x_best_adv = jnp.where(_bcast(~pred_ok, x), x1, s["x_best_adv"])
+  loss_steps = s["loss_steps"].at[:, i].set(l)
+  improved = l > s["loss_best"]
+  x_best = jnp.where(_bcast(improved, x), x1, s["x_best"])
+  grad_best = jnp.where(_bcast(improved, x), grad, s["grad_best"])
+  loss_best = jnp.where(improved, l, s["loss_best"])
+  reduce = _step_size_check(loss_steps.T, i, window[i], rho, loss_best, s["loss_best_last"], s["reduced_last"])
+  ck = is_ckpt[i]
+  halve = ck & reduce
+  return dict(
+      x=x, y=y, y_target=s["y_target"], it=s["it"] + 1,
+      x_adv=jnp.where(_bcast(halve, x), x_best, x1), x_old=x_old,
+      grad=jnp.where(_bcast(halve, x), grad_best, grad), x_best=x_best, grad_best=grad_best,
+      x_best_adv=x_best_adv, loss_best=loss_best, acc=acc,
+      step=jnp.where(halve, s["step"] / 2.0, s["step"]), loss_steps=loss_steps,
+      loss_best_last=jnp.where(ck, loss_best, s["loss_best_last"]),
+      reduced_last=jnp.where(ck, reduce, s["reduced_last"]))
 
 
-def _apgd_batch(logits_fn, x, y, mask, key, target_labels=None, *, eps, n_iter, loss, n_restarts, rho,
-                target_rank=None):
-  """APGD with restarts on a padded batch; the targeted loss uses ``target_rank`` or ``target_labels``."""
-  robust0 = (_predict(logits_fn, x) == y) & mask
-  if loss == "dlr_targeted":
-    y_target = (_target_labels(logits_fn, x, target_rank) if target_rank is not None
-                else jnp.asarray(target_labels, jnp.int32))
-  else:
-    y_target = None
-
-  def cond(c):
-    r, robust, _ = c
-    return (r < n_restarts) & jnp.any(robust)
-
-  def body(c):
-    r, robust, adv = c
-    st = _apgd_single_run(logits_fn, x, y, y_target, jax.random.fold_in(key, r), eps=eps, n_iter=n_iter,
-                          loss=loss, rho=rho)
-    new = ~st["acc"] & robust
-    return r + 1, robust & ~new, jnp.where(_bcast(new, x), st["x_best_adv"], adv)
-
-  _, _, adv = jax.lax.while_loop(cond, body, (jnp.int32(0), robust0, x))
-  return adv
+def _apgd_single_run(logits_fn, x, y, y_target, key, *, eps, n_iter, loss, rho):
+  """One APGD run on the whole batch, as one traceable function; returns the final state (``x_best_adv``:
+  last misclassified iterate, ``acc``: never misclassified, ``x_best``/``loss_best``: highest-loss point,
+  ``step``: step sizes).  The batch attacks run the same two functions with the loop on the host."""
+  st = _apgd_init(logits_fn, x, y, y_target, key, eps=eps, n_iter=n_iter, loss=loss)
+  step = functools.partial(_apgd_step, logits_fn, eps=eps, n_iter=n_iter, loss=loss, rho=rho)
+  return jax.lax.fori_loop(0, n_iter, lambda _, s: step(s), st)
 
 
-def _apgd_targeted_batch(logits_fn, x, y, mask, key, *, eps, n_iter, n_target_classes, n_restarts, rho):
-  """APGD-T on a padded batch: each target rank in turn, on the points still robust."""
+def _robust_and_order(logits_fn, x, y, mask):
+  """Clean-correct real rows, and the classes of each row from the lowest logit to the highest."""
   z0 = logits_fn(x)
-  order = jnp.argsort(z0, axis=1)
-  n_classes = z0.shape[1]
-  robust0 = (jnp.argmax(z0, axis=1) == y) & mask
-  total = n_target_classes * n_restarts
+  return (jnp.argmax(z0, axis=1) == y) & mask, jnp.argsort(z0, axis=1).astype(jnp.int32)
 
-  def cond(c):
-    j, robust, _ = c
-    return (j < total) & jnp.any(robust)
 
-  def body(c):
-    j, robust, adv = c
-    rank = 2 + j // n_restarts
-    y_target = jnp.take_along_axis(order, jnp.full((x.shape[0], 1), n_classes - rank, jnp.int32), axis=1)[:, 0]
-    st = _apgd_single_run(logits_fn, x, y, y_target, jax.random.fold_in(key, j), eps=eps, n_iter=n_iter,
-                          loss="dlr_targeted", rho=rho)
-    new = ~st["acc"] & robust
-    return j + 1, robust & ~new, jnp.where(_bcast(new, x), st["x_best_adv"], adv)
+def _column(order, column):
+  """``order[i, column[i]]`` per row (inside a compiled part, so the result is laid out like the batch)."""
+  return jnp.take_along_axis(order, column[:, None], axis=1)[:, 0]
 
-  _, _, adv = jax.lax.while_loop(cond, body, (jnp.int32(0), robust0, x))
-  return adv
+
+def _rank_column(order, rank):
+  """The column of ``order`` (classes by increasing logit) that holds the class ranked ``rank``, per row, as a
+  host array: a compiled part places it like the other batch arguments."""
+  return np.full((order.shape[0],), order.shape[1] - rank, np.int32)
+
+
+def _merge_new(robust, adv, x_new, fooled):
+  """Points fooled now (and robust until now) take ``x_new``; returns (still robust, adversarial inputs)."""
+  new = fooled & robust
+  return robust & ~new, jnp.where(_bcast(new, adv), x_new, adv)
+
+
+def _apgd_merge(st, robust, adv):
+  return _merge_new(robust, adv, st["x_best_adv"], ~st["acc"])
+
+
+class _Apgd:
+  """APGD with restarts (and APGD-T over target ranks) on a padded batch: each part compiled with ``jit``, the
+  iterations, restarts and targets driven from the host.
+
+  XLA:CPU runs a model's forward and backward 3-4x slower inside a ``while`` loop than the same computation
+  as a top-level program (docs/performance.md, "AutoAttack"), so each iteration is one call of the compiled
+  step.  Calls are dispatched asynchronously; the host waits only to check, between restarts and targets,
+  whether any point is left to attack (the early stop the reference has)."""
+
+  def __init__(self, logits_fn, jit, *, eps, n_iter, loss, rho, n_restarts=1, target_rank=None,
+               n_target_classes=None):
+    self.n_iter, self.n_restarts, self.loss = n_iter, n_restarts, loss
+    self.target_rank, self.n_target_classes = target_rank, n_target_classes
+    kw = dict(eps=eps, n_iter=n_iter, loss=loss)
+
+    def prepare(x, y, mask):
+      return _robust_and_order(logits_fn, x, y, mask)
+
+    self._fill = functools.partial(_apgd_fill, eps=eps, n_iter=n_iter)
+
+    def init(x, y, y_target, key, fill):
+      return _apgd_init(logits_fn, x, y, y_target, key, fill, **kw)
+
+    def init_rank(x, y, order, column, key, fill):
+      return _apgd_init(logits_fn, x, y, _column(order, column), key, fill, **kw)
+
+    def init_untargeted(x, y, key, fill):
+      return _apgd_init(logits_fn, x, y, None, key, fill, **kw)
+
+    def step(state):
+      return _apgd_step(logits_fn, state, rho=rho, **kw)
+
+    self._prepare, self._init, self._step = jit(prepare), jit(init), jit(step)
+    self._init_untargeted, self._init_rank, self._merge = jit(init_untargeted), jit(init_rank), jit(_apgd_merge)
+
+  def _run(self, st):
+    for _ in range(self.n_iter):
+      st = self._step(st)
+    return st
+
+  def __call__(self, x, y, mask, key, target_labels=None):
+    robust, order = self._prepare(x, y, mask)
+    adv = x
+    if self.n_target_classes is not None:  # APGD-T: each target rank in turn
+      runs = [(2 + j // self.n_restarts, j) for j in range(self.n_target_classes * self.n_restarts)]
+    else:
+      runs = [(self.target_rank, r) for r in range(self.n_restarts)]
+    for rank, j in runs:
+      if not bool(jnp.any(robust)):
+        break
+      k = jax.random.fold_in(key, j)
+      fill = self._fill(x.shape[0])
+      if self.loss != "dlr_targeted":
+        st = self._init_untargeted(x, y, k, fill)
+      elif rank is not None:
+        st = self._init_rank(x, y, order, _rank_column(order, rank), k, fill)
+      else:
+        st = self._init(x, y, jnp.asarray(target_labels, jnp.int32), k, fill)
+      robust, adv = self._merge(self._run(st), robust, adv)
+    return adv
 
 
 def apgd(logits_fn: LogitsFn, x, y, key, *, eps: float, n_iter: int = 100, loss: str = "ce",
@@ -343,6 +410,26 @@ def _check_targets(n_classes: int, n_target_classes: int, need: int) -> None:
 # FAB-T
 
 
+def _argsort_rows(v: Array) -> Array:
+  """``jnp.argsort(v, axis=1)`` (stable) for float32 rows of fewer than 2**31 entries, as one integer sort.
+
+  XLA:CPU sorts a (value, index) pair with a float comparator 5-7x slower than one int64 array
+  (docs/performance.md, "AutoAttack").  Each entry becomes ``order-preserving int32 bits << 32 | column``, so the
+  sorted keys are ordered by value and then by column, exactly the stable argsort (with -0.0 taken as +0.0,
+  as the float comparison does); the low 32 bits are the permutation.  The int64 keys exist only inside this
+  function, under ``jax.enable_x64``.
+  """
+  if v.dtype != jnp.float32:
+    return jnp.argsort(v, axis=1)
+  v = jnp.where(v == 0, jnp.zeros_like(v), v)
+  bits = jax.lax.bitcast_convert_type(v, jnp.int32)
+  key32 = bits ^ ((bits >> 31) & jnp.int32(0x7FFFFFFF))  # monotone in the float value
+  with jax.enable_x64(True):
+    cols = jax.lax.broadcasted_iota(jnp.int64, v.shape, 1)
+    packed = jnp.sort((key32.astype(jnp.int64) << 32) | cols, axis=1)
+    return (packed & 0xFFFFFFFF).astype(jnp.int32)
+
+
 def projection_linf(t: Array, w: Array, b: Array) -> Array:
   """Smallest-L∞ displacement d with w·(t + d) = b and t + d ∈ [0, 1] (rows of t, w: [M, D]; b: [M]).
 
@@ -356,7 +443,7 @@ def projection_linf(t: Array, w: Array, b: Array) -> Array:
   nonzero = (w != 0).astype(t.dtype)
   d = (a - t) * nonzero
   p = a - t * (2.0 * a - 1.0)
-  indp = jnp.argsort(p, axis=1)
+  indp = _argsort_rows(p)
   b = b - jnp.sum(w * t, axis=1)
   b0 = jnp.sum(w * d, axis=1)
   indp2 = indp[:, ::-1]
@@ -395,8 +482,9 @@ def projection_linf(t: Array, w: Array, b: Array) -> Array:
   return d * nonzero
 
 
-def _fab_single_run(logits_fn, x, y, y_target, *, n_iter, alpha_max, eta, beta):
-  """One targeted FAB run (no random start); returns (best adversarial point, its L∞ distance or 1e10)."""
+def _fab_step(logits_fn, s, *, alpha_max, eta, beta):
+  """One targeted FAB iteration on the state ``{x, y, y_target, x1, adv, res}`` (all batch-leading)."""
+  x, y, y_target, x1 = s["x"], s["y"], s["y_target"], s["x1"]
   n = x.shape[0]
   x0 = x.reshape(n, -1)
 
@@ -407,59 +495,81 @@ def _fab_single_run(logits_fn, x, y, y_target, *, n_iter, alpha_max, eta, beta):
     diff = -(zy - zt)
     return jnp.sum(diff), diff
 
-  grad_fn = jax.grad(diff_fn, has_aux=True)
-
-  def body(_, c):
-    x1, adv, res = c
-    dg, df = grad_fn(x1)
-    w = dg.reshape(n, -1)
-    b = -df + jnp.sum(w * x1.reshape(n, -1), axis=1)
-    d3 = projection_linf(jnp.concatenate([x1.reshape(n, -1), x0], 0), jnp.concatenate([w, w], 0),
-                         jnp.concatenate([b, b], 0))
-    d1 = d3[:n].reshape(x.shape)
-    d2 = d3[n:].reshape(x.shape)
-    a0 = jnp.maximum(jnp.max(jnp.abs(d3), axis=1), 1e-8)
-    a1, a2 = a0[:n], a0[n:]
-    alpha = _bcast(jnp.clip(a1 / (a1 + a2), 0.0, alpha_max), x)
-    x1 = jnp.clip((x1 + eta * d1) * (1.0 - alpha) + (x + d2 * eta) * alpha, 0.0, 1.0)
-    is_adv = _predict(logits_fn, x1) != y
-    t = _linf(x1 - x)
-    better = is_adv & (t < res)
-    adv = jnp.where(_bcast(better, x), x1, adv)
-    res = jnp.where(better, t, res)
-    x1 = jnp.where(_bcast(is_adv, x), x + (x1 - x) * beta, x1)
-    return x1, adv, res
-
-  _, adv, res = jax.lax.fori_loop(0, n_iter, body, (x, x, jnp.full((n,), _NOT_FOUND, x.dtype)))
-  return adv, res
+  dg, df = jax.grad(diff_fn, has_aux=True)(x1)
+  w = dg.reshape(n, -1)
+  b = -df + jnp.sum(w * x1.reshape(n, -1), axis=1)
+  d3 = projection_linf(jnp.concatenate([x1.reshape(n, -1), x0], 0), jnp.concatenate([w, w], 0),
+                       jnp.concatenate([b, b], 0))
+  d1 = d3[:n].reshape(x.shape)
+  d2 = d3[n:].reshape(x.shape)
+  a0 = jnp.maximum(jnp.max(jnp.abs(d3), axis=1), 1e-8)
+  a1, a2 = a0[:n], a0[n:]
+  alpha = _bcast(jnp.clip(a1 / (a1 + a2), 0.0, alpha_max), x)
+  x1 = jnp.clip((x1 + eta * d1) * (1.0 - alpha) + (x + d2 * eta) * alpha, 0.0, 1.0)
+  is_adv = _predict(logits_fn, x1) != y
+  t = _linf(x1 - x)
+  better = is_adv & (t < s["res"])
+  adv = jnp.where(_bcast(better, x), x1, s["adv"])
+  res = jnp.where(better, t, s["res"])
+  x1 = jnp.where(_bcast(is_adv, x), x + (x1 - x) * beta, x1)
+  return dict(s, x1=x1, adv=adv, res=res)
 
 
-def _fab_targeted_batch(logits_fn, x, y, mask, key, *, eps, n_iter, n_target_classes, alpha_max, eta,
-                        beta):
-  """FAB-T on a padded batch (deterministic: one run per target without random start, as in 'standard')."""
-  del key
-  z0 = logits_fn(x)
-  order = jnp.argsort(z0, axis=1)
-  n_classes = z0.shape[1]
-  robust0 = (jnp.argmax(z0, axis=1) == y) & mask
+def _fab_init(x, y, y_target, res=None):
+  if res is None:
+    res = jnp.full((x.shape[0],), _NOT_FOUND, x.dtype)
+  return dict(x=x, y=y, y_target=y_target, x1=x, adv=x, res=res)
 
-  def cond(c):
-    j, robust, _ = c
-    return (j < n_target_classes) & jnp.any(robust)
 
-  def body(c):
-    j, robust, adv = c
-    y_target = jnp.take_along_axis(order, jnp.full((x.shape[0], 1), n_classes - 2 - j, jnp.int32), axis=1)[:, 0]
-    x_r, res = _fab_single_run(logits_fn, x, y, y_target, n_iter=n_iter, alpha_max=alpha_max, eta=eta,
-                               beta=beta)
-    found = res < _NOT_FOUND
-    x_r = jnp.where(_bcast(found, x), x_r, x)
-    fooled = (_predict(logits_fn, x_r) != y) & (_linf(x_r - x) <= eps)
-    new = fooled & robust
-    return j + 1, robust & ~new, jnp.where(_bcast(new, x), x_r, adv)
+def _fab_single_run(logits_fn, x, y, y_target, *, n_iter, alpha_max, eta, beta):
+  """One targeted FAB run (no random start), as one traceable function; returns (best adversarial point, its
+  L∞ distance or 1e10).  The batch attack runs the same step with the loop on the host."""
+  step = functools.partial(_fab_step, logits_fn, alpha_max=alpha_max, eta=eta, beta=beta)
+  st = jax.lax.fori_loop(0, n_iter, lambda _, s: step(s), _fab_init(x, y, y_target))
+  return st["adv"], st["res"]
 
-  _, _, adv = jax.lax.while_loop(cond, body, (jnp.int32(0), robust0, x))
-  return adv
+
+def _fab_merge(logits_fn, s, robust, adv, *, eps):
+  """Keeps a run's point where it was found, is misclassified and lies within ε."""
+  x, y = s["x"], s["y"]
+  x_r = jnp.where(_bcast(s["res"] < _NOT_FOUND, x), s["adv"], x)
+  fooled = (_predict(logits_fn, x_r) != y) & (_linf(x_r - x) <= eps)
+  return _merge_new(robust, adv, x_r, fooled)
+
+
+class _FabTargeted:
+  """FAB-T on a padded batch (deterministic: one run per target without random start, as in 'standard'),
+  each iteration one call of the compiled step, targets driven from the host (see :class:`_Apgd`)."""
+
+  def __init__(self, logits_fn, jit, *, eps, n_iter, n_target_classes, alpha_max, eta, beta):
+    self.n_iter, self.n_target_classes = n_iter, n_target_classes
+
+    def prepare(x, y, mask):
+      return _robust_and_order(logits_fn, x, y, mask)
+
+    def step(state):
+      return _fab_step(logits_fn, state, alpha_max=alpha_max, eta=eta, beta=beta)
+
+    def merge(state, robust, adv):
+      return _fab_merge(logits_fn, state, robust, adv, eps=eps)
+
+    def init(x, y, order, column, res):  # res: host array, laid out like the batch (see _apgd_fill)
+      return _fab_init(x, y, _column(order, column), res)
+
+    self._prepare, self._init, self._step, self._merge = jit(prepare), jit(init), jit(step), jit(merge)
+
+  def __call__(self, x, y, mask, key):
+    del key
+    robust, order = self._prepare(x, y, mask)
+    adv = x
+    for j in range(self.n_target_classes):
+      if not bool(jnp.any(robust)):
+        break
+      st = self._init(x, y, order, _rank_column(order, 2 + j), np.full((x.shape[0],), _NOT_FOUND, np.float32))
+      for _ in range(self.n_iter):
+        st = self._step(st)
+      robust, adv = self._merge(st, robust, adv)
+    return adv
 
 
 def fab_targeted(logits_fn: LogitsFn, x, y, key, *, eps: float, n_iter: int = 100, n_target_classes: int = 9,
@@ -495,29 +605,31 @@ def _square_sizes(n_queries: int, p_init: float, h: int, w: int) -> np.ndarray:
   return np.minimum(np.asarray(sizes, np.int32), min(h, w))
 
 
-def _square_batch(logits_fn, x, y, mask, key, *, eps, n_queries, p_init):
-  """Square attack (L∞, margin loss) on a padded NHWC batch."""
-  if x.ndim != 4:
-    raise ValueError(f"square expects NHWC images, got shape {tuple(x.shape)}")
+_SQUARE_QUERIES_PER_CALL = 5  # queries unrolled in one compiled call (5000 queries: 1000 calls)
+_SQUARE_CHECK_EVERY = 20      # calls between the host's checks whether any point is left to attack
+
+
+def _square_init(logits_fn, x, y, mask, key, it, *, eps):
+  n, h, w, c = x.shape
+  robust0 = (_predict(logits_fn, x) == y) & mask
+  stripes = jnp.sign(jax.random.uniform(key, (n, 1, w, c), x.dtype, -1.0, 1.0))
+  x_best = jnp.clip(x + eps * stripes, 0.0, 1.0)
+  return dict(x=x, y=y, robust0=robust0, x_best=x_best, margin_min=margin_loss(logits_fn(x_best), y), it=it)
+
+
+def _square_step(logits_fn, st, key, *, eps, n_queries, p_init, queries):
+  """``queries`` Square queries from query ``st['it']`` on; queries past ``n_queries`` change nothing."""
+  x, y, robust0 = st["x"], st["y"], st["robust0"]
   n, h, w, c = x.shape
   sizes = jnp.asarray(_square_sizes(n_queries, p_init, h, w))
-  robust0 = (_predict(logits_fn, x) == y) & mask
-  k_init, k_loop = jax.random.split(key)
-  stripes = jnp.sign(jax.random.uniform(k_init, (n, 1, w, c), x.dtype, -1.0, 1.0))
-  x_best = jnp.clip(x + eps * stripes, 0.0, 1.0)
-  margin_min = margin_loss(logits_fn(x_best), y)
   rows = jnp.arange(h)[:, None]
   cols = jnp.arange(w)[None, :]
-
-  def cond(st):
-    i, _, margin = st
-    return (i < n_queries) & jnp.any((margin > 0) & robust0)
-
-  def body(st):
-    i, x_best, margin_min = st
-    active = (margin_min > 0) & robust0
-    s = sizes[i]
-    kh, kw, ks = jax.random.split(jax.random.fold_in(k_loop, i), 3)
+  x_best, margin_min, it = st["x_best"], st["margin_min"], st["it"]
+  for _ in range(queries):
+    i = it[0]
+    active = (margin_min > 0) & robust0 & (i < n_queries)
+    s = sizes[jnp.minimum(i, n_queries - 1)]
+    kh, kw, ks = jax.random.split(jax.random.fold_in(key, i), 3)
     vh = jnp.floor(jax.random.uniform(kh) * (h - s)).astype(jnp.int32)
     vw = jnp.floor(jax.random.uniform(kw) * (w - s)).astype(jnp.int32)
     sq_sign = jnp.sign(jax.random.uniform(ks, (c,), x.dtype, -1.0, 1.0))
@@ -526,11 +638,44 @@ def _square_batch(logits_fn, x, y, mask, key, *, eps, n_queries, p_init):
     x_new = _project(x_best + delta[None], x, eps)
     margin = margin_loss(logits_fn(x_new), y)
     improved = ((margin < margin_min) | (margin <= 0)) & active
-    return (i + 1, jnp.where(_bcast(improved, x), x_new, x_best), jnp.where(improved, margin, margin_min))
+    x_best = jnp.where(_bcast(improved, x), x_new, x_best)
+    margin_min = jnp.where(improved, margin, margin_min)
+    it = it + 1
+  return dict(st, x_best=x_best, margin_min=margin_min, it=it)
 
-  _, x_best, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), x_best, margin_min))
-  fooled = (_predict(logits_fn, x_best) != y) & robust0
+
+def _square_finish(logits_fn, st):
+  x, x_best = st["x"], st["x_best"]
+  fooled = (_predict(logits_fn, x_best) != st["y"]) & st["robust0"]
   return jnp.where(_bcast(fooled, x), x_best, x)
+
+
+class _Square:
+  """Square attack (L∞, margin loss) on a padded NHWC batch: a few queries per compiled call, the query loop on
+  the host, which stops once no point is left to attack (checked every few calls; the queries run after
+  that change nothing), as the reference stops."""
+
+  def __init__(self, logits_fn, jit, *, eps, n_queries, p_init):
+    self.n_queries = n_queries
+    self._init = jit(functools.partial(_square_init, logits_fn, eps=eps))
+
+    def step(state, key):
+      return _square_step(logits_fn, state, key, eps=eps, n_queries=n_queries, p_init=p_init,
+                          queries=_SQUARE_QUERIES_PER_CALL)
+
+    self._step = jit(step)
+    self._finish = jit(functools.partial(_square_finish, logits_fn))
+
+  def __call__(self, x, y, mask, key):
+    if x.ndim != 4:
+      raise ValueError(f"square expects NHWC images, got shape {tuple(x.shape)}")
+    k_init, k_loop = jax.random.split(key)
+    st = self._init(x, y, mask, k_init, np.zeros((x.shape[0],), np.int32))  # host array: see _apgd_fill
+    for call in range(-(-self.n_queries // _SQUARE_QUERIES_PER_CALL)):
+      if call % _SQUARE_CHECK_EVERY == 0 and not bool(jnp.any((st["margin_min"] > 0) & st["robust0"])):
+        break
+      st = self._step(st, k_loop)
+    return self._finish(st)
 
 
 def square(logits_fn: LogitsFn, x, y, key, *, eps: float, n_queries: int = 5000, p_init: float = 0.8) -> Array:
@@ -547,18 +692,25 @@ def square(logits_fn: LogitsFn, x, y, key, *, eps: float, n_queries: int = 5000,
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Compiled batch functions
+# Batch functions
 
-_BATCH_FNS = {"apgd": _apgd_batch, "apgd-t": _apgd_targeted_batch, "fab-t": _fab_targeted_batch,
-              "square": _square_batch}
+_BATCH_FNS = {
+    "apgd": lambda fn, jit, **p: _Apgd(fn, jit, **p),
+    "apgd-t": lambda fn, jit, **p: _Apgd(fn, jit, loss="dlr_targeted", **p),
+    "fab-t": _FabTargeted,
+    "square": _Square,
+}
 
 
 def batch_kernel(kind: str, logits_fn: LogitsFn, *, eps: float, jit: Callable = jax.jit, **params) -> Callable:
-  """The compiled batch function ``f(x, y, mask, key) -> x_adv`` of one attack ('apgd' also takes target
-  labels as a fifth argument).
+  """The batch function ``f(x, y, mask, key) -> x_adv`` of one attack ('apgd' also takes target labels as a
+  fifth argument).
 
-  ``mask`` [N] marks the real rows of a padded batch; other rows are left as they are.  Kernels are cached on
-  (kind, logits_fn, eps, params, jit), so calling an attack again with the same model does not recompile.
+  ``mask`` [N] marks the real rows of a padded batch; other rows are left as they are.  ``f`` is a host
+  loop over the attack's parts (start, iteration, merge of a run's result), each compiled with ``jit``,
+  which receives functions whose arguments are all batch-leading arrays or pytrees of them, except one
+  named ``key`` (a PRNG key).  Kernels are cached on (kind, logits_fn, eps, params, jit), so calling an
+  attack again with the same model does not recompile.
   """
   if kind not in _BATCH_FNS:
     raise ValueError(f"unknown attack kind {kind!r}; expected one of {sorted(_BATCH_FNS)}")
@@ -567,7 +719,7 @@ def batch_kernel(kind: str, logits_fn: LogitsFn, *, eps: float, jit: Callable = 
 
 @functools.lru_cache(maxsize=16)
 def _cached_kernel(kind, logits_fn, eps, params, jit):
-  return jit(functools.partial(_BATCH_FNS[kind], logits_fn, eps=eps, **dict(params)))
+  return _BATCH_FNS[kind](logits_fn, jit, eps=eps, **dict(params))
 
 
 @functools.lru_cache(maxsize=4)
@@ -588,7 +740,8 @@ class AutoAttackResult:
   order, starting with 'clean'; flips: points each attack turned into errors; attacked: points each attack
   was run on; version / label: which attacks ran; params: every parameter used; broken_by: int [N], per
   point, 0 when misclassified clean, k when the k-th attack that ran (1-based, ``params['attacks']`` order)
-  flipped it, -1 when still robust.
+  flipped it, -1 when still robust; seconds: wall time of each stage ('clean' and each attack that ran),
+  compilation included.
   """
   x_adv: np.ndarray
   robust: np.ndarray
@@ -600,6 +753,7 @@ class AutoAttackResult:
   label: str
   params: dict[str, Any]
   broken_by: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0,), np.int32))
+  seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
   @property
   def clean_accuracy(self) -> float:
@@ -677,13 +831,22 @@ def autoattack(logits_fn: LogitsFn, x, y, *, eps: float, version: str = "standar
   predict = _predict_kernel(logits_fn, jit)
   bs = min(batch_size, -(-n // batch_multiple) * batch_multiple) if n else batch_multiple
 
+  # A batch of m < bs points is padded to the next multiple of about bs/8 only: the attacks after the first
+  # run on the points still robust, and padding them all up to bs wasted up to half of their work.  Each size
+  # compiles once; the random draws of a real row do not depend on the padding (rows come first, and JAX's
+  # counter-based draws give a prefix of a larger array the same values).
+  granule = -(-max(bs // 8, 1) // batch_multiple) * batch_multiple
+
   def padded(idx):
     m = len(idx)
-    full = np.concatenate([idx, np.full(bs - m, idx[0], idx.dtype)]) if m < bs else idx
-    mask = np.arange(bs) < m
+    size = min(bs, -(-m // granule) * granule)
+    full = np.concatenate([idx, np.full(size - m, idx[0], idx.dtype)]) if m < size else idx
+    mask = np.arange(size) < m
     return full, mask
 
   # Clean predictions.
+  seconds = {}
+  t_stage = time.perf_counter()
   clean_pred = np.empty((n,), np.int32)
   for start in range(0, n, bs):
     idx, mask = padded(np.arange(start, min(start + bs, n)))
@@ -693,10 +856,12 @@ def autoattack(logits_fn: LogitsFn, x, y, *, eps: float, version: str = "standar
   broken_by = np.where(clean_correct, -1, 0).astype(np.int32)
   x_adv = x.copy()
   robust_after = {"clean": int(robust.sum())}
+  seconds["clean"] = time.perf_counter() - t_stage
   flips, attacked = {}, {}
   root = jax.random.PRNGKey(seed)
 
   for a_idx, name in enumerate(attacks):
+    t_stage = time.perf_counter()
     todo = np.nonzero(robust)[0]
     attacked[name] = int(todo.size)
     flips[name] = 0
@@ -713,7 +878,7 @@ def autoattack(logits_fn: LogitsFn, x, y, *, eps: float, version: str = "standar
       pred_b = predict(adv_b)
       # Re-check every returned point: wrong label, inside the ε-ball (float tolerance) and the box.
       adv_np = np.asarray(adv_b)
-      dist = np.max(np.abs(adv_np - x[idx]).reshape(bs, -1), axis=1)
+      dist = np.max(np.abs(adv_np - x[idx]).reshape(len(idx), -1), axis=1)
       in_box = np.all((adv_np >= 0.0) & (adv_np <= 1.0), axis=tuple(range(1, adv_np.ndim)))
       fooled = (np.asarray(pred_b) != y[idx]) & mask & (dist <= eps * (1 + 1e-6) + 2e-7) & in_box
       hit = idx[fooled]
@@ -725,9 +890,10 @@ def autoattack(logits_fn: LogitsFn, x, y, *, eps: float, version: str = "standar
       bar.set_postfix(robust=int(robust.sum()))
     bar.close()
     robust_after[name] = int(robust.sum())
+    seconds[name] = time.perf_counter() - t_stage
 
   params_out = {"eps": float(eps), "seed": int(seed), "batch_size": int(bs), "attacks": list(attacks),
                 "n_classes": n_classes, **params}
   return AutoAttackResult(x_adv=x_adv, robust=robust, clean_correct=clean_correct, robust_after=robust_after,
                           flips=flips, attacked=attacked, version=version, label=label, params=params_out,
-                          broken_by=broken_by)
+                          broken_by=broken_by, seconds=seconds)

@@ -396,3 +396,40 @@ def test_autoattack_default_parameters_are_the_standard_ones(binary_like):
   assert p["apgd-t"]["n_iter"] == 100 and p["apgd-t"]["n_restarts"] == 1
   assert p["fab-t"] == {"n_iter": 100, "n_target_classes": 3, "alpha_max": 0.1, "eta": 1.05, "beta": 0.9}
   assert p["square"] == {"n_queries": 5000, "p_init": 0.8}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Pieces the speed depends on
+
+
+def test_argsort_rows_is_the_stable_argsort():
+  rng = np.random.default_rng(11)
+  v = rng.choice([0.0, -0.0, 0.25, 1.0, -3.5, np.inf, -np.inf, 1e-30, -1e-30], size=(6, 200))
+  v[3] = rng.normal(size=200)
+  v[4] = np.round(rng.uniform(0, 1, 200), 2)  # many ties
+  v = v.astype(np.float32)
+  got = np.asarray(jax.jit(aa._argsort_rows)(jnp.asarray(v)))
+  assert got.dtype == np.int32
+  np.testing.assert_array_equal(got, np.argsort(v, axis=1, kind="stable"))
+
+
+@pytest.mark.parametrize("kind", ["apgd", "apgd-t", "fab-t", "square"])
+def test_padding_rows_do_not_change_the_real_rows(binary_like, kind):
+  """The driver pads a batch to a size that depends on how many points are left: the real rows' results must
+  not depend on it (random draws included)."""
+  fn, x, y = binary_like
+  params = {"apgd": dict(loss="ce", n_iter=10, n_restarts=1, rho=0.75, target_rank=None),
+            "apgd-t": dict(n_iter=10, n_target_classes=3, n_restarts=1, rho=0.75),
+            "fab-t": dict(n_iter=20, n_target_classes=3, alpha_max=0.1, eta=1.05, beta=0.9),
+            "square": dict(n_queries=300, p_init=0.8)}[kind]
+  f = aa.batch_kernel(kind, fn, eps=EPS, **params)
+  key = jax.random.PRNGKey(5)
+  m = 7
+  alone = np.asarray(f(jnp.asarray(x[:m]), jnp.asarray(y[:m]), jnp.ones(m, bool), key))
+  xp = np.concatenate([x[:m], x[:3]])
+  yp = np.concatenate([y[:m], y[:3]])
+  padded = np.asarray(f(jnp.asarray(xp), jnp.asarray(yp), jnp.asarray(np.arange(m + 3) < m), key))
+  np.testing.assert_array_equal(fooled(fn, padded[:m], y[:m]), fooled(fn, alone, y[:m]))
+  assert fooled(fn, alone, y[:m]).any()
+  np.testing.assert_allclose(padded[:m], alone, atol=1e-6)
+  np.testing.assert_array_equal(padded[m:], xp[m:])  # masked rows come back unchanged

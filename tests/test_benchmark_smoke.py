@@ -106,3 +106,32 @@ def test_conv_kernel_benchmark_tiny(tmp_path):
   bad = subprocess.run(cmd[:2] + ["--layers", "no_such_layer"], cwd=REPO, stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, text=True, timeout=300)
   assert bad.returncode != 0 and "no_such_layer" in bad.stdout
+
+
+def test_autoattack_benchmark_tiny_configuration(tmp_path):
+  """The AutoAttack benchmark end to end on a random tiny network, against the reference when it is installed
+  (a benchmark extra); the PyTorch copy of the network is checked against the JAX one inside the script."""
+  import importlib.util
+  with_reference = (importlib.util.find_spec("pyautoattack") is not None
+                    and importlib.util.find_spec("torch") is not None)
+  out = tmp_path / "aa.json"
+  env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="true", MDRAD_PROGRESS="0")
+  cmd = [sys.executable, os.path.join(REPO, "benchmarks", "bench_autoattack.py"), "--model", "tiny_cnn",
+         "--num-examples", "6", "--batch-size", "4", "--eps", "0.3", "--repeats", "2",
+         "--reference", "on" if with_reference else "off",
+         "--overrides", "apgd-ce.n_iter=3,apgd-t.n_iter=3,fab-t.n_iter=3,square.n_queries=20",
+         "--json", str(out)]
+  proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:]
+  res = json.loads(out.read_text())
+  lib = [r for r in res["runs"] if r["impl"] == "library"]
+  assert len(lib) == 2 and lib[0]["includes_compile"] and not lib[1]["includes_compile"]
+  assert list(lib[0]["stage_seconds"]) == ["clean", "apgd-ce", "apgd-t", "fab-t", "square"]
+  assert lib[0]["robust"] == lib[1]["robust"]  # same seed, same outcome
+  assert res["overrides"]["square"] == {"n_queries": 20}
+  if with_reference:
+    ref = [r for r in res["runs"] if r["impl"] == "reference"]
+    assert len(ref) == 2 and res["logit_max_diff"] < 1e-4
+    assert len(res["summary"]["same_outcome_points"]) == 2
+    assert "reference time / library time" in proc.stdout
