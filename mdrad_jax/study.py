@@ -410,37 +410,30 @@ def plot(study: dict, workdir: str) -> list[str]:
   written = []
   markers = dict(zip(sorted({r["table"] for r in rows}), "os^Dv"))
 
-  def errorbar(ax, x, xerr, r):
-    ax.errorbar(x, 100 * r[key]["mean"], xerr=xerr, yerr=100 * (r[key]["std"] or 0.0),
-                fmt=markers[r["table"]], capsize=3, label=f"{r['label']} (table {r['table']})")
-
-  fig, ax = plt.subplots(figsize=(8, 5.5))
-  for r in rows:
-    if r[key]["mean"] is not None:
-      errorbar(ax, 100 * r["clean"]["mean"], 100 * (r["clean"]["std"] or 0.0), r)
-  ax.set_xlabel("clean accuracy (%)")
-  ax.set_ylabel(ylabel)
-  ax.set_title(f"study {study['name']}: robust vs clean accuracy (mean ± std over seeds)", fontsize=9)
-  ax.legend(fontsize=6, ncol=2, loc="best")
-  fig.tight_layout()
-  path = os.path.join(workdir, "study_robust_vs_clean.png")
-  evaluation_job._save_figure(fig, path)
-  written.append(path)
-
-  with_flops = [r for r in rows if r[key]["mean"] is not None and r["total_flops"]]
-  if with_flops:
+  def figure(points, xlabel, title, name, log_x=False):
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    for r in with_flops:
-      errorbar(ax, r["total_flops"] / 1e12, None, r)
-    ax.set_xscale("log")
-    ax.set_xlabel("total compute, teacher training + this run's training (TFLOPs, log scale)")
+    for r, x, xerr in points:
+      ax.errorbar(x, 100 * r[key]["mean"], xerr=xerr, yerr=100 * (r[key]["std"] or 0.0),
+                  fmt=markers[r["table"]], capsize=3, label=f"{r['label']} (table {r['table']})")
+    if log_x:
+      ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(f"study {study['name']}: robust accuracy vs total compute", fontsize=9)
+    ax.set_title(f"study {study['name']}: {title}", fontsize=9)
     ax.legend(fontsize=6, ncol=2, loc="best")
     fig.tight_layout()
-    path = os.path.join(workdir, "study_robust_vs_compute.png")
+    path = os.path.join(workdir, name)
     evaluation_job._save_figure(fig, path)
     written.append(path)
+
+  done = [r for r in rows if r[key]["mean"] is not None]
+  figure([(r, 100 * r["clean"]["mean"], 100 * (r["clean"]["std"] or 0.0)) for r in done], "clean accuracy (%)",
+         "robust vs clean accuracy (mean ± std over seeds)", "study_robust_vs_clean.png")
+  with_flops = [r for r in done if r["total_flops"]]
+  if with_flops:
+    figure([(r, r["total_flops"] / 1e12, None) for r in with_flops],
+           "total compute, teacher training + this run's training (TFLOPs, log scale)",
+           "robust accuracy vs total compute", "study_robust_vs_compute.png", log_x=True)
   return written
 
 
