@@ -310,7 +310,6 @@ def views_with_gradient(*, method, hparams, plan, state, teacher_models, teacher
   import numpy as np
   from mdrad_jax import train_step as ts
 
-  n = x.shape[0]
   rng = np.random.default_rng(0)
 
   def rnd(shape):
@@ -354,7 +353,6 @@ def necessary_flops(*, method, hparams, plan, attack, model, state, teacher_mode
 
   params_m = state.params["model"]
   stats_m = state.batch_stats.get("model", {})
-  k = len(teacher_models)
   t_clean_on = [("clean" in v) or plan.teacher_features for v in plan.teacher_views]
   t_adv_on = [("adv" in v) for v in plan.teacher_views]
   parts: dict[str, float] = {}

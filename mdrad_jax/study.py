@@ -374,7 +374,7 @@ def format_markdown(study: dict) -> str:
            f"- evaluation of the last checkpoint of every cell: clean, PGD-20, CW∞ on {s['eval']['num_examples']} "
            f"test points; APGD-CE + APGD-T on {s['eval']['aa_examples']}; standard AutoAttack on "
            f"{s['eval']['full_aa_examples']} for the best rows; seed {s['eval']['seed']}",
-           f"- accuracies in %, mean ± sample std over seeds; compute from XLA's cost analysis of each train step",
+           "- accuracies in %, mean ± sample std over seeds; compute from XLA's cost analysis of each train step",
            "", "## Teachers", "", "| teacher | model | training | test accuracy (%) | PGD-10 (%) | TFLOPs | minutes |",
            "|---|---|---|---:|---:|---:|---:|"]
   for t in study["teachers"].values():

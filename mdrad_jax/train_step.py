@@ -17,8 +17,7 @@ built here does, inside a single ``jax.jit``:
 """
 from __future__ import annotations
 
-import functools
-from typing import Any, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import flax.linen as nn
 import jax

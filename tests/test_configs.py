@@ -3,7 +3,6 @@ import glob
 import importlib.util
 import os
 
-import ml_collections
 import pytest
 
 from mdrad_jax import methods

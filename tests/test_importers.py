@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 import torch_sources as ts  # noqa: E402  (tests/ is on sys.path)
 from safetensors.numpy import save_file  # noqa: E402
 
-from mdrad_jax import config_lib, data as data_lib, export, models, train  # noqa: E402
+from mdrad_jax import data as data_lib, export, models, train  # noqa: E402
 from mdrad_jax.errors import UserError  # noqa: E402
 from mdrad_jax.importers import archs, files, job  # noqa: E402
 
