@@ -31,6 +31,7 @@ import numpy as np
 
 from mdrad_jax import evaluation_job
 from mdrad_jax import train
+from mdrad_jax import workdir as workdir_lib
 from mdrad_jax.errors import UserError
 from mdrad_jax.progress import is_main_process, log
 
@@ -141,13 +142,22 @@ def eval_config(s, cell_dir: str, kind: str) -> ml_collections.ConfigDict:
 # Small file helpers.
 # ---------------------------------------------------------------------------------------------
 def _read_json(path: str) -> dict | None:
+  """A JSON file of the study (None when absent); a malformed one is a one-line error naming it."""
   if not os.path.isfile(path):
     return None
-  with open(path) as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); move it away to redo that stage")
+  return workdir_lib.read_json(path, "study file")
+
+
+def _finished(path: str, config, where: str, run_dir: str) -> dict | None:
+  """The record at ``path`` when that stage finished with ``config``; None when it has not finished; an error
+  when it finished with another config (nothing is overwritten)."""
+  done = _read_json(path)
+  if done is None:
+    return None
+  if _same_config(done["config"], config.to_dict()):
+    return done
+  raise UserError(f"{where}: {run_dir} was made with another config; move it away or restore the study's "
+                  f"settings")
 
 
 def _write_json(path: str, obj) -> None:
@@ -183,12 +193,9 @@ def run_teacher(s, name: str, workdir: str) -> dict:
   tdir = os.path.join(workdir, "teachers", name)
   cfg = teacher_config(s, name)
   path = os.path.join(tdir, TEACHER_FILE)
-  done = _read_json(path)
-  if done and _same_config(done["config"], cfg.to_dict()):
-    return done
+  done = _finished(path, cfg, f"study.teachers.{name}", tdir)
   if done:
-    raise UserError(f"study.teachers.{name}: {tdir} was trained with another config; move it away or restore "
-                    f"the study's teacher settings")
+    return done
   log(f"== study teacher {name}: {s.teachers[name].method} training of {s.teachers[name].model}")
   metrics, seconds = _train(cfg, tdir)
   record = {"name": name, "dir": tdir, "model": s.teachers[name].model, "method": s.teachers[name].method,
@@ -220,12 +227,9 @@ def run_cell(s, row_name: str, seed: int, workdir: str, teachers: dict[str, dict
   cell_dir = os.path.join(workdir, "runs", row_name, f"seed{seed}")
   cfg = cell_config(s, row_name, seed, {k: v["dir"] for k, v in teachers.items()})
   path = os.path.join(cell_dir, CELL_FILE)
-  done = _read_json(path)
-  if done and _same_config(done["config"], cfg.to_dict()):
-    return done
+  done = _finished(path, cfg, f"study.rows.{row_name}", cell_dir)
   if done:
-    raise UserError(f"study.rows.{row_name}: {cell_dir} was made with another config; move it away or "
-                    f"restore the row's settings")
+    return done
   r = s.rows[row_name]
   names = [teachers[t]["name"] for t in r.teachers]
   log(f"== study cell {row_name}/seed{seed}: {r.method}" + (f" from {', '.join(names)}" if names else ""))
