@@ -104,6 +104,9 @@ def get_config(arg=None):
   s.data_dir = ""
   s.source_dir = ""
   s.log_every_steps = 50
+  # A previous study.json (e.g. docs/study_fashion_mnist/study.json): its finished cells are taken over when
+  # their config equals this study's and their teachers were retrained to the same records ('' = none).
+  s.restore = ""
   s.table_titles = ml_collections.ConfigDict({
       "2": "SA-MDRAD's setting, standard teachers only",
       "3": "the other methods' own setting, an adversarially trained teacher",

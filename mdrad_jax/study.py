@@ -17,6 +17,13 @@ seed, checkpoint step, every attack's accuracy, wall time and compute in FLOPs),
 seeds per row) and plots (``study_robust_vs_clean.png``, ``study_robust_vs_compute.png``).  It can be stopped
 at any point and run again: finished cells are skipped (a cell is finished when ``cell.json`` is written after
 its evaluations), interrupted ones resume from their checkpoints.  ``study.only`` runs a subset.
+
+A study can also be continued on another machine from its ``study.json`` alone (``study.restore=PATH``): the
+teachers are retrained (training is deterministic for a fixed config and machine type), and a finished cell of
+the snapshot is taken over only when its config equals the cell's and every teacher it used was retrained to the
+same record (config, test accuracy, PGD accuracy); it is marked ``restored_from``.  A restored cell has no
+checkpoint; when the full AutoAttack needs one, the cell is trained again and its clean/PGD-20/CW∞ numbers are
+compared with the restored ones (``reproduced`` in its record).
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ import time
 import ml_collections
 import numpy as np
 
+from mdrad_jax import checkpointing
 from mdrad_jax import evaluation_job
 from mdrad_jax import train
 from mdrad_jax import workdir as workdir_lib
@@ -223,7 +231,42 @@ def _attack_numbers(report: dict) -> dict[str, dict]:
           for k, v in report["attacks"].items()}
 
 
-def run_cell(s, row_name: str, seed: int, workdir: str, teachers: dict[str, dict]) -> dict:
+TEACHER_RECORD_FIELDS = ("config", "test_accuracy", "test_pgd_accuracy", "test_examples")
+
+
+def load_snapshot(path: str) -> dict | None:
+  """A previous study's ``study.json`` for ``study.restore`` (None for '')."""
+  if not path:
+    return None
+  if not os.path.isfile(path):
+    raise UserError(f"study.restore: no such file {path}")
+  snap = workdir_lib.read_json(path, "study.restore")
+  if not isinstance(snap, dict) or "cells" not in snap or "teachers" not in snap:
+    raise UserError(f"study.restore: {path} is not a study.json (expected keys 'cells' and 'teachers')")
+  return snap
+
+
+def _restorable(snapshot: dict | None, row_name: str, seed: int, cfg, teachers: dict[str, dict],
+                names: list[str]) -> dict | None:
+  """The snapshot's record of this cell when it may be taken over (same config, same teacher records)."""
+  if snapshot is None:
+    return None
+  old = next((c for c in snapshot["cells"] if c["row"] == row_name and c["seed"] == seed), None)
+  if old is None:
+    return None
+  # teachers compared by name and record, not by the directory they were trained in
+  if not _same_config(dict(old["config"], teachers=old["teachers"]), dict(cfg.to_dict(), teachers=names)):
+    return None
+  for name in names:
+    before = snapshot["teachers"].get(name)
+    if before is None or any(not _same_config({"v": before.get(k)}, {"v": teachers[name].get(k)})
+                             for k in TEACHER_RECORD_FIELDS):
+      return None
+  return old
+
+
+def run_cell(s, row_name: str, seed: int, workdir: str, teachers: dict[str, dict],
+             snapshot: dict | None = None) -> dict:
   cell_dir = os.path.join(workdir, "runs", row_name, f"seed{seed}")
   cfg = cell_config(s, row_name, seed, {k: v["dir"] for k, v in teachers.items()})
   path = os.path.join(cell_dir, CELL_FILE)
@@ -231,6 +274,13 @@ def run_cell(s, row_name: str, seed: int, workdir: str, teachers: dict[str, dict
   if done:
     return done
   r = s.rows[row_name]
+  old = _restorable(snapshot, row_name, seed, cfg, teachers, [teachers[t]["name"] for t in r.teachers])
+  if old is not None:
+    log(f"== study cell {row_name}/seed{seed}: restored from {s.restore}")
+    os.makedirs(cell_dir, exist_ok=True)
+    record = dict(old, dir=cell_dir, config=cfg.to_dict(), restored_from=old.get("restored_from") or s.restore)
+    _write_json(path, record)
+    return record
   names = [teachers[t]["name"] for t in r.teachers]
   log(f"== study cell {row_name}/seed{seed}: {r.method}" + (f" from {', '.join(names)}" if names else ""))
   prior = _read_json(os.path.join(cell_dir, "progress.json")) or {}
@@ -260,7 +310,32 @@ def run_cell(s, row_name: str, seed: int, workdir: str, teachers: dict[str, dict
   return record
 
 
-def add_full_autoattack(s, cell: dict) -> dict:
+def _has_checkpoint(run_dir: str) -> bool:
+  ckpt = os.path.join(run_dir, checkpointing.CHECKPOINT_DIR)
+  return os.path.isdir(ckpt) and any(n.isdigit() for n in os.listdir(ckpt))
+
+
+def retrain_restored(s, cell: dict, teachers: dict[str, dict]) -> dict:
+  """Trains a restored cell again (it came without a checkpoint) and records whether its clean, PGD-20 and CW∞
+  numbers are reproduced exactly; the new numbers are the ones kept."""
+  log(f"== study cell {cell['row']}/seed{cell['seed']}: restored without a checkpoint; training it again")
+  cfg = cell_config(s, cell["row"], cell["seed"], {k: v["dir"] for k, v in teachers.items()})
+  _, seconds = _train(cfg, cell["dir"])
+  report = _evaluate(s, cell["dir"], "main")
+  new = _attack_numbers(report)
+  same = all(new[k]["correct"] == cell["attacks"][k]["correct"] for k in new if k in cell["attacks"])
+  if not same:
+    log(f"warning: {cell['row']}/seed{cell['seed']} retrained to other numbers than its restored record: "
+        + ", ".join(f"{k} {cell['attacks'][k]['correct']} -> {new[k]['correct']}" for k in new
+                    if k in cell["attacks"]))
+  return dict(cell, attacks=dict(cell["attacks"], **new), reproduced=same, retrain_seconds=round(seconds, 1))
+
+
+def add_full_autoattack(s, cell: dict, teachers: dict[str, dict] | None = None) -> dict:
+  if not _has_checkpoint(cell["dir"]):
+    if not cell.get("restored_from") or teachers is None:
+      raise RuntimeError(f"{cell['dir']}: no checkpoint for the full AutoAttack")
+    cell = retrain_restored(s, cell, teachers)
   report = _evaluate(s, cell["dir"], "full_aa")
   cell = dict(cell, attacks=dict(cell["attacks"], **_attack_numbers(report)))
   _write_json(os.path.join(cell["dir"], CELL_FILE), cell)
@@ -476,9 +551,10 @@ def run(config, workdir: str) -> dict:
   for name, t in teachers.items():
     log(f"teacher {name} ({t['model']}, {t['method']}): test accuracy {100 * t['test_accuracy']:.2f}%")
   by_name = resolve_teachers(s, teachers)
+  snapshot = load_snapshot(s.restore)
   cells = []
   for i, (row, seed) in enumerate(cells_todo):
-    cells.append(run_cell(s, row, seed, workdir, by_name))
+    cells.append(run_cell(s, row, seed, workdir, by_name, snapshot))
     c = cells[-1]
     log(f"[{i + 1}/{len(cells_todo)}] {row}/seed{seed}: " + ", ".join(
         f"{title} {100 * c['attacks'][k]['accuracy']:.2f}" for k, title in COLUMNS if k in c["attacks"]))
@@ -488,7 +564,7 @@ def run(config, workdir: str) -> dict:
     for i, c in enumerate(cells):
       if c["row"] in best:
         log(f"== standard AutoAttack on {c['row']}/seed{c['seed']}")
-        cells[i] = add_full_autoattack(s, c)
+        cells[i] = add_full_autoattack(s, c, by_name)
   study = write_outputs(s, workdir, teachers, cells, len(cells_todo))
   if is_main_process():
     print(format_markdown(study))

@@ -2,6 +2,9 @@
 # The CPU-scale comparative study on Fashion-MNIST (configs/study.py:fashion_mnist; docs/results.md).
 # Resumable: run it again on the same directory and it skips finished cells and resumes the interrupted one.
 # Usage: bash studies/fashion_mnist_study.sh [RUN_DIR] [extra main.py flags, e.g. --config.study.only=table2]
+# On a new machine it continues from the committed snapshot docs/study_fashion_mnist/study.json: the teachers are
+# retrained and the snapshot's finished cells taken over where config and teachers match (RESTORE='' to retrain
+# everything).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -9,6 +12,8 @@ R=${1:-runs/fmnist_study}
 shift || true
 mkdir -p "$R"
 export MDRAD_PROGRESS=${MDRAD_PROGRESS:-0}
+RESTORE=${RESTORE-docs/study_fashion_mnist/study.json}
 CMD="bash studies/fashion_mnist_study.sh $R $*"
-$PY main.py --config=configs/study.py:fashion_mnist --workdir="$R" --config.study.command="$CMD" "$@" 2>&1 \
+$PY main.py --config=configs/study.py:fashion_mnist --workdir="$R" --config.study.command="$CMD" \
+  --config.study.restore="$RESTORE" "$@" 2>&1 \
   | grep --line-buffered -v "^[WI][0-9]\{4\} " | tee -a "$R/study.log"

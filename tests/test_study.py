@@ -130,3 +130,40 @@ def test_changed_row_config_is_refused(finished):
   c.study.rows.kd.overrides = type(c.study.rows.kd.overrides)({"method": {"temperature": 2.0}})
   with pytest.raises(ValueError, match="another config"):
     study_lib.run(c, workdir)
+
+
+def test_restore_takes_over_matching_cells_and_retrains_for_full_autoattack(finished, tmp_path):
+  """A study continued elsewhere from its study.json: teachers retrained, an unchanged cell taken over, a
+  changed one trained; the full AutoAttack retrains the restored cell and finds the same numbers."""
+  workdir, _ = finished
+  snapshot = os.path.join(workdir, "study.json")
+  c = small_config(only="kd,pgd_at/seed0", restore=snapshot)
+  c.study.rows.kd.overrides = type(c.study.rows.kd.overrides)({"method": {"temperature": 2.0}})
+  c.study.eval.full_aa_rows = 1
+  out = runtime.run(c, str(tmp_path))
+  old = {(x["row"], x["seed"]): x for x in _read(snapshot)["cells"]}
+  cells = {(x["row"], x["seed"]): x for x in out["cells"]}
+  kd, pgd = cells[("kd", 0)], cells[("pgd_at", 0)]
+  assert "restored_from" not in kd and os.path.isdir(os.path.join(kd["dir"], "checkpoints"))
+  assert pgd["restored_from"] == snapshot
+  assert os.path.realpath(pgd["dir"]) == os.path.realpath(os.path.join(tmp_path, "runs", "pgd_at", "seed0"))
+  # pgd_at beats kd under the APGD subset here, so it is the row that gets the full AutoAttack
+  assert pgd["attacks"]["autoattack_apgd_subset"]["accuracy"] > kd["attacks"]["autoattack_apgd_subset"]["accuracy"]
+  assert "autoattack" in pgd["attacks"] and pgd["reproduced"] is True
+  for key in ("clean", "pgd20", "cw", "autoattack_apgd_subset"):
+    assert pgd["attacks"][key]["correct"] == old[("pgd_at", 0)]["attacks"][key]["correct"]
+
+
+def test_restore_needs_the_same_teacher_records(finished):
+  workdir, _ = finished
+  snap = _read(os.path.join(workdir, "study.json"))
+  s = small_config().study
+  teachers = study_lib.resolve_teachers(s, snap["teachers"])
+  cell = next(x for x in snap["cells"] if x["row"] == "sa_mdrad")
+  cfg = study_lib.cell_config(s, "sa_mdrad", 0, {k: v["dir"] for k, v in teachers.items()})
+  names = cell["teachers"]
+  assert study_lib._restorable(snap, "sa_mdrad", 0, cfg, teachers, names) is not None
+  other = json.loads(json.dumps(snap))
+  other["teachers"][names[0]]["test_accuracy"] += 0.01
+  assert study_lib._restorable(other, "sa_mdrad", 0, cfg, teachers, names) is None
+  assert study_lib._restorable(snap, "sa_mdrad", 1, cfg, teachers, names) is None
