@@ -3,6 +3,7 @@ evaluation, mean ± std against NumPy, resume without retraining, subsets."""
 import importlib.util
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -29,6 +30,8 @@ def finished(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("study"))
   os.environ["MDRAD_PROGRESS"] = "0"
   result = runtime.run(small_config(), workdir)
+  # the whole grid's study.json, before later tests run subsets (which rewrite it with their selection)
+  shutil.copy(os.path.join(workdir, "study.json"), os.path.join(workdir, "study_full.json"))
   return workdir, result
 
 
@@ -136,7 +139,7 @@ def test_restore_takes_over_matching_cells_and_retrains_for_full_autoattack(fini
   """A study continued elsewhere from its study.json: teachers retrained, an unchanged cell taken over, a
   changed one trained; the full AutoAttack retrains the restored cell and finds the same numbers."""
   workdir, _ = finished
-  snapshot = os.path.join(workdir, "study.json")
+  snapshot = os.path.join(workdir, "study_full.json")
   c = small_config(only="kd,pgd_at/seed0", restore=snapshot)
   c.study.rows.kd.overrides = type(c.study.rows.kd.overrides)({"method": {"temperature": 2.0}})
   c.study.eval.full_aa_rows = 1
@@ -156,7 +159,7 @@ def test_restore_takes_over_matching_cells_and_retrains_for_full_autoattack(fini
 
 def test_restore_needs_the_same_teacher_records(finished):
   workdir, _ = finished
-  snap = _read(os.path.join(workdir, "study.json"))
+  snap = _read(os.path.join(workdir, "study_full.json"))
   s = small_config().study
   teachers = study_lib.resolve_teachers(s, snap["teachers"])
   cell = next(x for x in snap["cells"] if x["row"] == "sa_mdrad")
