@@ -19,20 +19,12 @@ def get_config(arg=None):
   c = config_lib.base_config()
   c.job = "evaluate"
   c.data.name = ""  # '' = the trained run's dataset
-  e = c.evaluate
+  e = c.evaluate = config_lib.evaluate_config(job=True)
   e.checkpoint = a.checkpoint
   e.which = a.which
   e.aa_version = a.aa
   e.num_examples = a.num_examples
   e.attacks = tuple(x for x in a.attacks.split("+") if x)
-  e.step_size = -1.0           # -1 = the run's attack step size, scaled with ε when ε is overridden
-  e.eps_sweep_multiples = ()   # ε sweep as multiples of the evaluation ε (added to evaluate.eps_sweep)
-  e.aa_overrides = ""          # e.g. 'square.n_queries=1000,apgd-ce.n_iter=50' (labelled non-standard)
-  e.masking_square_examples = 500   # Square alone on the first N points for the masking check (0 = skip)
-  e.masking_square_queries = 5000
-  e.masking_tolerance = 0.01   # accuracy margin (fraction) a masking comparison must exceed
-  e.masking_aa_gap = 0.10      # flag AutoAttack more than this far below PGD-20
-  e.masking_significance = 0.05  # check (a) also needs a paired sign test below this level
   if a.sweep:
     e.eps_sweep_multiples = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)
   if a.small:

@@ -1,12 +1,22 @@
-"""Train a student with `iad1` (see docs/methods.md for the formulas and conventions).
+"""Train a student with IAD-I (Zhu et al., ICLR 2022; docs/methods.md §7.8).
 
-Usage: ``python main.py --config=configs/iad1.py:dataset=cifar10,teachers=runs/t1+runs/t2 --workdir=runs/iad1``.
-Arguments: dataset (cifar10 | cifar100 | tiny_imagenet | fashion_mnist | cifar10_jpeg | digits), student,
-teachers (training workdirs joined by '+'), epochs, small (CPU-sized variant), faithful_lr (official ARD/IAD
-schedule), source_dir.  Every field can then be overridden, e.g. ``--config.optim.lr=0.05``.
+Recipe of the official code (ZFancy/IAD IAD-I.py): SGD lr 0.1, momentum 0.9, 200 epochs, lr ×0.1 at epochs 100
+and 150, weight decay 2e-4, batch 128.  The code's schedule actually stays at 0.01 after epoch 150 (the ARD
+``adjust_learning_rate`` pattern): ``faithful_lr`` runs that one.
+
+Usage: ``python main.py --config=configs/iad1.py:dataset=cifar10,teachers=runs/t1 --workdir=runs/iad1``.
+Arguments: those of every method config (configs/common.py: dataset, student, teachers, epochs, small,
+faithful_lr, source_dir).  Every field can then be overridden, e.g. ``--config.optim.lr=0.05``.
 """
-from mdrad_jax import config_lib
+from configs import common
 
 
 def get_config(arg=None):
-  return config_lib.distill_config("iad1", arg)
+  c, a = common.student_config("iad1", arg)
+  c.optim.name, c.optim.lr, c.optim.momentum = "sgd", 0.1, 0.9
+  c.num_epochs = 200
+  c.optim.schedule = "piecewise"  # faithful_lr: 'ard_faithful', the schedule the code runs
+  c.optim.boundaries = (100, 150)
+  c.optim.weight_decay = 2e-4
+  c.batch_size = 128
+  return common.fit_recipe(c, a)

@@ -10,6 +10,7 @@ the arch and can be overridden (``--config.model.kwargs.depth=...``).
 """
 import ml_collections
 
+from configs import common
 from mdrad_jax import config_lib
 
 
@@ -18,7 +19,7 @@ def get_config(arg=None):
                                      source_dir=""))
   c = config_lib.base_config()
   c.job = "import_teacher"
-  config_lib.set_dataset(c, a.dataset, a.source_dir)
+  common.set_dataset(c, a.dataset, a.source_dir)
   c.source = ml_collections.ConfigDict(dict(file=a.source, arch=a.arch, mean=a.mean, std=a.std))
   if a.arch:
     from mdrad_jax.importers import archs

@@ -1,12 +1,24 @@
-"""Train a student with `mtard` (see docs/methods.md for the formulas and conventions).
+"""Train a student with MTARD (Zhao et al., ECCV 2022; docs/methods.md §7.10).
 
-Usage: ``python main.py --config=configs/mtard.py:dataset=cifar10,teachers=runs/t1+runs/t2 --workdir=runs/mtard``.
-Arguments: dataset (cifar10 | cifar100 | tiny_imagenet | fashion_mnist | cifar10_jpeg | digits), student,
-teachers (training workdirs joined by '+'), epochs, small (CPU-sized variant), faithful_lr (official ARD/IAD
-schedule), source_dir.  Every field can then be overridden, e.g. ``--config.optim.lr=0.05``.
+Recipe of the official code (zhaoshiji123/MTARD mtard_resnet18_cifar10.py / _cifar100.py): SGD lr 0.1,
+momentum 0.9, 300 epochs, lr ×0.1 at epochs 215, 260 and 285, weight decay 2e-4, batch 128; on CIFAR-100 the KL
+terms are multiplied by 10, as RSLAD's.  Teachers: the adversarially trained one first, then the clean one.
+
+Usage: ``python main.py --config=configs/mtard.py:dataset=cifar10,teachers=runs/t_adv+runs/t_nat --workdir=runs/mtard``.
+Arguments: those of every method config (configs/common.py: dataset, student, teachers, epochs, small,
+faithful_lr, source_dir).  Every field can then be overridden, e.g. ``--config.optim.lr=0.05``.
 """
-from mdrad_jax import config_lib
+from configs import common
 
 
 def get_config(arg=None):
-  return config_lib.distill_config("mtard", arg)
+  c, a = common.student_config("mtard", arg)
+  c.optim.name, c.optim.lr, c.optim.momentum = "sgd", 0.1, 0.9
+  c.num_epochs = 300
+  c.optim.schedule = "piecewise"
+  c.optim.boundaries = (215, 260, 285)
+  c.optim.weight_decay = 2e-4
+  c.batch_size = 128
+  if a.dataset == "cifar100":
+    c.method.kl_scale = 10.0
+  return common.fit_recipe(c, a)

@@ -1,12 +1,21 @@
-"""Train a student with `sa_mdrad` (see docs/methods.md for the formulas and conventions).
+"""Train a student with SA-MDRAD from several standard teachers (docs/methods.md §6).
 
-Usage: ``python main.py --config=configs/sa_mdrad.py:dataset=cifar10,teachers=runs/t1+runs/t2 --workdir=runs/sa_mdrad``.
-Arguments: dataset (cifar10 | cifar100 | tiny_imagenet | fashion_mnist | cifar10_jpeg | digits), student,
-teachers (training workdirs joined by '+'), epochs, small (CPU-sized variant), faithful_lr (official ARD/IAD
-schedule), source_dir.  Every field can then be overridden, e.g. ``--config.optim.lr=0.05``.
+Recipe: INFERRED (no official code): the AdaAD / IAD / ARD schedule with AdaAD's weight decay -- SGD lr 0.1,
+momentum 0.9, 200 epochs, lr ×0.1 at epochs 100 and 150, weight decay 5e-4, batch 128.
+
+Usage: ``python main.py --config=configs/sa_mdrad.py:dataset=cifar10,teachers=runs/t1+runs/t2+runs/t3 --workdir=runs/sa_mdrad``.
+Arguments: those of every method config (configs/common.py: dataset, student, teachers, epochs, small,
+faithful_lr, source_dir).  Every field can then be overridden, e.g. ``--config.optim.lr=0.05``.
 """
-from mdrad_jax import config_lib
+from configs import common
 
 
 def get_config(arg=None):
-  return config_lib.distill_config("sa_mdrad", arg)
+  c, a = common.student_config("sa_mdrad", arg)
+  c.optim.name, c.optim.lr, c.optim.momentum = "sgd", 0.1, 0.9
+  c.num_epochs = 200
+  c.optim.schedule = "piecewise"
+  c.optim.boundaries = (100, 150)
+  c.optim.weight_decay = 5e-4
+  c.batch_size = 128
+  return common.fit_recipe(c, a)

@@ -1,11 +1,18 @@
-"""Shared pieces of the ml_collections configs in ``configs/``.
+"""The blocks of the ml_collections configs in ``configs/``: every field is defined here, once, with its default.
 
 Every config file calls ``base_config()`` and changes what it needs; every field exists in the base so that
 any value can be overridden on the command line (``--config.optim.lr=0.05``) and a misspelt field is an error.
-Config files take an argument string ``key=value,key=value`` (``configs/teacher.py:model=vgg16_bn,dataset=cifar10``)
-parsed by ``parse_arg``; the word ``small`` alone selects the CPU-sized variant.
+The fields only one job reads are defined here too: the evaluation job's (``evaluate_config(job=True)``)
+and each method's hyper-parameters (``method_config``, from the ``Method`` registry).  Jobs read fields as
+attributes, never with a default of their own.  Config files take an argument string ``key=value,key=value``
+(``configs/teacher.py:model=vgg16_bn,dataset=cifar10``) parsed by ``parse_arg``; a word alone (``small``) sets a
+boolean argument.  The recipes (epochs, schedule, weight decay, batch, per-dataset changes) are in the config
+files themselves (``configs/<method>.py``); what they share is in ``configs/common.py``.
 """
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import ml_collections
 from ml_collections import config_dict
@@ -22,8 +29,16 @@ DATASET_DEFAULTS = {
 }
 
 
+TRUE_WORDS = ("1", "true", "yes")
+FALSE_WORDS = ("0", "false", "no")
+
+
 def parse_arg(arg: str | None, defaults: dict) -> ml_collections.ConfigDict:
-  """Parses ``"a=1,b=x,small"`` into a ConfigDict over ``defaults`` (unknown keys are an error)."""
+  """Parses ``"a=1,b=x,small"`` into a ConfigDict over ``defaults``; each value takes its default's type.
+
+  A key alone (``small``) is ``small=true``.  Booleans are ``1/true/yes`` or ``0/false/no`` (any case); an
+  unknown key or a value that does not fit its default's type is a ``ValueError`` naming the key.
+  """
   out = dict(defaults)
   if arg:
     for part in arg.split(","):
@@ -36,16 +51,24 @@ def parse_arg(arg: str | None, defaults: dict) -> ml_collections.ConfigDict:
         key, value = part.split("=", 1)
       if key not in defaults:
         raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
-      default = defaults[key]
-      if isinstance(default, bool):
-        out[key] = value.lower() in ("1", "true", "yes")
-      elif isinstance(default, int):
-        out[key] = int(value)
-      elif isinstance(default, float):
-        out[key] = float(value)
-      else:
-        out[key] = value
+      out[key] = _typed(key, value, defaults[key])
   return ml_collections.ConfigDict(out)
+
+
+def _typed(key: str, value: str, default):
+  try:
+    if isinstance(default, bool):
+      if value.lower() not in TRUE_WORDS + FALSE_WORDS:
+        raise ValueError
+      return value.lower() in TRUE_WORDS
+    if isinstance(default, int):
+      return int(value)
+    if isinstance(default, float):
+      return float(value)
+  except ValueError:
+    kind = "a boolean (true/false)" if isinstance(default, bool) else f"a {type(default).__name__}"
+    raise ValueError(f"config argument {key}={value!r}: expected {kind}") from None
+  return value
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -81,7 +104,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.attack.init = ""      # '' = the method's default ('uniform' | 'normal' | 'none')
   c.attack.bn_mode = ""   # '' = the method's default ('eval' | 'train_no_update' | 'train_update')
   c.attack.unroll = True
-  c.attack.clip_start = ""  # '' = the method's default; 'true' | 'false': project the random start first
+  c.attack.clip_start = ""  # tri-state: '' = the method's default; 'true' | 'false': project the random start first
   c.attack.dtype = ""     # student compute dtype inside the attack: '' = config.model.dtype | 'bfloat16'
 
   c.optim = ml_collections.ConfigDict()
@@ -101,6 +124,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 256
   c.log_every_steps = 50
 
+  # ``eval``: the training loop's own evaluation (clean and PGD accuracy every few epochs, model selection).
+  # ``evaluate`` (below): the evaluation job (mdrad_jax.evaluation_job) run on a trained checkpoint.
   c.eval = ml_collections.ConfigDict()
   c.eval.every_epochs = 1
   c.eval.num_examples = -1   # examples of the test split used by the in-training evaluation (-1 = all; at most all)
@@ -116,7 +141,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.evaluate = evaluate_config()
 
   c.distributed = ml_collections.ConfigDict()
-  c.distributed.enabled = "auto"  # 'auto' | 'true' | 'false' (see parallel.initialize_distributed)
+  c.distributed.enabled = "auto"  # tri-state: 'auto' | 'true' | 'false' (see parallel.initialize_distributed)
   c.distributed.coordinator_address = ""  # 'host:port' of process 0 ('' = from the cluster / environment)
   c.distributed.num_processes = config_dict.placeholder(int)
   c.distributed.process_id = config_dict.placeholder(int)
@@ -126,7 +151,14 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def evaluate_config() -> ml_collections.ConfigDict:
+def evaluate_config(*, job: bool = False) -> ml_collections.ConfigDict:
+  """The ``evaluate`` block: the evaluation job's settings (docs/evaluation.md).
+
+  Every config carries the first fields (what to evaluate: checkpoint, split, attacks, ε, examples, batch,
+  seed), so the configs that earlier runs and studies recorded still compare equal; ``job=True`` (the
+  evaluation job's config, ``configs/evaluate.py``) adds the fields only that job reads: the attack step size,
+  the ε sweep in multiples of ε, AutoAttack overrides and the gradient-masking check.
+  """
   e = ml_collections.ConfigDict()
   e.checkpoint = ""          # training workdir or checkpoint directory ('' = the workdir itself)
   e.which = "best"           # 'best' | 'latest'
@@ -139,7 +171,19 @@ def evaluate_config() -> ml_collections.ConfigDict:
   e.eps_sweep = ()           # e.g. (0, 2/255, 4/255, 8/255, 16/255)
   e.sweep_attack = "pgd20"
   e.seed = 0
+  if job:
+    e.step_size = -1.0           # -1 = the run's attack step size, scaled with ε when ε is overridden
+    e.eps_sweep_multiples = ()   # ε sweep as multiples of the evaluation ε (added to evaluate.eps_sweep)
+    e.aa_overrides = ""          # e.g. 'square.n_queries=1000,apgd-ce.n_iter=50' (labelled non-standard)
+    e.masking_square_examples = 500   # Square alone on the first N points for the masking check (0 = skip)
+    e.masking_square_queries = 5000
+    e.masking_tolerance = 0.01   # accuracy margin (fraction) a masking comparison must exceed
+    e.masking_aa_gap = 0.10      # flag AutoAttack more than this far below PGD-20
+    e.masking_significance = 0.05  # check (a) also needs a paired sign test below this level
   return e
+
+
+EVALUATE_JOB_FIELDS = tuple(sorted(set(evaluate_config(job=True)) - set(evaluate_config())))
 
 
 def method_config(name: str, **overrides) -> ml_collections.ConfigDict:
@@ -154,20 +198,16 @@ def method_config(name: str, **overrides) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(d)
 
 
-CIFAR10_JPEG_ARCHIVE = "../shared/data/cifar10-jpeg.tar.gz"
 
 
 def set_dataset(c: ml_collections.ConfigDict, dataset: str, source_dir: str = "") -> None:
-  """Sets ``c.data`` for ``dataset``; ``cifar10_jpeg`` is the CIFAR-10 JPEG copy read as an image folder."""
-  if dataset == "cifar10_jpeg":
-    apply_dataset_defaults(c, "image_folder")
-    c.data.source_dir = source_dir or CIFAR10_JPEG_ARCHIVE
-  else:
-    apply_dataset_defaults(c, dataset)
-    c.data.source_dir = source_dir
+  """``apply_dataset_defaults`` plus ``c.data.source_dir`` (where the official files are; '' = the default)."""
+  apply_dataset_defaults(c, dataset)
+  c.data.source_dir = source_dir
 
 
 def apply_dataset_defaults(c: ml_collections.ConfigDict, dataset: str) -> None:
+  """Sets ``c.data.name`` and the dataset's augmentation, attack ε and step (``DATASET_DEFAULTS``)."""
   if dataset not in DATASET_DEFAULTS:
     raise ValueError(f"unknown dataset {dataset!r}; known: {sorted(DATASET_DEFAULTS)}")
   d = DATASET_DEFAULTS[dataset]
@@ -179,76 +219,23 @@ def apply_dataset_defaults(c: ml_collections.ConfigDict, dataset: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Method configs: the papers' recipes on CIFAR-10 / CIFAR-100 / Tiny-ImageNet plus CPU-sized variants.
+# Config files.
 # ---------------------------------------------------------------------------------------------
-# epochs, lr-decay boundaries (epochs), weight decay, batch size: from each official code (spec §2–§4).
-RECIPES = {
-    "sa_mdrad": dict(epochs=200, boundaries=(100, 150), weight_decay=5e-4, batch_size=128),  # INFERRED
-    "adaad": dict(epochs=200, boundaries=(100, 150), weight_decay=5e-4, batch_size=128),
-    "iad1": dict(epochs=200, boundaries=(100, 150), weight_decay=2e-4, batch_size=128),
-    "iad2": dict(epochs=200, boundaries=(100, 150), weight_decay=2e-4, batch_size=128),
-    "ard": dict(epochs=200, boundaries=(100, 150), weight_decay=2e-4, batch_size=128),
-    "rslad": dict(epochs=300, boundaries=(215, 260, 285), weight_decay=2e-4, batch_size=128),
-    "mtard": dict(epochs=300, boundaries=(215, 260, 285), weight_decay=2e-4, batch_size=128),
-    "bmtard": dict(epochs=300, boundaries=(215, 260, 285), weight_decay=2e-4, batch_size=128),
-    "pgd_at": dict(epochs=110, boundaries=(100, 105), weight_decay=5e-4, batch_size=128),
-    "trades": dict(epochs=110, boundaries=(100, 105), weight_decay=5e-4, batch_size=128),
-    "kd": dict(epochs=200, boundaries=(100, 150), weight_decay=5e-4, batch_size=128),
-}
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
-# Per-dataset hyper-parameter changes that the official codes make (KL reductions and scales).
-DATASET_METHOD_OVERRIDES = {
-    ("adaad", "cifar100"): dict(reduction="batchmean"),
-    ("adaad", "tiny_imagenet"): dict(reduction="batchmean"),
-    ("rslad", "cifar100"): dict(kl_scale=10.0),
-    ("mtard", "cifar100"): dict(kl_scale=10.0),
-    ("bmtard", "cifar100"): dict(kl_scale=10.0),
-}
-DATASET_BATCH = {("ard", "cifar100"): 256}
 
-def distill_config(method: str, arg: str | None) -> ml_collections.ConfigDict:
-  """Config for training a student with ``method``.
+def load_config_file(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """``configs/<name>.py``'s ``get_config(arg)`` (``name`` may also be a path to a config file)."""
+  from mdrad_jax.errors import UserError
+  path = name if name.endswith(".py") else os.path.join(CONFIG_DIR, f"{name}.py")
+  if not os.path.isfile(path):
+    raise UserError(f"no config file {path}")
+  spec = importlib.util.spec_from_file_location(f"_config_{os.path.basename(path)[:-3]}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
 
-  Argument string keys: ``dataset`` (cifar10 | cifar100 | tiny_imagenet | fashion_mnist | cifar10_jpeg |
-  digits), ``student`` (a model name; default resnet18), ``teachers`` (teacher workdirs separated by ``+``),
-  ``epochs`` (-1 = the recipe's), ``small`` (CPU-sized: small_cnn student, few epochs on a subset), and
-  ``faithful_lr`` (the lr schedule of ARD's and IAD's code, which never reaches 0.001; any method accepts it).
-  """
-  a = parse_arg(arg, dict(dataset="cifar10", student="resnet18", teachers="", epochs=-1, small=False,
-                          faithful_lr=False, source_dir=""))
-  c = base_config()
-  dataset = a.dataset
-  set_dataset(c, dataset, a.source_dir)
-  recipe = RECIPES[method]
-  c.method = method_config(method, **DATASET_METHOD_OVERRIDES.get((method, dataset), {}))
-  c.model.name = a.student
-  c.teachers = tuple(t for t in a.teachers.split("+") if t)
-  c.num_epochs = recipe["epochs"]
-  c.optim.boundaries = recipe["boundaries"]
-  c.optim.weight_decay = recipe["weight_decay"]
-  c.optim.schedule = "piecewise"
-  if a.faithful_lr:
-    c.optim.schedule = "ard_faithful"
-  c.batch_size = DATASET_BATCH.get((method, dataset), recipe["batch_size"])
-  c.eval.pgd_steps = 10            # in-training robust accuracy (PGD-10, as AdaAD's model selection)
-  c.eval.num_examples = 1000
-  c.checkpoint.best_metric = "test/pgd_accuracy"
-  if method == "bmtard":  # B-MTARD selects its checkpoint by (clean + PGD) / 2
-    c.checkpoint.best_metric = "test/clean_pgd_mean"
-  epochs = recipe["epochs"]
-  if a.small:
-    if a.student == "resnet18":
-      c.model.name = "small_cnn"
-    epochs = 5
-    c.num_train_examples = 10000
-    c.eval.num_examples = 500
-    c.log_every_steps = 20
-  if a.epochs > 0:
-    epochs = a.epochs
-  if epochs != recipe["epochs"]:  # shorter runs keep the recipe's shape: decays and warm-ups scale with it
-    scale = epochs / recipe["epochs"]
-    c.optim.boundaries = tuple(round(b * scale, 3) for b in recipe["boundaries"])
-    if "begin_epoch" in c.method:
-      c.method.begin_epoch = round(c.method.begin_epoch * scale, 3)
-    c.num_epochs = epochs
-  return c
+
+def distill_config(method: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """Kept for compatibility: the config of ``configs/<method>.py`` with argument string ``arg``."""
+  return load_config_file(method, arg)

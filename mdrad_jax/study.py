@@ -28,7 +28,6 @@ compared with the restored ones (``reproduced`` in its record).
 from __future__ import annotations
 
 import fnmatch
-import importlib.util
 import json
 import os
 import time
@@ -37,6 +36,7 @@ import ml_collections
 import numpy as np
 
 from mdrad_jax import checkpointing
+from mdrad_jax import config_lib
 from mdrad_jax import evaluation_job
 from mdrad_jax import train
 from mdrad_jax import workdir as workdir_lib
@@ -45,7 +45,6 @@ from mdrad_jax.progress import is_main_process, log
 
 CELL_FILE = "cell.json"
 TEACHER_FILE = "teacher.json"
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 # The attack keys of the evaluation reports that the study tabulates, with their column titles.
 COLUMNS = (("clean", "clean"), ("pgd20", "PGD-20"), ("cw", "CW∞"),
            ("autoattack_apgd_subset", "AA (APGD-CE+APGD-T)"), ("autoattack", "AA (standard)"))
@@ -54,17 +53,6 @@ COLUMNS = (("clean", "clean"), ("pgd20", "PGD-20"), ("cw", "CW∞"),
 # ---------------------------------------------------------------------------------------------
 # Configs of the stages: each is an ordinary job config.
 # ---------------------------------------------------------------------------------------------
-def load_config_file(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  """``configs/<name>.py``'s ``get_config(arg)`` (``name`` may also be a path to a config file)."""
-  path = name if name.endswith(".py") else os.path.join(CONFIG_DIR, f"{name}.py")
-  if not os.path.isfile(path):
-    raise UserError(f"study: no config file {path}")
-  spec = importlib.util.spec_from_file_location(f"_study_config_{os.path.basename(path)[:-3]}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
 def _merge(config: ml_collections.ConfigDict, overrides, where: str) -> None:
   """Sets every leaf of the nested mapping ``overrides`` on ``config`` (an unknown field is an error)."""
   for key, value in overrides.items():
@@ -100,9 +88,9 @@ def teacher_config(s: ml_collections.ConfigDict, name: str) -> ml_collections.Co
   t = s.teachers[name]
   arg = f"dataset={s.dataset}"
   if t.method == "natural":
-    c = load_config_file("teacher", f"model={t.model},{arg}")
+    c = config_lib.load_config_file("teacher", f"model={t.model},{arg}")
   else:
-    c = load_config_file(t.method, f"student={t.model},{arg}")
+    c = config_lib.load_config_file(t.method, f"student={t.model},{arg}")
     c.eval.pgd_steps = s.eval.in_training_pgd_steps
   _shared_training(c, s, t)
   c.model.kwargs = ml_collections.ConfigDict(dict(t.model_kwargs))
@@ -114,7 +102,7 @@ def teacher_config(s: ml_collections.ConfigDict, name: str) -> ml_collections.Co
 def cell_config(s: ml_collections.ConfigDict, row_name: str, seed: int,
                 teacher_dirs: dict[str, str]) -> ml_collections.ConfigDict:
   r = s.rows[row_name]
-  c = load_config_file(r.method, f"dataset={s.dataset},student={s.train.student},epochs={s.train.epochs}")
+  c = config_lib.load_config_file(r.method, f"dataset={s.dataset},student={s.train.student},epochs={s.train.epochs}")
   _shared_training(c, s, s.train)
   c.model.kwargs = ml_collections.ConfigDict(dict(s.train.student_kwargs))
   c.teachers = tuple(teacher_dirs[t] for t in r.teachers)
@@ -135,7 +123,7 @@ def eval_config(s, cell_dir: str, kind: str) -> ml_collections.ConfigDict:
     arg = f"attacks=autoattack,aa=apgd,num_examples={e.aa_examples}"
   else:
     arg = f"attacks=autoattack,aa=standard,num_examples={e.full_aa_examples}"
-  c = load_config_file("evaluate", f"checkpoint={cell_dir},which=latest,{arg}")
+  c = config_lib.load_config_file("evaluate", f"checkpoint={cell_dir},which=latest,{arg}")
   c.data.data_dir = s.data_dir
   c.data.source_dir = s.source_dir
   c.evaluate.batch_size = e.batch_size
