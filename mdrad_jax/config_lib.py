@@ -66,7 +66,7 @@ def _typed(key: str, value: str, default):
     if isinstance(default, float):
       return float(value)
   except ValueError:
-    kind = "a boolean (true/false)" if isinstance(default, bool) else f"a {type(default).__name__}"
+    kind = "true or false" if isinstance(default, bool) else "an integer" if isinstance(default, int) else "a number"
     raise ValueError(f"config argument {key}={value!r}: expected {kind}") from None
   return value
 

@@ -515,8 +515,8 @@ def run(config, workdir: str) -> dict:
   t_start = time.perf_counter()
   e = config.evaluate
   validation.validate(config)  # also when called directly (study stages), not only from main.py
-  parallel.initialize_distributed(config.get("distributed"))
-  which = e.get("which", "best")
+  parallel.initialize_distributed(config.distributed)
+  which = e.which
   ckpt_path = e.checkpoint or workdir
   step_dir, step, run_cfg = resolve_checkpoint(ckpt_path, which)
   if not run_cfg or "model" not in run_cfg:
@@ -542,10 +542,10 @@ def run(config, workdir: str) -> dict:
   run_eps = float(_run_value(run_cfg, "attack", "eps", default=defaults.get("eps", 8 / 255)))
   run_step = float(_run_value(run_cfg, "attack", "step_size", default=defaults.get("step_size", run_eps / 4)))
   eps = float(e.eps) if e.eps > 0 else run_eps
-  step_size = float(e.get("step_size", -1.0))
+  step_size = float(e.step_size)
   if step_size <= 0:
     step_size = run_step * eps / run_eps
-  sweep = [float(v) for v in e.get("eps_sweep", ())] + [float(v) * eps for v in e.get("eps_sweep_multiples", ())]
+  sweep = [float(v) for v in e.eps_sweep] + [float(v) * eps for v in e.eps_sweep_multiples]
   attacks = tuple(e.attacks)
 
   mesh = parallel.create_mesh(jax.local_devices())
@@ -569,12 +569,11 @@ def run(config, workdir: str) -> dict:
       f"examples, eps = {eps:.5g}, attacks {', '.join(attacks)}, {hook.num_devices} device(s)")
   report = robustness_report(
       logits_fn, images, labels, attacks=attacks, eps=eps, step_size=step_size, seed=int(e.seed),
-      batch_size=int(e.batch_size), aa_version=e.aa_version, aa_overrides=parse_overrides(e.get("aa_overrides", "")),
+      batch_size=int(e.batch_size), aa_version=e.aa_version, aa_overrides=parse_overrides(e.aa_overrides),
       eps_sweep=sweep, sweep_attack=e.sweep_attack,
-      square_examples=int(e.get("masking_square_examples", 500)),
-      square_queries=int(e.get("masking_square_queries", 5000)),
-      tolerance=float(e.get("masking_tolerance", 0.01)), aa_gap=float(e.get("masking_aa_gap", 0.10)),
-      significance=float(e.get("masking_significance", 0.05)),
+      square_examples=int(e.masking_square_examples), square_queries=int(e.masking_square_queries),
+      tolerance=float(e.masking_tolerance), aa_gap=float(e.masking_aa_gap),
+      significance=float(e.masking_significance),
       progress=progress_enabled(), jit=hook, batch_multiple=hook.num_devices)
   report["meta"] = {
       "dataset": dataset, "split": split, "num_examples": int(len(labels)), "num_classes": info.num_classes,

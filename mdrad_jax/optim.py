@@ -71,7 +71,7 @@ def create_optimizer(optim_config, *, steps_per_epoch: int, num_epochs: int):
       warmup_epochs=optim_config.warmup_epochs,
   )
   parts = []
-  if optim_config.get("grad_clip_norm", 0.0):
+  if optim_config.grad_clip_norm:
     parts.append(optax.clip_by_global_norm(optim_config.grad_clip_norm))
   if optim_config.weight_decay:
     parts.append(optax.add_decayed_weights(optim_config.weight_decay))

@@ -46,19 +46,19 @@ def initialize_distributed(dist_config=None) -> bool:
   """
   if dist_config is None:
     return False
-  enabled = str(dist_config.get("enabled", "auto")).strip().lower()
+  enabled = str(dist_config.enabled).strip().lower()
   if enabled not in DISTRIBUTED_MODES:
     raise UserError(f"config.distributed.enabled must be one of {DISTRIBUTED_MODES}, "
-                     f"got {dist_config.get('enabled')!r}")
+                     f"got {dist_config.enabled!r}")
   if enabled == "false":
     return False
   if jax.distributed.is_initialized():
     return True
-  address = dist_config.get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
-  num = dist_config.get("num_processes")
-  pid = dist_config.get("process_id")
-  method = dist_config.get("cluster_detection_method") or None
-  local_ids = parse_device_ids(dist_config.get("local_device_ids"))
+  address = dist_config.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+  num = dist_config.num_processes
+  pid = dist_config.process_id
+  method = dist_config.cluster_detection_method or None
+  local_ids = parse_device_ids(dist_config.local_device_ids)
   cluster = detect_cluster()
   given = [name for name, v in (("coordinator_address", address), ("num_processes", num),
                                 ("process_id", pid)) if v not in (None, "")]
@@ -85,7 +85,7 @@ def initialize_distributed(dist_config=None) -> bool:
     kwargs["local_device_ids"] = local_ids
   if method is not None:
     kwargs["cluster_detection_method"] = str(method)
-  timeout = dist_config.get("initialization_timeout")
+  timeout = dist_config.initialization_timeout
   if timeout:
     kwargs["initialization_timeout"] = int(timeout)
   jax.distributed.initialize(**kwargs)

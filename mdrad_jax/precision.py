@@ -34,9 +34,9 @@ def compute_dtype(name, what: str = "dtype") -> jnp.dtype:
 
 def check_config(config) -> None:
   """Validates the dtype fields of a run's config (model.dtype, teacher_dtype, attack.dtype)."""
-  compute_dtype(config.model.get("dtype", "float32"), "config.model.dtype")
-  compute_dtype(config.get("teacher_dtype", "float32"), "config.teacher_dtype")
-  attack_dtype = config.attack.get("dtype", "")
+  compute_dtype(config.model.dtype, "config.model.dtype")
+  compute_dtype(config.teacher_dtype, "config.teacher_dtype")
+  attack_dtype = config.attack.dtype
   if attack_dtype:
     compute_dtype(attack_dtype, "config.attack.dtype")
 

@@ -55,7 +55,7 @@ def run(config, workdir: str):
   if not workdir:
     raise UserError("--workdir is empty: give the directory the job writes to")
   validation.validate(config, jobs=JOBS)
-  parallel.initialize_distributed(config.get("distributed"))
+  parallel.initialize_distributed(config.distributed)
   import jax
   with workdir_lib.lock(workdir, enabled=jax.process_index() == 0):
     return run_job(config, workdir)

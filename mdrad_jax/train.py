@@ -96,8 +96,8 @@ def resolve_attack(config, method: methods_lib.Method) -> step_lib.AttackConfig:
   return step_lib.AttackConfig(
       eps=float(a.eps), step_size=float(a.step_size), num_steps=int(a.num_steps),
       init=a.init or method.attack_init, bn_mode=a.bn_mode or method.attack_bn,
-      unroll=bool(a.unroll), dtype=a.get("dtype", "") or "",
-      clip_start=_clip_start(a.get("clip_start", ""), method))
+      unroll=bool(a.unroll), dtype=a.dtype or "",
+      clip_start=_clip_start(a.clip_start, method))
 
 
 def _clip_start(value, method) -> bool:
@@ -244,12 +244,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   step with a checkpoint of it (``errors.Interrupted``).
   """
   validation.validate(config)  # also when called directly (quickstart and study stages), not only from main.py
-  parallel.initialize_distributed(config.get("distributed"))
+  parallel.initialize_distributed(config.distributed)
   mesh = parallel.create_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   precision.check_config(config)
-  teacher_sharding = config.get("teacher_sharding", "replicated")
+  teacher_sharding = config.teacher_sharding
   if teacher_sharding not in parallel.TEACHER_SHARDINGS:
     raise UserError(f"config.teacher_sharding must be one of {parallel.TEACHER_SHARDINGS}, "
                     f"got {teacher_sharding!r}")
@@ -260,10 +260,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model = build_model(config.model, info.num_classes)
   teacher_modules, teacher_vars = load_teachers(
       config.teachers, num_classes=info.num_classes, image_shape=info.image_shape,
-      dtype=config.get("teacher_dtype", "float32"), dataset=config.data.name)
+      dtype=config.teacher_dtype, dataset=config.data.name)
 
   train_size = info.split_sizes[info.train_split]
-  if config.get("num_train_examples", -1) and config.num_train_examples > 0:
+  if config.num_train_examples > 0:
     train_size = min(train_size, config.num_train_examples)
   steps_per_epoch = train_size // config.batch_size
   if steps_per_epoch == 0:

@@ -207,9 +207,14 @@ def check_training(config) -> None:
 
 
 def check_evaluate(config) -> None:
-  """The ``evaluate`` block of an evaluation job."""
+  """The ``evaluate`` block of an evaluation job: ``config_lib.evaluate_config(job=True)``'s fields, all present."""
+  from mdrad_jax import config_lib
   from mdrad_jax import evaluation
 
+  missing = [f for f in config_lib.EVALUATE_JOB_FIELDS if _get(config, f"evaluate.{f}") is _MISSING]
+  if missing:
+    raise UserError(f"config.evaluate has no field {', '.join(missing)}: an evaluation job's config is built by "
+                    f"configs/evaluate.py (config_lib.evaluate_config(job=True))")
   _eps(config, "evaluate.eps", allow=(-1,))
   number(config, "evaluate.step_size", lo=0.0, lo_open=True, allow=(-1,))
   integer(config, "evaluate.batch_size", lo=1)
