@@ -1,13 +1,14 @@
-"""The blocks of the ml_collections configs in ``configs/``: every field is defined here, once, with its default.
+"""The shared blocks of the ml_collections configs in ``configs/``, each field defined once with its default.
 
 Every config file calls ``base_config()`` and changes what it needs; every field exists in the base so that
 any value can be overridden on the command line (``--config.optim.lr=0.05``) and a misspelt field is an error.
-The fields only one job reads are defined here too: the evaluation job's (``evaluate_config(job=True)``)
-and each method's hyper-parameters (``method_config``, from the ``Method`` registry).  Jobs read fields as
-attributes, never with a default of their own.  Config files take an argument string ``key=value,key=value``
-(``configs/teacher.py:model=vgg16_bn,dataset=cifar10``) parsed by ``parse_arg``; a word alone (``small``) sets a
-boolean argument.  The recipes (epochs, schedule, weight decay, batch, per-dataset changes) are in the config
-files themselves (``configs/<method>.py``); what they share is in ``configs/common.py``.
+Defined here too: the evaluation job's own fields (``evaluate_config(job=True)``) and each method's
+hyper-parameters (``method_config``, from the ``Method`` registry); a job's block that no other config has is
+defined by its config file (``configs/quickstart.py``, ``configs/study.py``, ``configs/import_teacher.py``).  The
+jobs read their config's fields as attributes, with no default of their own.  Config files take an argument
+string ``key=value,key=value`` (``configs/teacher.py:model=vgg16_bn,dataset=cifar10``) parsed by ``parse_arg``; a
+word alone (``small``) sets a boolean argument.  The recipes (epochs, schedule, weight decay, batch, per-dataset
+changes) are written out in the config files (``configs/<method>.py``); what those share is ``configs/common.py``.
 """
 from __future__ import annotations
 
