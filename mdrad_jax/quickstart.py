@@ -75,9 +75,6 @@ def run(config, workdir: str) -> dict:
     scfg = stage_config(config, model=q.student, method=method,
                         teachers=teacher_dirs if uses_teachers else (),
                         epochs=q.student_epochs, lr=q.student_lr)
-    if method in q.get("method_overrides", {}):
-      for k, v in q.method_overrides[method].items():
-        scfg.method[k] = v
     train.train_and_evaluate(scfg, sdir)
     student_dirs[method] = sdir
 
