@@ -41,16 +41,10 @@ class NonFiniteLossError(UserError):
 # ---------------------------------------------------------------------------------------------
 # Building blocks.
 # ---------------------------------------------------------------------------------------------
-def data_kwargs(config) -> dict:
-  d = config.data
-  return dict(data_dir=d.data_dir or None, source_dir=d.source_dir or None)
-
-
-def build_model(model_config, num_classes: int):
-  kwargs = dict(model_config.get("kwargs", {}) or {})
-  if model_config.get("dtype", "float32") != "float32":
-    kwargs["dtype"] = jnp.dtype(model_config.dtype)
-  return models_lib.get_model(model_config.name, num_classes=num_classes, **kwargs)
+# Kept for compatibility: these moved to the modules named.
+data_kwargs = data_lib.data_kwargs
+build_model = models_lib.build_model
+write_config = workdir_lib.write_config
 
 
 def load_teachers(paths, *, num_classes: int, image_shape, dtype: str = "float32", dataset: str | None = None):
@@ -106,14 +100,6 @@ def _clip_start(value, method) -> bool:
   if str(value).lower() not in ("true", "false"):
     raise UserError(f"attack.clip_start must be '', 'true' or 'false', got {value!r}")
   return str(value).lower() == "true"
-
-
-def write_config(config, workdir: str, extra: dict | None = None) -> None:
-  """``workdir/config.json`` on process 0 (see ``workdir.write_config``); call it only once the config is
-  validated, ``workdir.check_same_run`` accepted it and the checkpoint (if any) restored."""
-  if jax.process_index() != 0:
-    return
-  workdir_lib.write_config(config, workdir, extra)
 
 
 def create_state(config, *, model, image_shape, teacher_modules, teacher_vars, method, steps_per_epoch):
