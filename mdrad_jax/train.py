@@ -25,6 +25,7 @@ from mdrad_jax import models as models_lib
 from mdrad_jax import optim
 from mdrad_jax import parallel
 from mdrad_jax import precision
+from mdrad_jax import runs
 from mdrad_jax import train_step as step_lib
 from mdrad_jax import validation
 from mdrad_jax import workdir as workdir_lib
@@ -44,45 +45,10 @@ class NonFiniteLossError(UserError):
 # Kept for compatibility: these moved to the modules named.
 data_kwargs = data_lib.data_kwargs
 build_model = models_lib.build_model
+load_teachers = runs.load_teachers
 write_config = workdir_lib.write_config
 
-
-def load_teachers(paths, *, num_classes: int, image_shape, dtype: str = "float32", dataset: str | None = None):
-  """Loads frozen teachers from training workdirs or checkpoint paths.
-
-  Returns ``(modules, variables)``: the Flax modules (rebuilt from each run's ``config.json``) and their
-  variables, which the train step receives as arguments.  A teacher trained on another dataset (when
-  ``dataset`` is given), another number of classes or another input shape is refused.
-  """
-  modules, variables = [], []
-  for path in paths:
-    v, run_cfg = checkpointing.load_model_variables(path)
-    if run_cfg is None or "model" not in run_cfg:
-      raise UserError(f"teacher {path}: no config.json next to the checkpoint, cannot tell its model")
-    mcfg = ml_collections.ConfigDict(run_cfg["model"])
-    if dtype != "float32":
-      mcfg.dtype = dtype
-    t_data = (run_cfg.get("data") or {}).get("name")
-    if dataset is not None and t_data is not None and t_data != dataset:
-      raise UserError(f"teacher {path} was trained on {t_data!r}, this run trains on {dataset!r}")
-    t_classes = run_cfg.get("num_classes")
-    if t_classes is not None and t_classes != num_classes:
-      raise UserError(f"teacher {path} has {t_classes} classes, the dataset has {num_classes}")
-    t_shape = run_cfg.get("image_shape")
-    if t_shape is not None and tuple(t_shape) != tuple(image_shape):
-      raise UserError(f"teacher {path} was trained on {tuple(t_shape)} images, this dataset has "
-                      f"{tuple(image_shape)}")
-    module = build_model(mcfg, num_classes)
-    # check the stored variables fit the module
-    expected = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, *image_shape))))
-    got = jax.tree.map(lambda a: (tuple(a.shape)), v["params"])
-    want = jax.tree.map(lambda a: (tuple(a.shape)), expected["params"])
-    if got != want:
-      raise UserError(f"teacher {path}: parameters do not match model {mcfg.name!r} "
-                       f"for input {tuple(image_shape)}")
-    modules.append(module)
-    variables.append(jax.tree.map(jnp.asarray, v))
-  return tuple(modules), tuple(variables)
+COST_FILE = runs.COST_FILE
 
 
 def resolve_attack(config, method: methods_lib.Method) -> step_lib.AttackConfig:
@@ -147,9 +113,6 @@ def step_flops(jitted_step, *args) -> float | None:
   if not ca or "flops" not in ca:
     return None
   return float(ca["flops"])
-
-
-COST_FILE = "cost.json"
 
 
 def write_cost(workdir: str, *, flops_per_step: float | None, total_steps: int, batch_size: int) -> None:

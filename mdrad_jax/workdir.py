@@ -6,7 +6,8 @@
 * :func:`read_json`: a JSON file the run reads, or ``UserError`` naming the file when it is not valid JSON.
 * :func:`check_same_run` / :func:`write_config`: ``config.json`` is written (by process 0) only after the job
   validated its config and restored its checkpoint, and a config that trains something else than the run
-  already in the workdir is refused with the differing fields listed.
+  already in the workdir is refused with the differing fields listed.  :mod:`mdrad_jax.runs` reads a trained
+  run's workdir back (its best or latest checkpoint and the network in it).
 """
 from __future__ import annotations
 

@@ -205,10 +205,10 @@ def batches_of(cfg, workdir, num_shards):
   batch becomes the concatenation, in process order, of the next local batches of the ``num_shards``
   per-process loaders (the global batch of the multi-process run), continuing after the batches a checkpoint
   in ``workdir`` has already consumed."""
-  from mdrad_jax import checkpointing, parallel, train
+  from mdrad_jax import checkpointing, parallel
   from mdrad_jax import data as data_lib
   assert jax.process_count() == 1
-  info = data_lib.dataset_info(cfg.data.name, **train.data_kwargs(cfg))
+  info = data_lib.dataset_info(cfg.data.name, **data_lib.data_kwargs(cfg))
   ckpt = checkpointing.Checkpointer(workdir)
   start = ckpt.latest_step() or 0
   ckpt.close()
@@ -218,7 +218,7 @@ def batches_of(cfg, workdir, num_shards):
         cfg.data.name, info.train_split, batch_size=cfg.batch_size, train=True, seed=cfg.seed,
         augment=cfg.data.augment, crop_padding=cfg.data.crop_padding,
         num_examples=cfg.num_train_examples if cfg.num_train_examples > 0 else None,
-        process_index=i, process_count=num_shards, read_threads=0, **train.data_kwargs(cfg)))
+        process_index=i, process_count=num_shards, read_threads=0, **data_lib.data_kwargs(cfg)))
     for _ in range(start):
       next(it)
     iters.append(it)

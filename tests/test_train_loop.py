@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from mdrad_jax import checkpointing, config_lib, parallel, train
+from mdrad_jax import checkpointing, config_lib, parallel, runs, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,8 +63,8 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
   assert checkpointing.Checkpointer(str(tmp_path / "resumed")).latest_step() == 4
   resumed = train.train_and_evaluate(cfg, str(tmp_path / "resumed"))
 
-  a, _ = checkpointing.load_model_variables(str(tmp_path / "full"), which="latest")
-  b, _ = checkpointing.load_model_variables(str(tmp_path / "resumed"), which="latest")
+  a, _ = runs.load_model_variables(str(tmp_path / "full"), which="latest")
+  b, _ = runs.load_model_variables(str(tmp_path / "resumed"), which="latest")
   jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7),
                a, b)
   assert resumed["test/accuracy"] == pytest.approx(full["test/accuracy"])
