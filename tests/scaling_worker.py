@@ -38,7 +38,6 @@ GLOBAL_BATCH = 16
 # ---------------------------------------------------------------------------------------------
 def _setup(name, num_teachers):
   from mdrad_jax import config_lib, methods, models, train
-  from mdrad_jax import train_step as ts
   names = ("tiny_cnn", "mlp", "tiny_cnn")[:num_teachers]
   tmods = tuple(models.get_model(n, num_classes=C, **({"widths": (8, 16)} if n == "tiny_cnn" else
                                                       {"hidden": (32,)})) for n in names)
@@ -52,11 +51,8 @@ def _setup(name, num_teachers):
   cfg.attack.num_steps = 1
   method = methods.get_method(name)
   model = models.get_model("tiny_cnn", num_classes=C, widths=(8, 16))
-  state, projs, sched = train.create_state(cfg, model=model, image_shape=SHAPE, teacher_modules=tmods,
-                                           teacher_vars=tvars, method=method, steps_per_epoch=10)
-  step = ts.make_train_step(model=model, method=method, hparams=dict(cfg.method),
-                            attack=train.resolve_attack(cfg, method), teacher_models=tmods,
-                            projectors=projs, steps_per_epoch=10, lr_schedule=sched, base_lr=cfg.optim.lr)
+  state, step = train.build_train_step(cfg, model=model, method=method, image_shape=SHAPE, teacher_modules=tmods,
+                                       teacher_vars=tvars, steps_per_epoch=10)[:2]
   return step, state, tvars
 
 
