@@ -46,13 +46,11 @@ runtime.configure_xla()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mdrad_jax import autoattack as aa  # noqa: E402
 from mdrad_jax import evaluation  # noqa: E402
 from mdrad_jax import models as models_lib  # noqa: E402
-from mdrad_jax import train  # noqa: E402
 from mdrad_jax.errors import UserError  # noqa: E402
 
 REFERENCE = "pyautoattack"
@@ -104,19 +102,14 @@ def torch_copy(model_name: str, model_kwargs: dict, variables, num_classes: int,
 
 def build_networks(args):
   """(Flax module, variables, images NHWC, labels, eps, description) from a checkpoint or random weights."""
-  from mdrad_jax import checkpointing
   from mdrad_jax import data as data_lib
-  from mdrad_jax import evaluation_job
+  from mdrad_jax import runs
 
   if args.checkpoint:
-    step_dir, step, run_cfg = evaluation_job.resolve_checkpoint(args.checkpoint, "best")
-    if not run_cfg or "model" not in run_cfg:
-      raise UserError(f"--checkpoint: no config.json with the model next to {step_dir}")
+    trained = runs.load_trained(args.checkpoint, "best", what="--checkpoint")
+    model, variables, run_cfg, step = trained.module, trained.variables, trained.run_config, trained.step
     dataset = run_cfg["data"]["name"]
     info = data_lib.dataset_info(dataset)
-    model_cfg = ml_collections.ConfigDict(run_cfg["model"])
-    model = train.build_model(model_cfg, info.num_classes)
-    variables, _ = checkpointing.load_model_variables(step_dir)
     x, y = data_lib.load_arrays(dataset, info.test_split, num_examples=args.num_examples)
     eps = args.eps or float(run_cfg["attack"]["eps"])
     desc = dict(checkpoint=os.path.abspath(args.checkpoint), step=step, dataset=dataset, split=info.test_split,

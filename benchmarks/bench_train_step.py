@@ -465,7 +465,6 @@ def run_child(spec: dict) -> dict:
 
   import jax
   import numpy as np
-  from unittest import mock
   from mdrad_jax import config_lib, methods, models, parallel, train
   from mdrad_jax import train_step as ts
 
@@ -485,7 +484,7 @@ def run_child(spec: dict) -> dict:
   init = models.init_model if spec.get("real_init") else fast_init
   t_setup = time.perf_counter()
   dtype = spec.get("dtype", "float32")
-  dkw = {} if dtype == "float32" else {"dtype": dtype}  # as train.py: config.model.dtype / teacher_dtype
+  dkw = {} if dtype == "float32" else {"dtype": dtype}  # as models.build_model: config.model.dtype / teacher_dtype
   tmods = tuple(models.get_model(n, num_classes=ncls, **kw, **dkw) for n, kw in tset[:k])
   tvars = tuple(init(m, jax.random.key(100 + i), shape) for i, m in enumerate(tmods))
   cfg = config_lib.base_config()
@@ -498,15 +497,11 @@ def run_child(spec: dict) -> dict:
   cfg.teacher_dtype = dtype
   model = models.get_model(spec["model"], num_classes=ncls, **dkw, **spec.get("student_kwargs", {}))
   steps_per_epoch = 1000
-  with mock.patch.object(models, "init_model", init):
-    state, projs, sched = train.create_state(cfg, model=model, image_shape=shape, teacher_modules=tmods,
-                                             teacher_vars=tvars, method=method, steps_per_epoch=steps_per_epoch)
+  state, step, projs, _, attack = train.build_train_step(
+      cfg, model=model, method=method, image_shape=shape, teacher_modules=tmods, teacher_vars=tvars,
+      steps_per_epoch=steps_per_epoch, init=init)
   hparams = dict(cfg.method)
-  attack = train.resolve_attack(cfg, method)
   plan = method.plan(hparams, k)
-  step = ts.make_train_step(model=model, method=method, hparams=hparams, attack=attack, teacher_models=tmods,
-                            projectors=projs, steps_per_epoch=steps_per_epoch, lr_schedule=sched,
-                            base_lr=cfg.optim.lr)
   mesh = parallel.create_mesh()
   rng = np.random.default_rng(0)
   host_batch = {"image": rng.uniform(0, 1, (batch_size, *shape)).astype(np.float32),

@@ -333,48 +333,11 @@ def _local_target(ckptr, step_dir: str):
   return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), meta)
 
 
-def load_model_variables(path: str, *, which: str = "best") -> tuple[dict, dict | None]:
-  """Loads a trained network's variables from a training workdir or a checkpoint step directory.
-
-  ``path`` may be a workdir (with ``config.json`` and ``checkpoints/``), its ``checkpoints`` directory, or one
-  step directory ``checkpoints/<step>``.  ``which`` is 'best' (by the run's best metric) or 'latest' when a
-  workdir is given.  Returns ``(variables, run_config)`` where ``variables`` is ``{'params', 'batch_stats'}`` of
-  the network alone and ``run_config`` the parsed ``config.json`` of the run when one is found (else None).
-  """
-  from mdrad_jax.workdir import read_json
-
-  path = os.path.abspath(os.path.expanduser(path))
-  if not os.path.exists(path):
-    raise MissingFileError(f"teacher/checkpoint path does not exist: {path}")
-  run_config = None
-  step_dir = None
-  if os.path.isfile(os.path.join(path, "config.json")):
-    run_config = read_json(os.path.join(path, "config.json"), "run config")
-    ckpt_root = os.path.join(path, CHECKPOINT_DIR)
-  elif os.path.basename(path) == CHECKPOINT_DIR:
-    ckpt_root = path
-  elif os.path.isdir(os.path.join(path, "state")):
-    step_dir = path
-    ckpt_root = os.path.dirname(path)
-  else:
-    raise MissingFileError(
-        f"teacher/checkpoint {path} is neither a training workdir (config.json + checkpoints/), a checkpoints/ directory, "
-        f"nor a checkpoint step directory (with state/)")
-  if run_config is None:
-    cfg = os.path.join(os.path.dirname(ckpt_root), "config.json")
-    if os.path.isfile(cfg):
-      run_config = read_json(cfg, "run config")
-  if step_dir is None:
-    best_metric = None
-    if run_config is not None:
-      best_metric = run_config.get("checkpoint", {}).get("best_metric") or None
-    mode = (run_config or {}).get("checkpoint", {}).get("best_mode", "max")
-    ckpt = Checkpointer(os.path.dirname(ckpt_root), best_metric=best_metric, best_mode=mode)
-    step = ckpt.best_step() if which == "best" else ckpt.latest_step()
-    if step is None:
-      raise MissingFileError(f"no checkpoint found under {ckpt_root}")
-    step_dir = os.path.join(ckpt_root, str(step))
-    ckpt.close()
+def restore_model_variables(step_dir: str) -> dict:
+  """The network's variables ``{'params', 'batch_stats'}`` (without projectors, optimizer or method state) of
+  one checkpoint step directory ``checkpoints/<step>``, as host-local arrays whatever the device or process
+  count of the run that wrote it.  ``mdrad_jax.runs`` finds the step directory of a run's best or latest
+  checkpoint."""
   with _quiet_orbax(), ocp.StandardCheckpointer() as ckptr:
     try:
       tree = ckptr.restore(os.path.join(step_dir, "state"), _local_target(ckptr, step_dir))
@@ -386,4 +349,11 @@ def load_model_variables(path: str, *, which: str = "best") -> tuple[dict, dict 
   bs = tree.get("batch_stats", {}).get("model")
   if bs:
     variables["batch_stats"] = bs
-  return variables, run_config
+  return variables
+
+
+def load_model_variables(path: str, *, which: str = "best") -> tuple[dict, dict | None]:
+  """Kept for compatibility: :func:`mdrad_jax.runs.load_model_variables`, where it moved (``runs`` imports this
+  module, hence the import here)."""
+  from mdrad_jax import runs
+  return runs.load_model_variables(path, which=which)

@@ -31,18 +31,15 @@ import time
 from typing import Any, Callable, Sequence
 
 import jax
-import ml_collections
 import numpy as np
 
 from mdrad_jax import autoattack as aa
-from mdrad_jax import checkpointing
 from mdrad_jax import config_lib
 from mdrad_jax import data as data_lib
 from mdrad_jax import evaluation
 from mdrad_jax import parallel
-from mdrad_jax import train
+from mdrad_jax import runs
 from mdrad_jax import validation
-from mdrad_jax import workdir as workdir_lib
 from mdrad_jax.errors import MissingFileError, UserError
 from mdrad_jax.progress import is_main_process, log, progress_enabled
 
@@ -78,44 +75,9 @@ class ShardedJit:
 
 
 def resolve_checkpoint(path: str, which: str = "best") -> tuple[str, int, dict | None]:
-  """``(step directory, step, run config or None)`` of a training workdir, its ``checkpoints/`` directory or
-  one step directory; ``which`` is 'best' (the run's best metric; the latest without one) or 'latest'."""
-  if which not in ("best", "latest"):
-    raise UserError(f"evaluate.which must be 'best' or 'latest', got {which!r}")
-  path = os.path.abspath(os.path.expanduser(path))
-  if not os.path.exists(path):
-    raise MissingFileError(f"evaluate.checkpoint: no such file or directory: {path}")
-  if os.path.isfile(os.path.join(path, "config.json")):
-    root, step_dir = os.path.join(path, checkpointing.CHECKPOINT_DIR), None
-  elif os.path.basename(path) == checkpointing.CHECKPOINT_DIR:
-    root, step_dir = path, None
-  elif os.path.isdir(os.path.join(path, "state")):
-    root, step_dir = os.path.dirname(path), path
-  else:
-    raise MissingFileError(f"evaluate.checkpoint: {path} is neither a training workdir (config.json + "
-                            f"checkpoints/), a checkpoints/ directory nor a checkpoint step directory (state/)")
-  run_config = None
-  cfg_path = os.path.join(os.path.dirname(root), "config.json")
-  if os.path.isfile(cfg_path):
-    run_config = workdir_lib.read_json(cfg_path, "run config")
-  if step_dir is None:
-    if not os.path.isdir(root):
-      raise MissingFileError(f"evaluate.checkpoint: no checkpoints/ directory in {os.path.dirname(root)}")
-    ck = (run_config or {}).get("checkpoint", {})
-    ckpt = checkpointing.Checkpointer(os.path.dirname(root), best_metric=ck.get("best_metric") or None,
-                                      best_mode=ck.get("best_mode", "max"))
-    try:
-      step = ckpt.best_step() if which == "best" else ckpt.latest_step()
-    finally:
-      ckpt.close()
-    if step is None:
-      raise MissingFileError(f"evaluate.checkpoint: no {which} checkpoint under {root}")
-    step_dir = os.path.join(root, str(step))
-  base = os.path.basename(os.path.normpath(step_dir))
-  if not base.isdigit():
-    raise MissingFileError(f"evaluate.checkpoint: {step_dir} is not a checkpoint step directory "
-                            f"(expected checkpoints/<step>)")
-  return step_dir, int(base), run_config
+  """Kept for compatibility: :func:`mdrad_jax.runs.resolve_checkpoint` with errors naming
+  ``evaluate.checkpoint``."""
+  return runs.resolve_checkpoint(path, which, what="evaluate.checkpoint")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -518,7 +480,7 @@ def run(config, workdir: str) -> dict:
   parallel.initialize_distributed(config.distributed)
   which = e.which
   ckpt_path = e.checkpoint or workdir
-  step_dir, step, run_cfg = resolve_checkpoint(ckpt_path, which)
+  step_dir, step, run_cfg = runs.resolve_checkpoint(ckpt_path, which, what="evaluate.checkpoint")
   if not run_cfg or "model" not in run_cfg:
     raise MissingFileError(f"evaluate.checkpoint: no config.json with the model next to {step_dir}; "
                             f"cannot tell which network to build")
@@ -554,14 +516,10 @@ def run(config, workdir: str) -> dict:
     raise UserError(f"evaluate.batch_size={e.batch_size} must be a positive multiple of the number of "
                      f"devices ({hook.num_devices})")
 
-  model = train.build_model(ml_collections.ConfigDict(run_cfg["model"]), info.num_classes)
-  variables, _ = checkpointing.load_model_variables(step_dir)
-  expected = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, *info.image_shape), np.float32)))
-  if jax.tree.map(np.shape, variables["params"]) != jax.tree.map(np.shape, expected["params"]):
-    raise UserError(f"evaluate.checkpoint: the parameters in {step_dir} do not fit model "
-                     f"{run_cfg['model'].get('name')!r} on {dataset} images {tuple(info.image_shape)}")
-  variables = parallel.replicate(variables, mesh)
-  logits_fn = evaluation.logits_fn_from_model(model, variables)
+  trained = runs.load_trained(step_dir, num_classes=info.num_classes, image_shape=info.image_shape,
+                               what="evaluate.checkpoint")
+  variables = parallel.replicate(trained.variables, mesh)
+  logits_fn = evaluation.logits_fn_from_model(trained.module, variables)
 
   images, labels = data_lib.load_arrays(dataset, split, num_examples=e.num_examples if e.num_examples > 0 else None,
                                         **data_kw)

@@ -47,14 +47,14 @@ def flatten(variables: dict) -> dict[str, np.ndarray]:
 
 def export(workdir: str, out: str, *, which: str = "best") -> dict:
   """Writes the network of run ``workdir`` to ``out``; returns the metadata written."""
-  from mdrad_jax import checkpointing
+  from mdrad_jax import runs
   ext = os.path.splitext(out)[1].lower()
   if ext not in (".safetensors", ".npz"):
     raise UserError(f"--out must end in .safetensors or .npz, got {out!r}")
   if which not in ("best", "latest"):
     raise UserError(f"--which must be 'best' or 'latest', got {which!r}")
   try:
-    variables, run_cfg = checkpointing.load_model_variables(workdir, which=which)
+    variables, run_cfg = runs.load_model_variables(workdir, which=which, what="--workdir")
   except FileNotFoundError as e:
     raise UserError(str(e)) from None
   if not run_cfg or "model" not in run_cfg:

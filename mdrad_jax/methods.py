@@ -69,7 +69,6 @@ class Method:
   teacher_roles: tuple[str, ...] = ()  # documentation of what each teacher slot is, when roles differ
   init_state: Callable[[dict], Any] = _no_state
   update_state: Callable[[Any, dict, dict, Any], Any] = _keep_state
-  description: str = ""
 
   def check_teachers(self, k: int) -> None:
     lo, hi = self.min_teachers, self.max_teachers
@@ -150,20 +149,21 @@ def _natural_loss(out, state, hp):
   return ce, {"ce": ce}
 
 
+# Standard training: CE on clean inputs (used to train the teachers).
 register(Method(
-    name="natural", loss=_natural_loss, plan=_fixed_plan(("clean",)),
-    description="Standard training: CE on clean inputs (used to train the teachers)."))
+    name="natural", loss=_natural_loss, plan=_fixed_plan(("clean",))))
 
 
+# PGD-AT (Madry et al., as AdaAD's Plain_Madry): CE on PGD-10 examples.
 register(Method(
     name="pgd_at",
     loss=lambda out, st, hp: losses.pgd_at_loss(student_adv_logits=out.student_adv, labels=out.labels),
     # AdaAD's Plain_Madry: start x + 0.001·N clipped to the box; S(x') then S(x) in train mode (the clean
     # forward only moves BatchNorm statistics; the loss is CE on S(x') alone).
-    plan=_fixed_plan(("adv", "clean")), make_objective=ce_inner, attack_init="normal", attack_bn="eval",
-    description="PGD-AT (Madry et al., as AdaAD's Plain_Madry): CE on PGD-10 examples."))
+    plan=_fixed_plan(("adv", "clean")), make_objective=ce_inner, attack_init="normal", attack_bn="eval"))
 
 
+# TRADES: CE(S(x)) + β KL(S(x) ‖ S(x')), inner max of the KL.
 register(Method(
     name="trades",
     loss=lambda out, st, hp: losses.trades_loss(
@@ -172,8 +172,7 @@ register(Method(
     # the official loop's forwards in train mode: S(x) for the CE, then S(x') and S(x) again inside the KL
     # (the two clean outputs are equal; the three forwards move the BatchNorm statistics three times)
     plan=_fixed_plan(("clean", "adv", "clean")), defaults=dict(beta=6.0, reduction="batchmean"),
-    make_objective=trades_inner, attack_init="normal", attack_bn="eval", attack_clip_start=False,
-    description="TRADES: CE(S(x)) + β KL(S(x) ‖ S(x')), inner max of the KL."))
+    make_objective=trades_inner, attack_init="normal", attack_bn="eval", attack_clip_start=False))
 
 
 def _kd_loss(out, st, hp):
@@ -182,10 +181,10 @@ def _kd_loss(out, st, hp):
                         reduction=hp["reduction"])
 
 
+# Clean Hinton KD (KL averaged over the teachers), no attack.
 register(Method(
     name="kd", loss=_kd_loss, plan=_fixed_plan(("clean",), ("clean",)),
-    defaults=dict(temperature=4.0, alpha=0.9, reduction="batchmean"), min_teachers=1, max_teachers=None,
-    description="Clean Hinton KD (KL averaged over the teachers), no attack."))
+    defaults=dict(temperature=4.0, alpha=0.9, reduction="batchmean"), min_teachers=1, max_teachers=None))
 
 
 def _ard_plan(hp, k):
@@ -199,12 +198,12 @@ def _ard_loss(out, st, hp):
                          temperature=hp["temperature"], alpha=hp["alpha"], reduction=hp["reduction"])
 
 
+# ARD (Goldblum et al.): α τ² KL(T(x)/τ ‖ S(x')/τ) + (1−α) CE(S(x), y).
 register(Method(
     name="ard", loss=_ard_loss, plan=_ard_plan,
     defaults=dict(temperature=30.0, alpha=1.0, reduction="elem_mean"),
     make_objective=ce_inner, attack_init="uniform", attack_bn="train_update", attack_clip_start=False,
-    min_teachers=1, max_teachers=1,
-    description="ARD (Goldblum et al.): α τ² KL(T(x)/τ ‖ S(x')/τ) + (1−α) CE(S(x), y)."))
+    min_teachers=1, max_teachers=1))
 
 
 def _rslad_loss(out, st, hp):
@@ -213,12 +212,12 @@ def _rslad_loss(out, st, hp):
                            reduction=hp["reduction"], kl_scale=hp["kl_scale"])
 
 
+# RSLAD (Zi et al.): robust soft labels of T(x) on S(x') and S(x); kl_scale=10 on CIFAR-100.
 register(Method(
     name="rslad", loss=_rslad_loss, plan=_fixed_plan(("adv", "clean"), ("clean",)),
     defaults=dict(alpha=5.0 / 6.0, reduction="elem_mean", kl_scale=1.0),
     make_objective=teacher_kl_inner, attack_init="normal", attack_bn="eval", attack_clip_start=False,
-    min_teachers=1, max_teachers=1,
-    description="RSLAD (Zi et al.): robust soft labels of T(x) on S(x') and S(x); kl_scale=10 on CIFAR-100."))
+    min_teachers=1, max_teachers=1))
 
 
 def _adaad_plan(hp, k):
@@ -234,13 +233,13 @@ def _adaad_loss(out, st, hp):
                            alpha=hp["alpha"], reduction=hp["reduction"])
 
 
+# AdaAD (Huang et al.): inner max of KL(T(x') ‖ S(x')) through both networks; reduction 'elem_mean' on CIFAR-10,
+# 'batchmean' on CIFAR-100.
 register(Method(
     name="adaad", loss=_adaad_loss, plan=_adaad_plan,
     defaults=dict(alpha=1.0, reduction="elem_mean"),
     make_objective=adaad_inner, attack_init="normal", attack_bn="eval", attack_clip_start=False,
-    min_teachers=1, max_teachers=1,
-    description="AdaAD (Huang et al.): inner max of KL(T(x') ‖ S(x')) through both networks; "
-                "reduction 'elem_mean' on CIFAR-10, 'batchmean' on CIFAR-100."))
+    min_teachers=1, max_teachers=1))
 
 
 def _iad1_loss(out, st, hp):
@@ -252,13 +251,13 @@ def _iad1_loss(out, st, hp):
       reduction=hp["reduction"])
 
 
+# IAD-I (Zhu et al.): ARD plus introspective self-distillation weighted by 1 − P_T(y|x')^β.
 register(Method(
     name="iad1", loss=_iad1_loss, plan=_fixed_plan(("adv", "clean"), ("clean", "adv")),
     defaults=dict(temperature=1.0, alpha=1.0, beta=0.1, begin_epoch=60.0, detach_self_target=False,
                   reduction="batchmean"),
     make_objective=ce_inner, attack_init="uniform", attack_bn="train_update", attack_clip_start=False,
-    min_teachers=1, max_teachers=1,
-    description="IAD-I (Zhu et al.): ARD plus introspective self-distillation weighted by 1 − P_T(y|x')^β."))
+    min_teachers=1, max_teachers=1))
 
 
 def _iad2_loss(out, st, hp):
@@ -277,14 +276,14 @@ def _iad2_plan(hp, k):
               clean_stats_from_epoch=float(hp["begin_epoch"]))
 
 
+# IAD-II (Zhu et al.): AKD2 with an AT and a standard teacher, introspective weighting.
 register(Method(
     name="iad2", loss=_iad2_loss, plan=_iad2_plan,
     defaults=dict(temperature=1.0, alpha1=0.5, alpha2=0.25, beta=0.1, begin_epoch=40.0,
                   detach_self_target=False, reduction="batchmean"),
     make_objective=ce_inner, attack_init="uniform", attack_bn="train_update", attack_clip_start=False,
     min_teachers=2, max_teachers=2,
-    teacher_roles=("adversarially trained teacher", "standard teacher"),
-    description="IAD-II (Zhu et al.): AKD2 with an AT and a standard teacher, introspective weighting."))
+    teacher_roles=("adversarially trained teacher", "standard teacher")))
 
 
 def _mtard_plan(hp, k):
@@ -314,6 +313,8 @@ def _mtard_update(st, m, hp, lr_scale):
       entropy_nat=m["teacher_neg_entropy_nat"], **_mtard_kwargs(hp, lr_scale))
 
 
+# MTARD and B-MTARD (Zhao et al.): adaptive weights between a robust teacher on x' and a clean teacher on x;
+# kl_scale=10 on CIFAR-100.
 _MTARD_DEFAULTS = dict(lr_w=0.025, beta=1.0, lr_tau=0.001, reduction="elem_mean", kl_scale=1.0)
 for _name, _balanced in (("mtard", False), ("bmtard", True)):
   register(Method(
@@ -321,9 +322,7 @@ for _name, _balanced in (("mtard", False), ("bmtard", True)):
       make_objective=ce_inner, attack_init="normal", attack_bn="eval", attack_clip_start=False,
       min_teachers=2, max_teachers=2,
       teacher_roles=("adversarially trained teacher (on x')", "clean teacher (on x)"),
-      init_state=_mtard_init, update_state=_mtard_update,
-      description=("B-MTARD" if _balanced else "MTARD") + " (Zhao et al.): adaptive weights between a "
-                  "robust teacher on x' and a clean teacher on x; kl_scale=10 on CIFAR-100."))
+      init_state=_mtard_init, update_state=_mtard_update))
 
 
 def _sa_mdrad_plan(hp, k):
@@ -348,11 +347,11 @@ def _sa_mdrad_loss(out, st, hp):
       reduction=hp["reduction"], dynamic_target=hp["dynamic_target"], dynamic_beta=hp["dynamic_beta"])
 
 
+# SA-MDRAD (reconstruction, INFERRED): K standard teachers, per-sample rectification and fusion, logit and feature
+# distillation.
 register(Method(
     name="sa_mdrad", loss=_sa_mdrad_loss, plan=_sa_mdrad_plan,
     defaults=dict(teacher_view="nat", rectifier="swap", fusion="camkd", temperature=4.0, alpha=5.0 / 6.0,
                   feature_weight=1.0, ce_weight=0.0, adr_lambda=0.9, reduction="batchmean", inner="ce",
                   dynamic_target="student", dynamic_beta=1.0),
-    make_objective=sa_mdrad_inner, attack_init="uniform", attack_bn="eval", min_teachers=1, max_teachers=None,
-    description="SA-MDRAD (reconstruction, INFERRED): K standard teachers, per-sample rectification and "
-                "fusion, logit and feature distillation."))
+    make_objective=sa_mdrad_inner, attack_init="uniform", attack_bn="eval", min_teachers=1, max_teachers=None))

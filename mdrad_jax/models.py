@@ -723,6 +723,15 @@ def get_model(name: str, *, num_classes: int, **kwargs) -> nn.Module:
   return factory(num_classes=int(num_classes), **kwargs)
 
 
+def build_model(model_config, num_classes: int) -> nn.Module:
+  """The network of a config's ``model`` block (``name``, ``kwargs``, ``dtype``) for ``num_classes`` classes:
+  :func:`get_model` with the block's options, computing in ``dtype`` when it is not float32."""
+  kwargs = dict(model_config.get("kwargs", {}) or {})
+  if model_config.get("dtype", "float32") != "float32":
+    kwargs["dtype"] = jnp.dtype(model_config.dtype)
+  return get_model(model_config.name, num_classes=num_classes, **kwargs)
+
+
 # Compiling the random initialisers dominates initialisation on CPU (XLA spends seconds optimising each
 # threefry draw: ~40 s for ResNet-18 against ~14 s with these options). Initialisation runs once, so its
 # code is compiled with the backend optimisations off; the values equal those of ``model.init`` up to

@@ -18,10 +18,10 @@ import time
 import jax
 import ml_collections
 
-from mdrad_jax import checkpointing
 from mdrad_jax import config_lib
 from mdrad_jax import data as data_lib
 from mdrad_jax import evaluation
+from mdrad_jax import runs
 from mdrad_jax import train
 from mdrad_jax import workdir as workdir_lib
 from mdrad_jax.progress import is_main_process, log
@@ -55,7 +55,7 @@ def run(config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   t0 = time.perf_counter()
   workdir_lib.check_same_run(config, workdir)
-  train.write_config(config, workdir)
+  workdir_lib.write_config(config, workdir)
 
   teacher_dirs = []
   for name in q.teachers:
@@ -79,20 +79,19 @@ def run(config, workdir: str) -> dict:
     student_dirs[method] = sdir
 
   # -- evaluation ----------------------------------------------------------------------------
-  info = data_lib.dataset_info(config.data.name, **train.data_kwargs(config))
-  images, labels = data_lib.load_arrays(config.data.name, info.test_split, **train.data_kwargs(config))
+  info = data_lib.dataset_info(config.data.name, **data_lib.data_kwargs(config))
+  images, labels = data_lib.load_arrays(config.data.name, info.test_split, **data_lib.data_kwargs(config))
   rows = []
   nets = [("teacher", n, d) for n, d in zip(q.teachers, teacher_dirs)]
   nets += [("student", m, d) for m, d in student_dirs.items()]
   eps = float(config.attack.eps)
   for role, name, d in nets:
-    variables, run_cfg = checkpointing.load_model_variables(d, which="latest")
-    model = train.build_model(ml_collections.ConfigDict(run_cfg["model"]), info.num_classes)
-    logits_fn = evaluation.logits_fn_from_model(model, variables)
+    trained = runs.load_trained(d, "latest", num_classes=info.num_classes)
+    logits_fn = evaluation.logits_fn_from_model(trained.module, trained.variables)
     res = evaluation.evaluate(logits_fn, images, labels, attacks=("clean", "pgd20"), eps=eps,
                               step_size=float(config.attack.step_size), seed=config.seed,
                               batch_size=q.eval_batch_size, progress=False)
-    rows.append({"role": role, "name": name, "model": run_cfg["model"]["name"],
+    rows.append({"role": role, "name": name, "model": trained.run_config["model"]["name"],
                  "clean": res["clean"]["accuracy"], "pgd20": res["pgd20"]["accuracy"]})
   elapsed = time.perf_counter() - t0
 

@@ -35,9 +35,9 @@ import time
 import ml_collections
 import numpy as np
 
-from mdrad_jax import checkpointing
 from mdrad_jax import config_lib
 from mdrad_jax import evaluation_job
+from mdrad_jax import runs
 from mdrad_jax import train
 from mdrad_jax import workdir as workdir_lib
 from mdrad_jax.errors import UserError
@@ -171,7 +171,7 @@ def _same_config(a: dict, b: dict) -> bool:
 
 
 def _flops(run_dir: str) -> float | None:
-  cost = _read_json(os.path.join(run_dir, train.COST_FILE)) or {}
+  cost = _read_json(os.path.join(run_dir, runs.COST_FILE)) or {}
   return cost.get("train_flops")
 
 
@@ -298,11 +298,6 @@ def run_cell(s, row_name: str, seed: int, workdir: str, teachers: dict[str, dict
   return record
 
 
-def _has_checkpoint(run_dir: str) -> bool:
-  ckpt = os.path.join(run_dir, checkpointing.CHECKPOINT_DIR)
-  return os.path.isdir(ckpt) and any(n.isdigit() for n in os.listdir(ckpt))
-
-
 def retrain_restored(s, cell: dict, teachers: dict[str, dict]) -> dict:
   """Trains a restored cell again (it came without a checkpoint) and records whether its clean, PGD-20 and CW∞
   numbers are reproduced exactly; the new numbers are the ones kept."""
@@ -320,7 +315,7 @@ def retrain_restored(s, cell: dict, teachers: dict[str, dict]) -> dict:
 
 
 def add_full_autoattack(s, cell: dict, teachers: dict[str, dict] | None = None) -> dict:
-  if not _has_checkpoint(cell["dir"]):
+  if not runs.has_checkpoint(cell["dir"]):
     if not cell.get("restored_from") or teachers is None:
       raise RuntimeError(f"{cell['dir']}: no checkpoint for the full AutoAttack")
     cell = retrain_restored(s, cell, teachers)

@@ -1,17 +1,20 @@
 """Training loop shared by standard (teacher) training, adversarial training and adversarial distillation.
 
-``train_and_evaluate(config, workdir)`` builds the data pipeline, the student, the frozen teachers, the
-optimizer and the train state, resumes from ``workdir/checkpoints`` when a checkpoint is there, and runs the
-single jitted step of ``mdrad_jax.train_step`` with the batch sharded over a one-axis data mesh.  It writes
-``config.json``, appends metrics to ``metrics.jsonl`` and shows a progress bar with loss, accuracy and
-throughput.
+``train_and_evaluate(config, workdir)`` is :func:`build_experiment` then :func:`train_loop`.  The build makes
+the data pipeline, the student, the frozen teachers (``runs.load_teachers``), the optimizer and the train
+state, resumes from ``workdir/checkpoints`` when a checkpoint is there, and jits the single step of
+``mdrad_jax.train_step`` (:func:`build_train_step`) with the batch sharded over a one-axis data mesh; it writes
+``config.json`` once the checkpoint is restored.  The loop appends metrics to ``metrics.jsonl``, writes
+``cost.json`` and the checkpoints, and shows a progress bar with loss, accuracy and throughput.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import time
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +28,7 @@ from mdrad_jax import models as models_lib
 from mdrad_jax import optim
 from mdrad_jax import parallel
 from mdrad_jax import precision
+from mdrad_jax import runs
 from mdrad_jax import train_step as step_lib
 from mdrad_jax import validation
 from mdrad_jax import workdir as workdir_lib
@@ -38,59 +42,18 @@ class NonFiniteLossError(UserError):
   """The training loss became NaN/Inf: the run stops without checkpointing that state (one line from main.py)."""
 
 
+# Kept for compatibility: these moved to the modules named.
+data_kwargs = data_lib.data_kwargs
+build_model = models_lib.build_model
+load_teachers = runs.load_teachers
+write_config = workdir_lib.write_config
+
+COST_FILE = runs.COST_FILE
+
+
 # ---------------------------------------------------------------------------------------------
 # Building blocks.
 # ---------------------------------------------------------------------------------------------
-def data_kwargs(config) -> dict:
-  d = config.data
-  return dict(data_dir=d.data_dir or None, source_dir=d.source_dir or None)
-
-
-def build_model(model_config, num_classes: int):
-  kwargs = dict(model_config.get("kwargs", {}) or {})
-  if model_config.get("dtype", "float32") != "float32":
-    kwargs["dtype"] = jnp.dtype(model_config.dtype)
-  return models_lib.get_model(model_config.name, num_classes=num_classes, **kwargs)
-
-
-def load_teachers(paths, *, num_classes: int, image_shape, dtype: str = "float32", dataset: str | None = None):
-  """Loads frozen teachers from training workdirs or checkpoint paths.
-
-  Returns ``(modules, variables)``: the Flax modules (rebuilt from each run's ``config.json``) and their
-  variables, which the train step receives as arguments.  A teacher trained on another dataset (when
-  ``dataset`` is given), another number of classes or another input shape is refused.
-  """
-  modules, variables = [], []
-  for path in paths:
-    v, run_cfg = checkpointing.load_model_variables(path)
-    if run_cfg is None or "model" not in run_cfg:
-      raise UserError(f"teacher {path}: no config.json next to the checkpoint, cannot tell its model")
-    mcfg = ml_collections.ConfigDict(run_cfg["model"])
-    if dtype != "float32":
-      mcfg.dtype = dtype
-    t_data = (run_cfg.get("data") or {}).get("name")
-    if dataset is not None and t_data is not None and t_data != dataset:
-      raise UserError(f"teacher {path} was trained on {t_data!r}, this run trains on {dataset!r}")
-    t_classes = run_cfg.get("num_classes")
-    if t_classes is not None and t_classes != num_classes:
-      raise UserError(f"teacher {path} has {t_classes} classes, the dataset has {num_classes}")
-    t_shape = run_cfg.get("image_shape")
-    if t_shape is not None and tuple(t_shape) != tuple(image_shape):
-      raise UserError(f"teacher {path} was trained on {tuple(t_shape)} images, this dataset has "
-                      f"{tuple(image_shape)}")
-    module = build_model(mcfg, num_classes)
-    # check the stored variables fit the module
-    expected = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, *image_shape))))
-    got = jax.tree.map(lambda a: (tuple(a.shape)), v["params"])
-    want = jax.tree.map(lambda a: (tuple(a.shape)), expected["params"])
-    if got != want:
-      raise UserError(f"teacher {path}: parameters do not match model {mcfg.name!r} "
-                       f"for input {tuple(image_shape)}")
-    modules.append(module)
-    variables.append(jax.tree.map(jnp.asarray, v))
-  return tuple(modules), tuple(variables)
-
-
 def resolve_attack(config, method: methods_lib.Method) -> step_lib.AttackConfig:
   a = config.attack
   return step_lib.AttackConfig(
@@ -108,20 +71,15 @@ def _clip_start(value, method) -> bool:
   return str(value).lower() == "true"
 
 
-def write_config(config, workdir: str, extra: dict | None = None) -> None:
-  """``workdir/config.json`` on process 0 (see ``workdir.write_config``); call it only once the config is
-  validated, ``workdir.check_same_run`` accepted it and the checkpoint (if any) restored."""
-  if jax.process_index() != 0:
-    return
-  workdir_lib.write_config(config, workdir, extra)
-
-
-def create_state(config, *, model, image_shape, teacher_modules, teacher_vars, method, steps_per_epoch):
-  """Initial ``TrainState``: student (and projectors) initialised from ``config.seed``."""
+def create_state(config, *, model, image_shape, teacher_modules, teacher_vars, method, steps_per_epoch,
+                 init=models_lib.init_model):
+  """Initial ``TrainState`` (host arrays), the feature projectors and the learning-rate schedule: student (and
+  projectors) initialised from ``config.seed`` by ``init(module, rng, input_shape)`` (``models.init_model``;
+  the benchmark gives a faster one that draws from the same distributions)."""
   rng = jax.random.key(config.seed)
   init_rng, proj_rng, state_rng = jax.random.split(rng, 3)
   dummy = jnp.zeros((2, *image_shape), jnp.float32)
-  variables = models_lib.init_model(model, init_rng, image_shape)
+  variables = init(model, init_rng, image_shape)
   params_m, stats_m = split_variables(variables)
   params = {"model": params_m, "projectors": {}}
   stats = {"model": stats_m, "projectors": {}}
@@ -135,7 +93,7 @@ def create_state(config, *, model, image_shape, teacher_modules, teacher_vars, m
                                                                return_features=True))
       tshape = t_feats["last"].shape
       proj = models_lib.FeatureProjector(out_channels=tshape[-1], out_hw=tuple(tshape[1:3]))
-      pv = models_lib.init_model(proj, jax.random.fold_in(proj_rng, k), s_feats["last"].shape)
+      pv = init(proj, jax.random.fold_in(proj_rng, k), s_feats["last"].shape)
       params["projectors"][str(k)] = pv["params"]
       stats["projectors"][str(k)] = pv.get("batch_stats", {})
       projectors.append(proj)
@@ -161,9 +119,6 @@ def step_flops(jitted_step, *args) -> float | None:
   if not ca or "flops" not in ca:
     return None
   return float(ca["flops"])
-
-
-COST_FILE = "cost.json"
 
 
 def write_cost(workdir: str, *, flops_per_step: float | None, total_steps: int, batch_size: int) -> None:
@@ -233,15 +188,87 @@ def pad_batch(batch: dict, size: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# The loop.
+# The experiment: everything the loop needs, built from the config.
 # ---------------------------------------------------------------------------------------------
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains as ``config`` says, resuming from ``workdir``; returns the final evaluation metrics.
+class TrainStep(NamedTuple):
+  """The train step of a config and the state it starts from (:func:`build_train_step`)."""
+  state: TrainState        # initial state, host arrays
+  step: Callable           # step(state, teacher_vars, batch) -> (state, metrics), not jitted
+  projectors: tuple        # the feature projectors the state holds parameters of (SA-MDRAD), else ()
+  schedule: Callable       # learning rate of step i
+  attack: step_lib.AttackConfig
+
+
+def build_train_step(config, *, model, method, image_shape, teacher_modules=(), teacher_vars=(),
+                     steps_per_epoch: int, init=models_lib.init_model) -> TrainStep:
+  """The initial state (:func:`create_state`) and the un-jitted train step of ``config`` for ``model`` and the
+  given frozen teachers; jit it with ``train_step.jit_train_step``.  The training loop builds its step here,
+  and so do the benchmark and the tests."""
+  state, projectors, schedule = create_state(
+      config, model=model, image_shape=image_shape, teacher_modules=teacher_modules, teacher_vars=teacher_vars,
+      method=method, steps_per_epoch=steps_per_epoch, init=init)
+  attack = resolve_attack(config, method)
+  step = step_lib.make_train_step(
+      model=model, method=method, hparams=dict(config.method), attack=attack, teacher_models=teacher_modules,
+      projectors=projectors, steps_per_epoch=steps_per_epoch, lr_schedule=schedule,
+      base_lr=float(config.optim.lr))
+  return TrainStep(state, step, projectors, schedule, attack)
+
+
+@dataclasses.dataclass
+class Experiment:
+  """A training run built from its config and workdir (:func:`build_experiment`), ready for :func:`train_loop`.
+
+  ``state`` is on the mesh, restored from the newest checkpoint when there is one (``train_iter`` is then at
+  the same position); ``train_step(state, teacher_vars, global_batch)`` is the jitted step (it donates
+  ``state``), ``parallel.shard_batch(next(train_iter), mesh)`` its next batch.  :meth:`close` closes the
+  checkpointer and the metrics writer.
+  """
+  config: ml_collections.ConfigDict
+  workdir: str
+  mesh: jax.sharding.Mesh
+  info: data_lib.DatasetInfo
+  method: methods_lib.Method
+  model: Any
+  steps_per_epoch: int
+  total_steps: int
+  eval_size: int            # test examples of each evaluation
+  state: TrainState
+  teacher_vars: tuple       # on the mesh, laid out as config.teacher_sharding says
+  train_step: Callable
+  eval_step: Callable       # jitted: (variables, batch, key) -> sums of correct (and robust) predictions
+  schedule: Callable
+  train_iter: Any
+  checkpointer: checkpointing.Checkpointer
+  writer: MetricsWriter
+
+  def evaluate(self, state: TrainState) -> dict:
+    """``test/...`` metrics of ``state``'s network on the first ``eval_size`` test examples (clean accuracy,
+    and PGD accuracy when ``config.eval.pgd_steps`` > 0)."""
+    config, info = self.config, self.info
+    test_size = info.split_sizes[info.test_split]
+    loader = data_lib.create_loader(
+        config.data.name, info.test_split, batch_size=config.eval_batch_size, train=False,
+        seed=0, drop_remainder=False,
+        num_examples=(self.eval_size if self.eval_size < test_size else None), **data_lib.data_kwargs(config))
+    per_process = -(-self.eval_size // jax.process_count())
+    res = evaluate_model(self.eval_step, state.model_variables(), loader, self.mesh,
+                         batch_size=config.eval_batch_size, key=jax.random.key(config.seed + 1),
+                         num_batches=-(-per_process // (config.eval_batch_size // jax.process_count())))
+    return {f"test/{k}": v for k, v in res.items()}
+
+  def close(self) -> None:
+    self.checkpointer.close()
+    self.writer.close()
+
+
+def build_experiment(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
+  """Checks ``config``, builds the student, teachers, state, jitted steps, loaders, checkpointer and metrics
+  writer of the run in ``workdir``, and restores its newest checkpoint.
 
   Nothing is written to ``workdir`` before the config, the dataset and the teachers are checked and the
   checkpoint (if any) is restored; ``config.json`` of a run already in ``workdir`` is never replaced by one
-  that trains something else (``workdir.check_same_run``).  SIGINT/SIGTERM stop the run after the current
-  step with a checkpoint of it (``errors.Interrupted``).
+  that trains something else (``workdir.check_same_run``).
   """
   validation.validate(config)  # also when called directly (quickstart and study stages), not only from main.py
   parallel.initialize_distributed(config.distributed)
@@ -254,11 +281,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise UserError(f"config.teacher_sharding must be one of {parallel.TEACHER_SHARDINGS}, "
                     f"got {teacher_sharding!r}")
 
-  info = data_lib.dataset_info(config.data.name, **data_kwargs(config))
+  info = data_lib.dataset_info(config.data.name, **data_lib.data_kwargs(config))
   method = methods_lib.get_method(config.method.name)
   method.check_teachers(len(config.teachers))
-  model = build_model(config.model, info.num_classes)
-  teacher_modules, teacher_vars = load_teachers(
+  model = models_lib.build_model(config.model, info.num_classes)
+  teacher_modules, teacher_vars = runs.load_teachers(
       config.teachers, num_classes=info.num_classes, image_shape=info.image_shape,
       dtype=config.teacher_dtype, dataset=config.data.name)
 
@@ -276,19 +303,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   run_facts = {"num_classes": info.num_classes, "image_shape": list(info.image_shape)}
   workdir_lib.check_same_run(config, workdir, run_facts)
 
-  state, projectors, schedule = create_state(
-      config, model=model, image_shape=info.image_shape, teacher_modules=teacher_modules,
-      teacher_vars=teacher_vars, method=method, steps_per_epoch=steps_per_epoch)
-  precision.check_master_weights(state)
+  parts = build_train_step(config, model=model, method=method, image_shape=info.image_shape,
+                           teacher_modules=teacher_modules, teacher_vars=teacher_vars,
+                           steps_per_epoch=steps_per_epoch)
+  precision.check_master_weights(parts.state)
   # On the mesh before restoring: the checkpoint is read straight into this run's shardings, whatever the
   # device and process count of the run that wrote it.
-  state = parallel.replicate(state, mesh)
+  state = parallel.replicate(parts.state, mesh)
 
   train_loader = data_lib.create_loader(
       config.data.name, info.train_split, batch_size=config.batch_size, train=True,
       seed=config.seed, augment=config.data.augment, crop_padding=config.data.crop_padding,
       num_examples=(train_size if train_size < info.split_sizes[info.train_split] else None),
-      worker_count=config.data.worker_count, **data_kwargs(config))
+      worker_count=config.data.worker_count, **data_lib.data_kwargs(config))
   train_iter = iter(train_loader)
 
   ckpt = checkpointing.Checkpointer(workdir, keep=config.checkpoint.keep,
@@ -296,48 +323,55 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                     best_mode=config.checkpoint.best_mode)
   try:
     restored = ckpt.restore_newest(state, data_iterator=train_iter)
+    if restored is not None:
+      state = restored
+      log(f"resumed from {ckpt.directory} at step {int(state.step)}")
+    workdir_lib.write_config(config, workdir, run_facts)
+
+    t_shardings = parallel.teacher_shardings(teacher_vars, mesh, teacher_sharding)
+    teacher_vars = parallel.put_global(teacher_vars, t_shardings)
+    p_train_step = step_lib.jit_train_step(parts.step, mesh, teacher_sharding=t_shardings)
+    eval_pgd = None
+    if ev.pgd_steps > 0:
+      eval_pgd = step_lib.AttackConfig(eps=float(config.attack.eps), step_size=float(ev.pgd_step_size),
+                                       num_steps=int(ev.pgd_steps), init="uniform")
+    p_eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(model, pgd=eval_pgd), mesh)
+
+    start_step = int(parallel.to_host(state.step))
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    if jax.process_index() == 0:
+      dropped = drop_replayed_metrics(metrics_path, start_step)
+      if dropped:
+        log(f"metrics.jsonl: dropped {dropped} line(s) after step {start_step}, written before the run "
+            f"stopped and trained again from the checkpoint")
+    writer = MetricsWriter(metrics_path)
   except BaseException:
     ckpt.close()
     raise
-  if restored is not None:
-    state = restored
-    log(f"resumed from {ckpt.directory} at step {int(state.step)}")
-  write_config(config, workdir, run_facts)
+  return Experiment(config=config, workdir=workdir, mesh=mesh, info=info, method=method, model=model,
+                    steps_per_epoch=steps_per_epoch, total_steps=total_steps, eval_size=eval_size, state=state,
+                    teacher_vars=teacher_vars, train_step=p_train_step, eval_step=p_eval_step,
+                    schedule=parts.schedule, train_iter=train_iter, checkpointer=ckpt, writer=writer)
 
-  t_shardings = parallel.teacher_shardings(teacher_vars, mesh, teacher_sharding)
-  teacher_vars = parallel.put_global(teacher_vars, t_shardings)
-  attack = resolve_attack(config, method)
-  step_fn = step_lib.make_train_step(
-      model=model, method=method, hparams=dict(config.method), attack=attack,
-      teacher_models=teacher_modules, projectors=projectors, steps_per_epoch=steps_per_epoch,
-      lr_schedule=schedule, base_lr=float(config.optim.lr))
-  p_train_step = step_lib.jit_train_step(step_fn, mesh, teacher_sharding=t_shardings)
 
-  eval_pgd = None
-  if ev.pgd_steps > 0:
-    eval_pgd = step_lib.AttackConfig(eps=float(config.attack.eps), step_size=float(ev.pgd_step_size),
-                                     num_steps=int(ev.pgd_steps), init="uniform")
-  p_eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(model, pgd=eval_pgd), mesh)
+# ---------------------------------------------------------------------------------------------
+# The loop.
+# ---------------------------------------------------------------------------------------------
+def train_loop(exp: Experiment) -> dict:
+  """Trains ``exp`` from its state's step to ``exp.total_steps``; returns the final evaluation metrics.
 
-  def run_eval(st) -> dict:
-    loader = data_lib.create_loader(
-        config.data.name, info.test_split, batch_size=config.eval_batch_size, train=False,
-        seed=0, drop_remainder=False,
-        num_examples=(eval_size if eval_size < test_size else None), **data_kwargs(config))
-    per_process = -(-eval_size // jax.process_count())
-    res = evaluate_model(p_eval_step, st.model_variables(), loader, mesh,
-                         batch_size=config.eval_batch_size, key=jax.random.key(config.seed + 1),
-                         num_batches=-(-per_process // (config.eval_batch_size // jax.process_count())))
-    return {f"test/{k}": v for k, v in res.items()}
-
+  Logs the mean train metrics every ``config.log_every_steps`` steps and at each epoch's end, evaluates every
+  ``config.eval.every_epochs`` epochs and at the end, checkpoints every ``config.checkpoint.every_epochs``
+  epochs and at the end, and writes ``cost.json`` on the first step.  A non-finite loss stops the run
+  (:class:`NonFiniteLossError`); SIGINT/SIGTERM stop it after the current step with a checkpoint of it
+  (``errors.Interrupted``).  ``exp.state`` is the last state when it returns or raises; the caller closes
+  ``exp``.
+  """
+  config, workdir, mesh, ckpt, writer = exp.config, exp.workdir, exp.mesh, exp.checkpointer, exp.writer
+  steps_per_epoch, total_steps, train_iter = exp.steps_per_epoch, exp.total_steps, exp.train_iter
+  ev = config.eval
+  state = exp.state
   start_step = int(parallel.to_host(state.step))
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  if jax.process_index() == 0:
-    dropped = drop_replayed_metrics(metrics_path, start_step)
-    if dropped:
-      log(f"metrics.jsonl: dropped {dropped} line(s) after step {start_step}, written before the run stopped "
-          f"and trained again from the checkpoint")
-  writer = MetricsWriter(metrics_path)
   last_eval: dict = {}
   if start_step >= total_steps:
     log(f"training already complete ({start_step}/{total_steps} steps)")
@@ -351,9 +385,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       while step < total_steps:
         batch = parallel.shard_batch(next(train_iter), mesh)
         if step == start_step and not os.path.isfile(os.path.join(workdir, COST_FILE)):
-          write_cost(workdir, flops_per_step=step_flops(p_train_step, state, teacher_vars, batch),
+          write_cost(workdir, flops_per_step=step_flops(exp.train_step, state, exp.teacher_vars, batch),
                      total_steps=total_steps, batch_size=config.batch_size)
-        state, metrics = p_train_step(state, teacher_vars, batch)
+        state, metrics = exp.train_step(state, exp.teacher_vars, batch)
+        exp.state = state
         step += 1
         n_window += 1
         acc_metrics.append(metrics)
@@ -368,7 +403,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 f"good checkpoint is kept in {ckpt.directory}); a lower optim.lr usually helps")
           dt = time.perf_counter() - t_window
           mean["images_per_sec"] = n_window * config.batch_size / max(dt, 1e-9)
-          mean["lr"] = float(schedule(step - 1))
+          mean["lr"] = float(exp.schedule(step - 1))
           writer.write(step=step, epoch=step / steps_per_epoch,
                        **{f"train/{k}": v for k, v in mean.items()})
           bar.set_postfix(loss=f"{mean['loss']:.4f}", acc=f"{mean['accuracy']:.3f}",
@@ -380,7 +415,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           do_eval = (step == total_steps or
                      (ev.every_epochs > 0 and (step // steps_per_epoch) % ev.every_epochs == 0))
           if do_eval:
-            last_eval = run_eval(state)
+            last_eval = exp.evaluate(state)
             writer.write(step=step, epoch=epoch, **last_eval)
             bar.write(f"epoch {epoch}: " + ", ".join(
                 f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in last_eval.items()))
@@ -395,11 +430,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                             f"saved in {ckpt.directory}; run the same command again to resume", stop.signum)
   finally:
     bar.close()
-    ckpt.close()
-    writer.close()
   if not last_eval:
-    last_eval = run_eval(state)
+    last_eval = exp.evaluate(state)
   return last_eval
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains as ``config`` says, resuming from ``workdir``; returns the final evaluation metrics.
+
+  :func:`build_experiment` then :func:`train_loop`: nothing is written to ``workdir`` before the config, the
+  dataset and the teachers are checked and the checkpoint (if any) is restored; SIGINT/SIGTERM stop the run
+  after the current step with a checkpoint of it (``errors.Interrupted``).
+  """
+  exp = build_experiment(config, workdir)
+  try:
+    return train_loop(exp)
+  finally:
+    exp.close()
 
 
 def drop_replayed_metrics(path: str, last_step: int) -> int:

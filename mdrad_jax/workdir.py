@@ -4,9 +4,10 @@
   a multi-process run takes it); a second job on the same workdir gets one line naming the holder's pid.  The
   lock goes with the process, so a killed job never leaves a stale lock behind.
 * :func:`read_json`: a JSON file the run reads, or ``UserError`` naming the file when it is not valid JSON.
-* :func:`check_same_run` / :func:`write_config`: ``config.json`` is written only after the job validated its
-  config and restored its checkpoint, and a config that trains something else than the run already in the
-  workdir is refused with the differing fields listed.
+* :func:`check_same_run` / :func:`write_config`: ``config.json`` is written (by process 0) only after the job
+  validated its config and restored its checkpoint, and a config that trains something else than the run
+  already in the workdir is refused with the differing fields listed.  :mod:`mdrad_jax.runs` reads a trained
+  run's workdir back (its best or latest checkpoint and the network in it).
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import fcntl
 import json
 import os
 from typing import Any, Iterator
+
+import jax
 
 from mdrad_jax.errors import UserError
 
@@ -162,8 +165,11 @@ def _pick_flat(d: dict, key: str):
 
 
 def write_config(config, workdir: str, extra: dict | None = None) -> bool:
-  """Writes ``WORKDIR/config.json`` (temporary file, then renamed) unless it already holds the same text;
-  returns whether it wrote."""
+  """Writes ``WORKDIR/config.json`` on process 0 (temporary file, then renamed) unless it already holds the
+  same text; returns whether it wrote.  Call it only once the config is validated, :func:`check_same_run`
+  accepted it and the checkpoint (if any) restored."""
+  if jax.process_index() != 0:
+    return False
   path = os.path.join(workdir, CONFIG_FILE)
   text = json.dumps(config_dict(config, extra), indent=2, sort_keys=True, default=str)
   if os.path.isfile(path):

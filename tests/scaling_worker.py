@@ -38,7 +38,6 @@ GLOBAL_BATCH = 16
 # ---------------------------------------------------------------------------------------------
 def _setup(name, num_teachers):
   from mdrad_jax import config_lib, methods, models, train
-  from mdrad_jax import train_step as ts
   names = ("tiny_cnn", "mlp", "tiny_cnn")[:num_teachers]
   tmods = tuple(models.get_model(n, num_classes=C, **({"widths": (8, 16)} if n == "tiny_cnn" else
                                                       {"hidden": (32,)})) for n in names)
@@ -52,11 +51,8 @@ def _setup(name, num_teachers):
   cfg.attack.num_steps = 1
   method = methods.get_method(name)
   model = models.get_model("tiny_cnn", num_classes=C, widths=(8, 16))
-  state, projs, sched = train.create_state(cfg, model=model, image_shape=SHAPE, teacher_modules=tmods,
-                                           teacher_vars=tvars, method=method, steps_per_epoch=10)
-  step = ts.make_train_step(model=model, method=method, hparams=dict(cfg.method),
-                            attack=train.resolve_attack(cfg, method), teacher_models=tmods,
-                            projectors=projs, steps_per_epoch=10, lr_schedule=sched, base_lr=cfg.optim.lr)
+  state, step = train.build_train_step(cfg, model=model, method=method, image_shape=SHAPE, teacher_modules=tmods,
+                                       teacher_vars=tvars, steps_per_epoch=10)[:2]
   return step, state, tvars
 
 
@@ -205,10 +201,10 @@ def batches_of(cfg, workdir, num_shards):
   batch becomes the concatenation, in process order, of the next local batches of the ``num_shards``
   per-process loaders (the global batch of the multi-process run), continuing after the batches a checkpoint
   in ``workdir`` has already consumed."""
-  from mdrad_jax import checkpointing, parallel, train
+  from mdrad_jax import checkpointing, parallel
   from mdrad_jax import data as data_lib
   assert jax.process_count() == 1
-  info = data_lib.dataset_info(cfg.data.name, **train.data_kwargs(cfg))
+  info = data_lib.dataset_info(cfg.data.name, **data_lib.data_kwargs(cfg))
   ckpt = checkpointing.Checkpointer(workdir)
   start = ckpt.latest_step() or 0
   ckpt.close()
@@ -218,7 +214,7 @@ def batches_of(cfg, workdir, num_shards):
         cfg.data.name, info.train_split, batch_size=cfg.batch_size, train=True, seed=cfg.seed,
         augment=cfg.data.augment, crop_padding=cfg.data.crop_padding,
         num_examples=cfg.num_train_examples if cfg.num_train_examples > 0 else None,
-        process_index=i, process_count=num_shards, read_threads=0, **train.data_kwargs(cfg)))
+        process_index=i, process_count=num_shards, read_threads=0, **data_lib.data_kwargs(cfg)))
     for _ in range(start):
       next(it)
     iters.append(it)

@@ -8,7 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from mdrad_jax.checkpointing import Checkpointer, NonFiniteStateError, load_model_variables
+from mdrad_jax.checkpointing import Checkpointer, NonFiniteStateError
+from mdrad_jax.runs import load_model_variables
 from mdrad_jax.train_state import TrainState
 
 

@@ -8,12 +8,11 @@ import subprocess
 import sys
 
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
-from mdrad_jax import checkpointing, config_lib, data, evaluation_job, train
+from mdrad_jax import checkpointing, config_lib, data, evaluation_job, runs, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPS = 0.03
@@ -80,8 +79,7 @@ def test_report_matches_an_independent_computation(job):
   with open(os.path.join(out, "eval.json")) as f:
     saved = json.load(f)
   # clean accuracy recomputed from the checkpoint with plain model.apply
-  variables, run_cfg = checkpointing.load_model_variables(workdir, which="best")
-  model = train.build_model(ml_collections.ConfigDict(run_cfg["model"]), 10)
+  model, variables = runs.load_trained(workdir, "best", num_classes=10)[:2]
   images, labels = data.load_arrays("digits", "test", num_examples=N)
   pred = np.argmax(np.asarray(model.apply(variables, jnp.asarray(images), train=False)), axis=1)
   clean = saved["attacks"]["clean"]

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 import pytest
 
-from mdrad_jax import checkpointing, workdir as workdir_lib
+from mdrad_jax import checkpointing, runs, workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("mdrad_main", os.path.join(ROOT, "main.py"))
@@ -360,7 +360,7 @@ def test_stale_image_folder_copy_is_refused(env, tmp_path):
 # Checkpoint fallback, concurrent writers, signals, config files that do not parse.
 # ---------------------------------------------------------------------------------------------
 def _params(workdir):
-  v, _ = checkpointing.load_model_variables(workdir, which="latest")
+  v, _ = runs.load_model_variables(workdir, which="latest")
   return jax.tree.map(np.asarray, v)
 
 

@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 import torch_sources as ts  # noqa: E402  (tests/ is on sys.path)
 from safetensors.numpy import save_file  # noqa: E402
 
-from mdrad_jax import data as data_lib, export, models, train  # noqa: E402
+from mdrad_jax import data as data_lib, export, models, runs, train  # noqa: E402
 from mdrad_jax.errors import UserError  # noqa: E402
 from mdrad_jax.importers import archs, files, job  # noqa: E402
 
@@ -170,7 +170,7 @@ def test_import_matches_pytorch_logits(case, cifar, tmp_path):
   res = job.run(_import_config(cifar, path, arch, overrides), workdir)
 
   # the workdir is a teacher like a trained one: load_teachers reads it
-  (module,), (variables,) = train.load_teachers([workdir], num_classes=10, image_shape=(32, 32, 3))
+  (module,), (variables,) = runs.load_teachers([workdir], num_classes=10, image_shape=(32, 32, 3))
   x = np.random.default_rng(1).uniform(0, 1, (3, 32, 32, 3)).astype(np.float32)
   mean, std = (None, None) if norm is None else norm
   ref = _torch_logits(net, x, mean, std)
@@ -388,7 +388,7 @@ def test_export_then_import_round_trips(cifar, tmp_path, capsys):
     assert meta["name"] == "mobilenetv2_x1_0" and meta["kwargs"]["width_mult"] == 0.25
     workdirs.append(str(tmp_path / f"second{ext}"))
     job.run(_import_config(cifar, out, "mdrad:export"), workdirs[-1])
-  mods, varss = train.load_teachers(workdirs, num_classes=10, image_shape=(32, 32, 3))
+  mods, varss = runs.load_teachers(workdirs, num_classes=10, image_shape=(32, 32, 3))
   x = jnp.asarray(np.random.default_rng(2).uniform(0, 1, (2, 32, 32, 3)), jnp.float32)
   logits = [np.asarray(jax.jit(m.apply)(v, x)) for m, v in zip(mods, varss)]
   np.testing.assert_array_equal(logits[0], logits[1])

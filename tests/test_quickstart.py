@@ -3,11 +3,10 @@ import json
 import os
 
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from PIL import Image
 
-from mdrad_jax import checkpointing, data, quickstart, train
+from mdrad_jax import data, quickstart, runs
 from mdrad_jax.config_lib import parse_arg  # noqa: F401  (config files import it)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,8 +41,7 @@ def test_quickstart_small_end_to_end(tmp_path):
     assert len(json.load(f)["teachers"]) == 2
   # clean accuracy in the report equals a direct forward pass of the saved checkpoint
   images, labels = data.load_arrays("digits", "test", data_dir=str(tmp_path / "data"))
-  variables, run_cfg = checkpointing.load_model_variables(str(work / "teachers" / "mlp"), which="latest")
-  model = train.build_model(ml_collections.ConfigDict(run_cfg["model"]), 10)
+  model, variables = runs.load_trained(str(work / "teachers" / "mlp"), "latest", num_classes=10)[:2]
   pred = np.argmax(np.asarray(model.apply(variables, jnp.asarray(images), train=False)), -1)
   assert saved["rows"][1]["clean"] == np.mean(pred == labels)
   for r in saved["rows"]:

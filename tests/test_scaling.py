@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mdrad_jax import checkpointing, config_lib, data, methods, models, optim, parallel, precision, train
+from mdrad_jax import checkpointing, config_lib, data, methods, models, optim, parallel, precision, runs, train
+from mdrad_jax import workdir as workdir_lib
 from mdrad_jax import train_step as ts
 
 import scaling_worker
@@ -110,13 +111,13 @@ def _make_teacher(workdir, data_dir):
   cfg.num_epochs = 1
   cfg.checkpoint.best_metric = ""
   info = data.dataset_info("digits", data_dir=str(data_dir))
-  model = train.build_model(cfg.model, info.num_classes)
+  model = models.build_model(cfg.model, info.num_classes)
   state, _, _ = train.create_state(cfg, model=model, image_shape=info.image_shape, teacher_modules=(),
                                    teacher_vars=(), method=methods.get_method("natural"),
                                    steps_per_epoch=1)
   os.makedirs(workdir)
-  train.write_config(cfg, str(workdir), {"num_classes": info.num_classes,
-                                         "image_shape": list(info.image_shape)})
+  workdir_lib.write_config(cfg, str(workdir), {"num_classes": info.num_classes,
+                                               "image_shape": list(info.image_shape)})
   ck = checkpointing.Checkpointer(str(workdir))
   ck.save(state)
   ck.close()
@@ -176,7 +177,7 @@ def _wait(tmp, started, timeout=240):
 
 def _params(workdir, step):
   """Student parameters of checkpoint ``step``, read in this (one-device) process."""
-  v, _ = checkpointing.load_model_variables(os.path.join(workdir, "checkpoints", str(step)))
+  v, _ = runs.load_model_variables(os.path.join(workdir, "checkpoints", str(step)))
   return jax.tree.map(np.asarray, v)
 
 
@@ -350,7 +351,7 @@ def _bf16_step(model_dtype="float32", teacher_dtype="float32", attack_dtype="", 
   cfg.model.kwargs.widths = (8, 16)
   precision.check_config(cfg)
   teacher = models.get_model("tiny_cnn", num_classes=C, widths=(8, 16), dtype=teacher_dtype)
-  model = train.build_model(cfg.model, C)
+  model = models.build_model(cfg.model, C)
   method = methods.get_method("adaad")
   if state is None:
     tvars = (models.init_model(teacher, jax.random.key(10), SHAPE),)

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from mdrad_jax import checkpointing, config_lib, parallel, train
+from mdrad_jax import checkpointing, config_lib, parallel, runs, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,14 +63,43 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
   assert checkpointing.Checkpointer(str(tmp_path / "resumed")).latest_step() == 4
   resumed = train.train_and_evaluate(cfg, str(tmp_path / "resumed"))
 
-  a, _ = checkpointing.load_model_variables(str(tmp_path / "full"), which="latest")
-  b, _ = checkpointing.load_model_variables(str(tmp_path / "resumed"), which="latest")
+  a, _ = runs.load_model_variables(str(tmp_path / "full"), which="latest")
+  b, _ = runs.load_model_variables(str(tmp_path / "resumed"), which="latest")
   jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7),
                a, b)
   assert resumed["test/accuracy"] == pytest.approx(full["test/accuracy"])
   # a finished run restarted on its workdir does no more training
   again = train.train_and_evaluate(cfg, str(tmp_path / "resumed"))
   assert again["test/accuracy"] == pytest.approx(full["test/accuracy"])
+
+
+def test_built_experiment_steps_like_train_and_evaluate(tmp_path):
+  """The build seam: the experiment's own step and loader, driven by hand, give the parameters of
+  ``train_and_evaluate``; built on the finished run's workdir it restores the last state, and its evaluator
+  gives the run's final metrics."""
+  cfg = _config(tmp_path / "data")
+  cfg.num_epochs = 1
+  full = train.train_and_evaluate(cfg, str(tmp_path / "full"))
+
+  exp = train.build_experiment(cfg, str(tmp_path / "manual"))
+  try:
+    assert int(exp.state.step) == 0 and exp.total_steps == exp.steps_per_epoch == 4
+    state = exp.state
+    for _ in range(exp.total_steps):
+      state, metrics = exp.train_step(state, exp.teacher_vars, parallel.shard_batch(next(exp.train_iter), exp.mesh))
+      assert np.isfinite(float(metrics["loss"]))
+  finally:
+    exp.close()
+  want, _ = runs.load_model_variables(str(tmp_path / "full"), which="latest")
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
+               state.model_variables(), want)
+
+  done = train.build_experiment(cfg, str(tmp_path / "full"))
+  try:
+    assert int(done.state.step) == done.total_steps
+    assert done.evaluate(done.state) == full
+  finally:
+    done.close()
 
 
 def _main(*args, cwd=ROOT):

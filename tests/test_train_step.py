@@ -29,12 +29,9 @@ def _setup(name, *, overrides=None, teacher_names=("tiny_cnn", "mlp", "tiny_cnn"
   cfg.attack.num_steps = 2
   method = methods.get_method(name)
   model = models.get_model("tiny_cnn", num_classes=C, widths=(8, 16))
-  state, projs, sched = train.create_state(cfg, model=model, image_shape=SHAPE, teacher_modules=tmods,
-                                           teacher_vars=tvars, method=method, steps_per_epoch=10)
+  state, step = train.build_train_step(cfg, model=model, method=method, image_shape=SHAPE, teacher_modules=tmods,
+                                       teacher_vars=tvars, steps_per_epoch=10)[:2]
   mesh = parallel.create_mesh()
-  step = ts.make_train_step(model=model, method=method, hparams=dict(cfg.method),
-                            attack=train.resolve_attack(cfg, method), teacher_models=tmods,
-                            projectors=projs, steps_per_epoch=10, lr_schedule=sched, base_lr=cfg.optim.lr)
   return step, state, tvars, mesh
 
 

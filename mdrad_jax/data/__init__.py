@@ -7,10 +7,10 @@ See docs/datasets.md for the supported datasets, where their files come from and
 from mdrad_jax.data.builders import DATASETS, default_data_dir
 from mdrad_jax.data.builders import prepare as prepare_dataset
 from mdrad_jax.data.pipeline import (AUGMENTATIONS, DatasetInfo, RandomCropFlip, create_loader, crop_flip,
-                                     dataset_info, load_arrays)
+                                     data_kwargs, dataset_info, load_arrays)
 from mdrad_jax.data.sources import SourceError
 
 __all__ = [
     "AUGMENTATIONS", "DATASETS", "DatasetInfo", "RandomCropFlip", "SourceError", "create_loader", "crop_flip",
-    "dataset_info", "default_data_dir", "load_arrays", "prepare_dataset",
+    "data_kwargs", "dataset_info", "default_data_dir", "load_arrays", "prepare_dataset",
 ]

@@ -42,6 +42,13 @@ class DatasetInfo:
   data_path: str = ""                  # the prepared ArrayRecord directory
 
 
+def data_kwargs(config) -> dict:
+  """Where a job's ``config.data`` says the dataset lies: the ``data_dir`` and ``source_dir`` keywords of
+  :func:`dataset_info`, :func:`create_loader` and :func:`load_arrays` ('' = the default, None)."""
+  d = config.data
+  return dict(data_dir=d.data_dir or None, source_dir=d.source_dir or None)
+
+
 # ---------------------------------------------------------------------------------------------
 # Prepared datasets.
 # ---------------------------------------------------------------------------------------------

@@ -334,13 +334,6 @@ def image_payload(data: bytes, where: str, *, mode: str, size: tuple[int, int]):
     raise SourceError(f"{where}: not a readable image ({e})") from e
 
 
-def decode_image(data: bytes, mode: str) -> np.ndarray:
-  """Decodes image bytes the way preparation + loading do: PIL, converted to ``mode``, as uint8 [H, W, C]."""
-  with PIL.Image.open(io.BytesIO(data)) as im:
-    arr = np.asarray(im.convert(mode) if im.mode != mode else im, dtype=np.uint8)
-  return arr[..., None] if arr.ndim == 2 else arr
-
-
 # ---------------------------------------------------------------------------------------------
 # Tiny-ImageNet.
 # ---------------------------------------------------------------------------------------------

@@ -23,9 +23,11 @@ import optax
 
 from mdrad_jax import checkpointing
 from mdrad_jax import data as data_lib
+from mdrad_jax import models
 from mdrad_jax import parallel
 from mdrad_jax import train
 from mdrad_jax import train_step as step_lib
+from mdrad_jax import workdir as workdir_lib
 from mdrad_jax.errors import UserError
 from mdrad_jax.importers import archs as archs_lib
 from mdrad_jax.importers import files
@@ -96,7 +98,7 @@ def clean_accuracy(module, variables, config, info) -> dict:
   loader = data_lib.create_loader(
       config.data.name, info.test_split, batch_size=config.eval_batch_size, train=False, seed=0,
       drop_remainder=False, num_examples=(ev.num_examples if ev.num_examples > 0 else None),
-      **train.data_kwargs(config))
+      **data_lib.data_kwargs(config))
   n = info.split_sizes[info.test_split]
   if ev.num_examples > 0:
     n = min(n, ev.num_examples)
@@ -120,7 +122,7 @@ def run(config, workdir: str) -> dict:
   path = os.path.abspath(os.path.expanduser(src.file))
   state = files.read_state_dict(path)
   exported = _exported_model(path) if arch.layout == "flax" else None
-  info = data_lib.dataset_info(config.data.name, **train.data_kwargs(config))
+  info = data_lib.dataset_info(config.data.name, **data_lib.data_kwargs(config))
   if arch.input_shape is not None and tuple(info.image_shape) != tuple(arch.input_shape):
     raise UserError(f"arch {src.arch} was built for {tuple(arch.input_shape)} inputs, dataset "
                     f"{config.data.name!r} has {tuple(info.image_shape)}")
@@ -136,7 +138,7 @@ def run(config, workdir: str) -> dict:
       config.model.kwargs[k] = v
     config.model.kwargs["mean"] = mean
     config.model.kwargs["std"] = std
-  module = train.build_model(config.model, info.num_classes)
+  module = models.build_model(config.model, info.num_classes)
   variables = archs_lib.convert(state, module, arch, info.image_shape, label=path)
 
   ckpt_dir = os.path.join(workdir, checkpointing.CHECKPOINT_DIR)
@@ -156,8 +158,8 @@ def run(config, workdir: str) -> dict:
 
   os.makedirs(workdir, exist_ok=True)
   # config.json first: a run interrupted before the checkpoint leaves no checkpoint, so importing again works
-  train.write_config(config, workdir, {"num_classes": info.num_classes, "image_shape": list(info.image_shape),
-                                       "import": record})
+  workdir_lib.write_config(config, workdir, {"num_classes": info.num_classes,
+                                             "image_shape": list(info.image_shape), "import": record})
   params = {"model": variables["params"], "projectors": {}}
   stats = {"model": variables.get("batch_stats", {}), "projectors": {}}
   tstate = TrainState.create(params=params, batch_stats=stats, tx=optax.identity(),
