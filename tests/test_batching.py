@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from mdrad_jax import batching
+from mdrad_jax import batching, evaluation
 
 
 def test_pad_rows_pads_with_zero_rows_and_masks_them():
@@ -20,6 +20,12 @@ def test_pad_rows_pads_with_zero_rows_and_masks_them():
     batching.pad_rows((x, y), 2)
   with pytest.raises(ValueError, match="different numbers of rows"):
     batching.pad_rows((x, y[:2]), 4)
+
+
+def test_pad_batch_adds_the_mask():
+  b = evaluation.pad_batch({"image": np.ones((2, 3), np.float32), "label": np.ones((2,), np.int32)}, 4)
+  assert list(b) == ["image", "label", "mask"] and b["mask"].tolist() == [True, True, False, False]
+  assert b["image"][2:].sum() == 0
 
 
 def test_batch_size_rule():
