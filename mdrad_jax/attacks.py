@@ -11,8 +11,10 @@ An attack is composed of
   Π(v) = clip(clip(v, x − ε, x + ε), clip_min, clip_max) (:func:`project_linf`).
 
 :func:`pgd_linf` runs the start and ``num_steps`` steps and returns ``stop_gradient(x_adv)``.  The objective
-constructors below all take a ``logits_fn(x, aux) -> (logits [N, C], aux)``; whether the network runs with
-running or batch statistics during the attack is decided by that function, not here.
+constructors below all take a ``logits_fn(x, aux) -> (logits [N, C], aux)`` and are written with the per-sample
+losses of ``mdrad_jax.losses`` (cross-entropy, KL, CW margin); whether the network runs with running or batch
+statistics during the attack is decided by that function, not here.  :func:`project_linf` is the ε-ball
+projection of every attack, AutoAttack's included.
 
 Images are NHWC float32 in [clip_min, clip_max] (default [0, 1]); ε and step sizes are in that pixel scale.
 """
@@ -22,6 +24,8 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+
+from mdrad_jax import losses
 
 Objective = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
 LogitsFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
@@ -135,18 +139,11 @@ def fgsm(objective: Objective, x, key=None, *, eps, init="none", normal_std=0.00
 # ---------------------------------------------------------------------------------------------
 # Objectives.  Each returns objective(x_adv, aux) -> (per-sample loss [N], aux).
 # ---------------------------------------------------------------------------------------------
-def _kl_rows(target_log_probs, log_q):
-  """Σ_c p_c (log p_c − log q_c) per row, with p = exp(target_log_probs)."""
-  p = jnp.exp(target_log_probs)
-  return jnp.sum(p * (target_log_probs - log_q), axis=-1)
-
-
 def ce_objective(logits_fn: LogitsFn, labels) -> Objective:
   """ℓ_i = CE(z(x'_i), y_i) = −log softmax(z(x'_i))_{y_i}  (PGD-AT, ARD, IAD, MTARD, PGD-20 evaluation)."""
   def objective(x_adv, aux):
     logits, aux = logits_fn(x_adv, aux)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1)[:, 0], aux
+    return losses.cross_entropy(logits, labels, reduction="none"), aux
   return objective
 
 
@@ -161,7 +158,7 @@ def kl_objective(logits_fn: LogitsFn, target_probs, *, temperature=1.0) -> Objec
   def objective(x_adv, aux):
     logits, aux = logits_fn(x_adv, aux)
     log_q = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
-    return jnp.sum(jax.scipy.special.xlogy(p, p) - p * log_q, axis=-1), aux
+    return losses.kl_div(p, log_q, reduction="none"), aux
   return objective
 
 
@@ -195,7 +192,7 @@ def adaad_objective(student_logits_fn: LogitsFn, teacher_logits_fns, weights=Non
     if w.shape != t.shape[:2]:
       raise ValueError(f"weights must have shape [K, N] = {t.shape[:2]}, got {w.shape}")
     log_q = jax.nn.log_softmax(s_logits.astype(jnp.float32), axis=-1)
-    kl = _kl_rows(jax.nn.log_softmax(t, axis=-1), log_q[None])     # [K, N]
+    kl = losses.kl_from_log_probs(jax.nn.log_softmax(t, axis=-1), log_q[None], reduction="none")  # [K, N]
     return jnp.sum(w * kl, axis=0), aux
   return objective
 
@@ -206,7 +203,8 @@ def trades_objective(logits_fn: LogitsFn, clean_logits) -> Objective:
 
   def objective(x_adv, aux):
     logits, aux = logits_fn(x_adv, aux)
-    return _kl_rows(log_p, jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)), aux
+    log_q = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return losses.kl_from_log_probs(log_p, log_q, reduction="none"), aux
   return objective
 
 
@@ -214,9 +212,5 @@ def cw_objective(logits_fn: LogitsFn, labels, *, kappa=50.0) -> Objective:
   """CW∞ margin objective (IAD's ``cwloss``): ℓ_i = −max(z_{y_i} − max_{j≠y_i} z_j + κ, 0)."""
   def objective(x_adv, aux):
     logits, aux = logits_fn(x_adv, aux)
-    logits = logits.astype(jnp.float32)
-    onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)
-    real = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
-    other = jnp.max(jnp.where(onehot, -jnp.inf, logits), axis=-1)
-    return -jnp.maximum(real - other + kappa, 0.0), aux
+    return -jnp.maximum(losses.cw_margin(logits, labels) + kappa, 0.0), aux
   return objective

@@ -20,9 +20,13 @@ a model 3-4x slower inside a compiled loop than as a top-level program.  ``_apgd
 ``_fab_single_run`` chain the same parts in a ``lax`` loop.  ``mask`` marks the real rows of a padded batch.  The public functions (``apgd``, ``apgd_targeted``,
 ``fab_targeted``, ``square``) attack a whole array in one batch and return ``x`` itself for every point that
 was not turned into an adversarial example, as the reference does.  ``autoattack`` is the Python driver: it
-batches the still-robust points, runs each attack only on them, and re-checks every returned point.
+batches the still-robust points, runs each attack only on them, and re-checks every returned point; inside a
+batch, an attack's restarts and targets run one after another while a point is left robust
+(``_attack_still_robust``).
 
-A model is any ``logits_fn(x) -> logits [N, C]``: pure, deterministic, in evaluation mode.  Images are NHWC
+Cross-entropy and the margin are those of ``mdrad_jax.losses``, the ε-ball projection is
+``attacks.project_linf``, the padding of a short batch ``batching.pad_rows``.  A model is any
+``logits_fn(x) -> logits [N, C]``: pure, deterministic, in evaluation mode.  Images are NHWC
 float32 in [0, 1], labels int32.
 """
 from __future__ import annotations
@@ -40,6 +44,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from mdrad_jax import attacks
+from mdrad_jax import batching
+from mdrad_jax import losses
+
 Array = jax.Array
 LogitsFn = Callable[[Array], Array]
 
@@ -49,11 +57,12 @@ VERSION_LABELS = {
     "standard": "AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square)",
     "apgd": "AutoAttack (APGD-CE + APGD-T subset)",
 }
+TITLES = {"apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "fab-t": "FAB-T", "square": "Square"}  # names in reports
 _NOT_FOUND = 1e10
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Losses
+# Losses: AutoAttack's own DLR losses (cross-entropy and the CW margin come from mdrad_jax.losses)
 
 
 def dlr_loss(logits: Array, y: Array) -> Array:
@@ -74,16 +83,13 @@ def dlr_loss_targeted(logits: Array, y: Array, y_target: Array) -> Array:
 
 
 def ce_loss(logits: Array, y: Array) -> Array:
-  """Cross-entropy per sample."""
-  logp = jax.nn.log_softmax(logits, axis=1)
-  return -jnp.take_along_axis(logp, y[:, None], axis=1)[:, 0]
+  """Cross-entropy per sample: ``losses.cross_entropy(..., reduction='none')`` (kept for compatibility)."""
+  return losses.cross_entropy(logits, y, reduction="none")
 
 
 def margin_loss(logits: Array, y: Array) -> Array:
-  """z_y − max_{j≠y} z_j per sample (negative once the point is misclassified)."""
-  z_y = jnp.take_along_axis(logits, y[:, None], axis=1)[:, 0]
-  others = jnp.where(jax.nn.one_hot(y, logits.shape[1], dtype=bool), -jnp.inf, logits)
-  return z_y - jnp.max(others, axis=1)
+  """z_y − max_{j≠y} z_j per sample: ``losses.cw_margin`` (kept for compatibility)."""
+  return losses.cw_margin(logits, y)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -97,10 +103,6 @@ def _bcast(v: Array, x: Array) -> Array:
 
 def _linf(d: Array) -> Array:
   return jnp.max(jnp.abs(d.reshape(d.shape[0], -1)), axis=1)
-
-
-def _project(x_new: Array, x: Array, eps: float) -> Array:
-  return jnp.clip(jnp.clip(x_new, x - eps, x + eps), 0.0, 1.0)
 
 
 def _predict(logits_fn: LogitsFn, x: Array) -> Array:
@@ -173,7 +175,7 @@ def _step_size_check(loss_steps, i, k, rho, loss_best, loss_best_last, reduced_l
 
 def _apgd_loss_fn(loss):
   if loss == "ce":
-    return lambda z, y, y_target: ce_loss(z, y)
+    return lambda z, y, y_target: losses.cross_entropy(z, y, reduction="none")
   if loss == "dlr":
     return lambda z, y, y_target: dlr_loss(z, y)
   return dlr_loss_targeted
@@ -227,8 +229,8 @@ def _apgd_step(logits_fn, s, *, eps, n_iter, loss, rho):
   grad2 = s["x_adv"] - s["x_old"]
   x_old = s["x_adv"]
   a = jnp.where(i > 0, 0.75, 1.0).astype(x.dtype)
-  x1 = _project(s["x_adv"] + _bcast(s["step"], x) * jnp.sign(s["grad"]), x, eps)
-  x1 = _project(s["x_adv"] + (x1 - s["x_adv"]) * a + grad2 * (1.0 - a), x, eps)
+  x1 = attacks.project_linf(s["x_adv"] + _bcast(s["step"], x) * jnp.sign(s["grad"]), x, eps=eps)
+  x1 = attacks.project_linf(s["x_adv"] + (x1 - s["x_adv"]) * a + grad2 * (1.0 - a), x, eps=eps)
   (_, (l, z)), grad = jax.value_and_grad(objective, has_aux=True)(x1)
   pred_ok = jnp.argmax(z, axis=1) == y
   acc = s["acc"] & pred_ok
@@ -287,6 +289,17 @@ def _apgd_merge(st, robust, adv):
   return _merge_new(robust, adv, st["x_best_adv"], ~st["acc"])
 
 
+def _attack_still_robust(attack, runs, robust, adv):
+  """Runs ``attack(run, robust, adv) -> (robust, adv)`` for each run (restart, target) in turn, each on the
+  points of the batch still robust, and stops once none is left (the host's check between runs, as the
+  reference stops early); returns the adversarial inputs."""
+  for run in runs:
+    if not bool(jnp.any(robust)):
+      break
+    robust, adv = attack(run, robust, adv)
+  return adv
+
+
 class _Apgd:
   """APGD with restarts (and APGD-T over target ranks) on a padded batch: each part compiled with ``jit``, the
   iterations, restarts and targets driven from the host.
@@ -329,14 +342,13 @@ class _Apgd:
 
   def __call__(self, x, y, mask, key, target_labels=None):
     robust, order = self._prepare(x, y, mask)
-    adv = x
     if self.n_target_classes is not None:  # APGD-T: each target rank in turn
       runs = [(2 + j // self.n_restarts, j) for j in range(self.n_target_classes * self.n_restarts)]
     else:
       runs = [(self.target_rank, r) for r in range(self.n_restarts)]
-    for rank, j in runs:
-      if not bool(jnp.any(robust)):
-        break
+
+    def attack(run, robust, adv):
+      rank, j = run
       k = jax.random.fold_in(key, j)
       fill = self._fill(x.shape[0])
       if self.loss != "dlr_targeted":
@@ -345,8 +357,9 @@ class _Apgd:
         st = self._init_rank(x, y, order, _rank_column(order, rank), k, fill)
       else:
         st = self._init(x, y, jnp.asarray(target_labels, jnp.int32), k, fill)
-      robust, adv = self._merge(self._run(st), robust, adv)
-    return adv
+      return self._merge(self._run(st), robust, adv)
+
+    return _attack_still_robust(attack, runs, robust, x)
 
 
 def apgd(logits_fn: LogitsFn, x, y, key, *, eps: float, n_iter: int = 100, loss: str = "ce",
@@ -561,15 +574,14 @@ class _FabTargeted:
   def __call__(self, x, y, mask, key):
     del key
     robust, order = self._prepare(x, y, mask)
-    adv = x
-    for j in range(self.n_target_classes):
-      if not bool(jnp.any(robust)):
-        break
+
+    def attack(j, robust, adv):
       st = self._init(x, y, order, _rank_column(order, 2 + j), np.full((x.shape[0],), _NOT_FOUND, np.float32))
       for _ in range(self.n_iter):
         st = self._step(st)
-      robust, adv = self._merge(st, robust, adv)
-    return adv
+      return self._merge(st, robust, adv)
+
+    return _attack_still_robust(attack, range(self.n_target_classes), robust, x)
 
 
 def fab_targeted(logits_fn: LogitsFn, x, y, key, *, eps: float, n_iter: int = 100, n_target_classes: int = 9,
@@ -614,7 +626,7 @@ def _square_init(logits_fn, x, y, mask, key, it, *, eps):
   robust0 = (_predict(logits_fn, x) == y) & mask
   stripes = jnp.sign(jax.random.uniform(key, (n, 1, w, c), x.dtype, -1.0, 1.0))
   x_best = jnp.clip(x + eps * stripes, 0.0, 1.0)
-  return dict(x=x, y=y, robust0=robust0, x_best=x_best, margin_min=margin_loss(logits_fn(x_best), y), it=it)
+  return dict(x=x, y=y, robust0=robust0, x_best=x_best, margin_min=losses.cw_margin(logits_fn(x_best), y), it=it)
 
 
 def _square_step(logits_fn, st, key, *, eps, n_queries, p_init, queries):
@@ -635,8 +647,8 @@ def _square_step(logits_fn, st, key, *, eps, n_queries, p_init, queries):
     sq_sign = jnp.sign(jax.random.uniform(ks, (c,), x.dtype, -1.0, 1.0))
     window = ((rows >= vh) & (rows < vh + s) & (cols >= vw) & (cols < vw + s)).astype(x.dtype)
     delta = 2.0 * eps * window[:, :, None] * sq_sign[None, None, :]
-    x_new = _project(x_best + delta[None], x, eps)
-    margin = margin_loss(logits_fn(x_new), y)
+    x_new = attacks.project_linf(x_best + delta[None], x, eps=eps)
+    margin = losses.cw_margin(logits_fn(x_new), y)
     improved = ((margin < margin_min) | (margin <= 0)) & active
     x_best = jnp.where(_bcast(improved, x), x_new, x_best)
     margin_min = jnp.where(improved, margin, margin_min)
@@ -788,10 +800,7 @@ def autoattack(logits_fn: LogitsFn, x, y, *, eps: float, version: str = "standar
   """
   if version not in VERSION_LABELS:
     raise ValueError(f"version must be 'standard' or 'apgd', got {version!r}")
-  if not isinstance(batch_size, int) or batch_size < 1:
-    raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-  if not isinstance(batch_multiple, int) or batch_multiple < 1 or batch_size % batch_multiple:
-    raise ValueError(f"batch_size ({batch_size}) must be a multiple of batch_multiple ({batch_multiple!r})")
+  batching.check_batch_size(batch_size, batch_multiple)
   x = np.asarray(x, np.float32)
   y = np.asarray(y, np.int32)
   _check_inputs(x, y, eps)
@@ -829,7 +838,7 @@ def autoattack(logits_fn: LogitsFn, x, y, *, eps: float, version: str = "standar
       _check_targets(n_classes, params[name]["n_target_classes"], need=4 if name == "apgd-t" else 2)
 
   predict = _predict_kernel(logits_fn, jit)
-  bs = min(batch_size, -(-n // batch_multiple) * batch_multiple) if n else batch_multiple
+  bs = batching.fixed_batch_size(n, batch_size, batch_multiple)
 
   # A batch of m < bs points is padded to the next multiple of about bs/8 only: the attacks after the first
   # run on the points still robust, and padding them all up to bs wasted up to half of their work.  Each size
@@ -838,19 +847,17 @@ def autoattack(logits_fn: LogitsFn, x, y, *, eps: float, version: str = "standar
   granule = -(-max(bs // 8, 1) // batch_multiple) * batch_multiple
 
   def padded(idx):
-    m = len(idx)
-    size = min(bs, -(-m // granule) * granule)
-    full = np.concatenate([idx, np.full(size - m, idx[0], idx.dtype)]) if m < size else idx
-    mask = np.arange(size) < m
-    return full, mask
+    """The points ``idx`` as a batch ``(x, y)`` padded to a multiple of the granule, and its mask."""
+    return batching.pad_rows((x[idx], y[idx]), min(bs, -(-len(idx) // granule) * granule))
 
   # Clean predictions.
   seconds = {}
   t_stage = time.perf_counter()
   clean_pred = np.empty((n,), np.int32)
   for start in range(0, n, bs):
-    idx, mask = padded(np.arange(start, min(start + bs, n)))
-    clean_pred[idx[mask]] = np.asarray(predict(jnp.asarray(x[idx])))[mask]
+    idx = np.arange(start, min(start + bs, n))
+    (xb, _), _ = padded(idx)
+    clean_pred[idx] = np.asarray(predict(jnp.asarray(xb)))[:len(idx)]
   clean_correct = clean_pred == y
   robust = clean_correct.copy()
   broken_by = np.where(clean_correct, -1, 0).astype(np.int32)
@@ -872,21 +879,22 @@ def autoattack(logits_fn: LogitsFn, x, y, *, eps: float, version: str = "standar
                dynamic_ncols=True)
     bar.set_postfix(robust=int(robust.sum()))
     for b_idx, start in enumerate(range(0, todo.size, bs)):
-      idx, mask = padded(todo[start:start + bs])
-      xb, yb = jnp.asarray(x[idx]), jnp.asarray(y[idx])
-      adv_b = fn(xb, yb, jnp.asarray(mask), jax.random.fold_in(key_a, b_idx))
-      pred_b = predict(adv_b)
+      idx = todo[start:start + bs]
+      m = len(idx)
+      (xb, yb), mask = padded(idx)
+      adv_b = fn(jnp.asarray(xb), jnp.asarray(yb), jnp.asarray(mask), jax.random.fold_in(key_a, b_idx))
+      pred_b = np.asarray(predict(adv_b))[:m]
       # Re-check every returned point: wrong label, inside the ε-ball (float tolerance) and the box.
-      adv_np = np.asarray(adv_b)
-      dist = np.max(np.abs(adv_np - x[idx]).reshape(len(idx), -1), axis=1)
+      adv_np = np.asarray(adv_b)[:m]
+      dist = np.max(np.abs(adv_np - x[idx]).reshape(m, -1), axis=1)
       in_box = np.all((adv_np >= 0.0) & (adv_np <= 1.0), axis=tuple(range(1, adv_np.ndim)))
-      fooled = (np.asarray(pred_b) != y[idx]) & mask & (dist <= eps * (1 + 1e-6) + 2e-7) & in_box
+      fooled = (pred_b != y[idx]) & (dist <= eps * (1 + 1e-6) + 2e-7) & in_box
       hit = idx[fooled]
       robust[hit] = False
       broken_by[hit] = a_idx + 1
       x_adv[hit] = adv_np[fooled]
       flips[name] += int(fooled.sum())
-      bar.update(int(mask.sum()))
+      bar.update(m)
       bar.set_postfix(robust=int(robust.sum()))
     bar.close()
     robust_after[name] = int(robust.sum())

@@ -351,9 +351,3 @@ def restore_model_variables(step_dir: str) -> dict:
     variables["batch_stats"] = bs
   return variables
 
-
-def load_model_variables(path: str, *, which: str = "best") -> tuple[dict, dict | None]:
-  """Kept for compatibility: :func:`mdrad_jax.runs.load_model_variables`, where it moved (``runs`` imports this
-  module, hence the import here)."""
-  from mdrad_jax import runs
-  return runs.load_model_variables(path, which=which)

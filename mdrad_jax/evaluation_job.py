@@ -2,7 +2,8 @@
 
 ``run(config, workdir)`` loads a trained network (the best checkpoint by default) and the test split of its
 dataset, runs the attacks of ``mdrad_jax.evaluation`` with the network in evaluation mode and the batch
-sharded over the devices, checks the numbers for signs of gradient masking, and writes into ``workdir``:
+sharded over the devices, checks the numbers for signs of gradient masking (``mdrad_jax.gradient_masking``),
+and writes into ``workdir`` (``mdrad_jax.evaluation_report``):
 
 * ``eval.json``: every number with the attack's parameters, dataset, split, sample count, seed, checkpoint
   step, AutoAttack version label, per-attack robust counts and flips, the ε sweep and the masking flags;
@@ -11,20 +12,10 @@ sharded over the devices, checks the numbers for signs of gradient masking, and 
 
 Every file is written to a temporary name and renamed, so an interrupted job never leaves a broken report in
 place of a good one.  :func:`robustness_report` is the same evaluation for any ``logits_fn(x)``.
-
-Gradient-masking check (:func:`masking_flags`), each flag with its reason:
-
-* (a) a multi-step white-box attack (PGD-20, CW∞, APGD-CE) is weaker than the black-box Square attack run alone
-  on the same points (by more than the margin, and significantly by a paired sign test), or Square inside
-  AutoAttack flips many points that survived APGD-CE, APGD-T and FAB-T;
-* (b) PGD-20 accuracy above FGSM accuracy;
-* (c) accuracy that does not fall as ε grows in the sweep (rises between two ε, or is flat over the sweep);
-* (d) AutoAttack accuracy far (``aa_gap``, 10 points by default) below PGD-20 accuracy.
 """
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import os
 import time
@@ -37,20 +28,18 @@ from mdrad_jax import autoattack as aa
 from mdrad_jax import config_lib
 from mdrad_jax import data as data_lib
 from mdrad_jax import evaluation
+from mdrad_jax import evaluation_report
+from mdrad_jax import gradient_masking
 from mdrad_jax import parallel
 from mdrad_jax import runs
 from mdrad_jax import validation
 from mdrad_jax.errors import MissingFileError, UserError
+# Kept for compatibility: the report files and the masking check have their own modules.
+from mdrad_jax.evaluation_report import format_markdown, plot_accuracy, plot_sweep, write_report  # noqa: F401
+from mdrad_jax.gradient_masking import MULTI_STEP_WHITE_BOX, WHITE_BOX, masking_flags, sign_test_p  # noqa: F401
 from mdrad_jax.progress import is_main_process, log, progress_enabled
 
-WHITE_BOX = ("fgsm", "pgd20", "cw", "apgd-ce")
-# Check (a) compares these with Square.  Single-step FGSM is not among them: on an ordinary network it is often
-# weaker than 5000 Square queries, which says that one step is a weak attack, not that gradients are masked.
-MULTI_STEP_WHITE_BOX = ("pgd20", "cw", "apgd-ce")
-NAMES = {"clean": "clean", "fgsm": "FGSM", "pgd20": "PGD-20", "cw": "CW∞ (PGD-30, κ = 50)",
-         "autoattack": "AutoAttack (standard)", "autoattack_apgd_subset": "AutoAttack (APGD-CE + APGD-T subset)",
-         "apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "fab-t": "FAB-T", "square": "Square"}
-OUTPUTS = ("eval.json", "eval.md", "eval_accuracy.png", "eval_eps_sweep.png")
+NAMES = evaluation.TITLES  # kept for compatibility
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,7 +89,7 @@ def robustness_report(logits_fn, images, labels, *, attacks: Sequence[str] = eva
   ``autoattack_stages`` (robust count and flips after each AutoAttack attack), ``eps_sweep`` (``sweep_attack``
   at each ε; the PGD step size scales with ε as ``step_size · ε_i / ε``; ε = 0 is the clean accuracy),
   ``square_alone`` (Square with ``square_queries`` queries on the first ``square_examples`` points, 0 = skip)
-  and ``masking_check`` (see :func:`masking_flags`).
+  and ``masking_check`` (see ``gradient_masking.masking_flags``).
   """
   attacks = tuple(attacks)
   unknown = [a for a in attacks if a not in evaluation.ATTACKS]
@@ -186,7 +175,7 @@ def robustness_report(logits_fn, images, labels, *, attacks: Sequence[str] = eva
                         batch_multiple=batch_multiple)
     square_correct = res.robust
     compare = {}
-    for name in WHITE_BOX:
+    for name in gradient_masking.WHITE_BOX:
       if name in points:
         wb = points[name][:k]
         compare[name] = {"accuracy": float(wb.mean()), "correct": int(wb.sum()),
@@ -200,242 +189,10 @@ def robustness_report(logits_fn, images, labels, *, attacks: Sequence[str] = eva
   report = {"eps": float(eps), "step_size": float(step_size), "cw_kappa": float(cw_kappa), "seed": int(seed),
             "num_examples": n, "batch_size": int(batch_size), "aa_version": aa_version,
             "attacks": results, "autoattack_stages": stages, "eps_sweep": sweep_out, "square_alone": square_out}
-  flags = masking_flags(report, tolerance=tolerance, aa_gap=aa_gap, significance=significance)
+  flags = gradient_masking.masking_flags(report, tolerance=tolerance, aa_gap=aa_gap, significance=significance)
   report["masking_check"] = {"tolerance": tolerance, "aa_gap": aa_gap, "significance": significance,
                              "flagged": bool(flags), "flags": flags}
   return report
-
-
-def sign_test_p(b: int, c: int) -> float:
-  """One-sided exact sign test (McNemar): P(X >= b) for X ~ Binomial(b + c, 1/2); 1.0 when b = c = 0."""
-  m = b + c
-  return float(sum(math.comb(m, k) for k in range(b, m + 1)) / 2 ** m) if m else 1.0
-
-
-def masking_flags(report: dict, *, tolerance: float = 0.01, aa_gap: float = 0.10,
-                  significance: float = 0.05) -> list[dict]:
-  """Signs of gradient masking in a :func:`robustness_report`: a list of ``{'check', 'attack', 'reason'}``.
-
-  ``tolerance`` (a fraction, 0.01 = one point of accuracy) is the margin a comparison must exceed, so that
-  sampling noise between attacks with random starts does not raise a flag.  The comparison with Square alone
-  (a), made on the same points, also needs the paired difference to be significant: among the points exactly
-  one of the two attacks broke, Square's share must pass a one-sided sign test at ``significance``
-  (on 100 points a 2-point gap with no point the other way is not evidence; 5 or more points are).
-  """
-  flags = []
-  res = report["attacks"]
-  acc = {k: v["accuracy"] for k, v in res.items()}
-  pct = lambda v: f"{100 * v:.2f}%"  # noqa: E731
-
-  # (a) multi-step white-box weaker than black-box Square on the same points.
-  sq = report.get("square_alone")
-  if sq:
-    for name, wb in sq["white_box_on_same_points"].items():
-      if name not in MULTI_STEP_WHITE_BOX:
-        continue
-      b = wb["square_broke_white_box_survivors"]
-      c = wb.get("white_box_broke_square_survivors", sq["correct"] - (wb["correct"] - b))
-      p = sign_test_p(b, c)
-      if wb["accuracy"] - sq["accuracy"] > tolerance and p < significance:
-        flags.append({"check": "a", "attack": name, "accuracy": wb["accuracy"], "square_accuracy": sq["accuracy"],
-                      "p_value": p,
-                      "reason": f"{NAMES[name]} accuracy {pct(wb['accuracy'])} is above the black-box Square "
-                                f"attack's {pct(sq['accuracy'])} on the same {sq['n']} points (Square broke "
-                                f"{b} points {NAMES[name]} left correct, {NAMES[name]} {c} the other way; sign "
-                                f"test p = {p:.2g}): the gradients may not point to adversarial examples"})
-  stages = {s["attack"]: s for s in report.get("autoattack_stages", [])}
-  n = report["num_examples"]
-  if "square" in stages and n:
-    flips = stages["square"]["flips"] or 0
-    if flips / n > tolerance:
-      before = [NAMES[s] for s in stages if s not in ("clean", "square")]
-      flags.append({"check": "a", "attack": "square", "flips": flips,
-                    "reason": f"Square flipped {flips} of {n} points ({pct(flips / n)}) that survived "
-                              f"{', '.join(before)} inside AutoAttack: a gradient-free attack finds what the "
-                              f"gradient-based ones miss"})
-  # (b) more iterations, weaker attack.
-  if "pgd20" in acc and "fgsm" in acc and acc["pgd20"] - acc["fgsm"] > tolerance:
-    flags.append({"check": "b", "attack": "pgd20",
-                  "reason": f"PGD-20 accuracy {pct(acc['pgd20'])} is above FGSM accuracy {pct(acc['fgsm'])}: "
-                            f"iterating the attack makes it weaker"})
-  # (c) accuracy that does not fall with ε.
-  sw = report.get("eps_sweep")
-  if sw and len(sw["points"]) >= 2:
-    pts = sw["points"]
-    for a, b in zip(pts, pts[1:]):
-      if b["accuracy"] - a["accuracy"] > tolerance:
-        flags.append({"check": "c", "attack": sw["attack"],
-                      "reason": f"{NAMES.get(sw['attack'], sw['attack'])} accuracy rises from {pct(a['accuracy'])} "
-                                f"at eps = {a['eps']:.4g} to {pct(b['accuracy'])} at eps = {b['eps']:.4g}"})
-    positive = [p for p in pts if p["eps"] > 0]
-    first, last = pts[0], pts[-1]
-    if len(positive) >= 2 and last["accuracy"] >= first["accuracy"] - tolerance:
-      flags.append({"check": "c", "attack": sw["attack"],
-                    "reason": f"{NAMES.get(sw['attack'], sw['attack'])} accuracy does not fall as eps grows: "
-                              f"{pct(first['accuracy'])} at eps = {first['eps']:.4g}, {pct(last['accuracy'])} at "
-                              f"eps = {last['eps']:.4g}"})
-  # (d) AutoAttack far below PGD-20.
-  for key in ("autoattack", "autoattack_apgd_subset"):
-    if key in acc and "pgd20" in acc and acc["pgd20"] - acc[key] > aa_gap:
-      flags.append({"check": "d", "attack": key,
-                    "reason": f"{NAMES[key]} accuracy {pct(acc[key])} is {100 * (acc['pgd20'] - acc[key]):.1f} "
-                              f"points below PGD-20's {pct(acc['pgd20'])} (more than {100 * aa_gap:g}): PGD "
-                              f"overestimates robustness"})
-  return flags
-
-
-# ---------------------------------------------------------------------------------------------
-# Report files.
-# ---------------------------------------------------------------------------------------------
-def _param_text(entry: dict) -> str:
-  p = entry.get("params") or {}
-  if not p or "attacks" in p:
-    return entry.get("label", "")
-  text = f"{p['loss'].upper()}, {p['steps']} step{'s' if p['steps'] > 1 else ''} of {p['step_size']:.4g}"
-  text += ", no random start" if p["init"] == "none" else f", {p['init']} start"
-  if "kappa" in p:
-    text += f", κ = {p['kappa']:g}"
-  return text
-
-
-def format_markdown(report: dict) -> str:
-  m = report.get("meta", {})
-  lines = ["# Robustness evaluation", ""]
-  if m:
-    ck = m.get("checkpoint", {})
-    lines += [f"- model: `{m.get('model', {}).get('name', '?')}` trained with `{m.get('method', '?')}`; "
-              f"checkpoint step {ck.get('step')} ({ck.get('which')}) of `{ck.get('path')}`",
-              f"- data: `{m.get('dataset')}`, split `{m.get('split')}`, {report['num_examples']} examples",
-              f"- devices: {m.get('num_devices')} × {m.get('platform')}; seconds: {m.get('seconds', 0):.0f}"]
-  lines += [f"- threat model: L∞, eps = {report['eps']:.5g}; PGD step {report['step_size']:.5g}; seed "
-            f"{report['seed']}", "",
-            "| attack | accuracy (%) | correct / n | parameters |", "|---|---:|---:|---|"]
-  for key, e in report["attacks"].items():
-    lines.append(f"| {NAMES.get(key, key)} | {100 * e['accuracy']:.2f} | {e['correct']} / {e['n']} | "
-                 f"{_param_text(e)} |")
-  aa_key = next((k for k in report["attacks"] if k.startswith("autoattack")), None)
-  if report.get("autoattack_stages"):
-    lines += ["", f"{report['attacks'][aa_key]['label']}: each attack runs only on the points still robust.", "",
-              "| after | attacked | flips | robust | accuracy (%) |", "|---|---:|---:|---:|---:|"]
-    for s in report["autoattack_stages"]:
-      lines.append(f"| {NAMES.get(s['attack'], s['attack'])} | {'' if s['attacked'] is None else s['attacked']} | "
-                   f"{'' if s['flips'] is None else s['flips']} | {s['robust']} | {100 * s['accuracy']:.2f} |")
-  sw = report.get("eps_sweep")
-  if sw:
-    lines += ["", f"Accuracy against {NAMES.get(sw['attack'], sw['attack'])} as eps grows (PGD step size scaled with eps):",
-              "", "| eps | step | accuracy (%) | correct / n |", "|---:|---:|---:|---:|"]
-    for p in sw["points"]:
-      step = "" if p["step_size"] is None else f"{p['step_size']:.4g}"
-      lines.append(f"| {p['eps']:.5g} | {step} | {100 * p['accuracy']:.2f} | {p['correct']} / {p['n']} |")
-  sq = report.get("square_alone")
-  if sq:
-    lines += ["", f"Square alone ({sq['params']['square']['n_queries']} queries) on the first {sq['n']} points: "
-              f"{100 * sq['accuracy']:.2f}% ({sq['correct']} / {sq['n']}); white-box attacks on the same points: "
-              + ", ".join(f"{NAMES[k]} {100 * v['accuracy']:.2f}%" for k, v in sq["white_box_on_same_points"].items())
-              + "."]
-  mc = report["masking_check"]
-  lines += ["", "## Gradient-masking check", ""]
-  if mc["flags"]:
-    lines += [f"- **({f['check']})** {f['reason']}." for f in mc["flags"]]
-  else:
-    ran = ["(a) white-box vs Square" if (sq or "square" in {s["attack"] for s in report.get("autoattack_stages", [])})
-           else None, "(b) PGD-20 vs FGSM" if {"pgd20", "fgsm"} <= set(report["attacks"]) else None,
-           "(c) accuracy vs eps" if sw else None, "(d) AutoAttack vs PGD-20"
-           if aa_key and "pgd20" in report["attacks"] else None]
-    ran = [r for r in ran if r]
-    lines.append(f"No flag raised (checks run: {', '.join(ran) or 'none'}; margin {100 * mc['tolerance']:g} "
-                 f"points, sign-test level {mc.get('significance', 0.05):g} for (a), AutoAttack gap "
-                 f"{100 * mc['aa_gap']:g} points).")
-  return "\n".join(lines) + "\n"
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
-def _save_figure(fig, path: str) -> None:
-  import matplotlib.pyplot as plt
-  tmp = f"{path}.tmp{os.getpid()}"
-  try:
-    fig.savefig(tmp, dpi=120, format="png")
-    os.replace(tmp, path)
-  finally:
-    plt.close(fig)
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
-def plot_accuracy(report: dict, path: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  rows = [(NAMES.get(k, k), e["accuracy"]) for k, e in report["attacks"].items()]
-  for s in report.get("autoattack_stages", [])[1:-1]:  # intermediate AutoAttack stages
-    rows.append((f"AA after\n{NAMES.get(s['attack'], s['attack'])}", s["accuracy"]))
-  fig, ax = plt.subplots(figsize=(1.3 * len(rows) + 2, 4))
-  x = np.arange(len(rows))
-  bars = ax.bar(x, [100 * a for _, a in rows], 0.6, color="tab:blue")
-  for b, (_, a) in zip(bars, rows):
-    ax.text(b.get_x() + b.get_width() / 2, 100 * a + 1, f"{100 * a:.1f}", ha="center", fontsize=8)
-  ax.set_xticks(x, [r.replace(" (", "\n(") for r, _ in rows], fontsize=7)
-  ax.set_ylabel("accuracy (%)")
-  ax.set_ylim(0, 110)
-  m = report.get("meta", {})
-  ax.set_title(f"{m.get('model', {}).get('name', 'model')} on {m.get('dataset', '')}: "
-               f"L∞ eps = {report['eps']:.4g}, n = {report['num_examples']}", fontsize=9)
-  fig.tight_layout()
-  _save_figure(fig, path)
-
-
-def plot_sweep(report: dict, path: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  sw = report["eps_sweep"]
-  fig, ax = plt.subplots(figsize=(5, 3.5))
-  ax.plot([p["eps"] for p in sw["points"]], [100 * p["accuracy"] for p in sw["points"]], "o-")
-  ax.axvline(report["eps"], color="gray", ls=":", lw=1)
-  ax.set_xlabel("eps (L∞)")
-  ax.set_ylabel("robust accuracy (%)")
-  ax.set_ylim(0, 105)
-  ax.set_title(f"{NAMES.get(sw['attack'], sw['attack'])} accuracy vs eps", fontsize=9)
-  fig.tight_layout()
-  _save_figure(fig, path)
-
-
-def write_report(report: dict, workdir: str) -> list[str]:
-  """Writes eval.json, eval.md and the plots into ``workdir`` (each to a temporary name, then renamed)."""
-  os.makedirs(workdir, exist_ok=True)
-  written = []
-  path = os.path.join(workdir, "eval.json")
-  _atomic_write_text(path, json.dumps(report, indent=2, default=_json_default) + "\n")
-  written.append(path)
-  path = os.path.join(workdir, "eval.md")
-  _atomic_write_text(path, format_markdown(report))
-  written.append(path)
-  path = os.path.join(workdir, "eval_accuracy.png")
-  plot_accuracy(report, path)
-  written.append(path)
-  if report.get("eps_sweep"):
-    path = os.path.join(workdir, "eval_eps_sweep.png")
-    plot_sweep(report, path)
-    written.append(path)
-  return written
-
-
-def _json_default(v):
-  if isinstance(v, (np.integer,)):
-    return int(v)
-  if isinstance(v, (np.floating,)):
-    return float(v)
-  if isinstance(v, np.ndarray):
-    return v.tolist()
-  return str(v)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -546,7 +303,7 @@ def run(config, workdir: str) -> dict:
       "seconds": round(time.perf_counter() - t_start, 1), "evaluate_config": e.to_dict(),
   }
   if is_main_process():
-    written = write_report(report, workdir)
-    print(format_markdown(report))
+    written = evaluation_report.write_report(report, workdir)
+    print(evaluation_report.format_markdown(report))
     log("wrote " + ", ".join(os.path.relpath(p, workdir) for p in written) + f" in {workdir}")
   return report

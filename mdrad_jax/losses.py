@@ -1,5 +1,7 @@
 """Distillation and adversarial-training losses: building blocks and one outer loss per method.
 
+This module is the one home of the per-sample losses: cross-entropy, KL (``reduction='none'``) and the CW
+margin, on which the attack objectives (``mdrad_jax.attacks``) and AutoAttack (``mdrad_jax.autoattack``) build.
 Everything here is a pure, jit-able function of arrays.  Conventions:
 
 * logits are ``[N, C]``; stacked teacher logits are ``[K, N, C]``; labels are int ``[N]``;
@@ -89,7 +91,7 @@ def _is_static(value, target: float) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# KL divergence and cross-entropy.
+# KL divergence, cross-entropy and the CW margin (also the per-sample losses of attacks.py and autoattack.py).
 # ---------------------------------------------------------------------------------------------
 def reduce_per_sample(per_sample, *, num_classes: int, reduction: str):
   """Applies a KL reduction to per-sample values v_i (already summed over classes).
@@ -135,12 +137,25 @@ def kl_from_logits(teacher_logits, student_logits, *, temperature=1.0, student_t
   tau_s = temperature if student_temperature is None else student_temperature
   log_p = jax.nn.log_softmax(t / temperature, axis=-1)
   log_q = jax.nn.log_softmax(s / tau_s, axis=-1)
+  if not rslad_eps:
+    return kl_from_log_probs(log_p, log_q, reduction=reduction)
   p = jnp.exp(log_p)
-  if rslad_eps:
-    pointwise = -p * log_q + p * jnp.log(p + RSLAD_LOG_EPS)
-  else:
-    pointwise = p * (log_p - log_q)
+  pointwise = -p * log_q + p * jnp.log(p + RSLAD_LOG_EPS)
   return reduce_per_sample(jnp.sum(pointwise, axis=-1), num_classes=t.shape[-1], reduction=reduction)
+
+
+def kl_from_log_probs(target_log_probs, student_log_probs, *, reduction: str = "batchmean"):
+  """KL(P‖Q) = Σ_c P_c (log P_c − log Q_c) from log-probabilities, with P = exp(log P).
+
+  The rows are the last axis; ``student_log_probs`` broadcasts against ``target_log_probs`` (e.g. one student
+  [N, C] against K teachers [K, N, C], giving [K, N] with ``reduction='none'``).  Reduced as in
+  :func:`reduce_per_sample` over the leading axis otherwise.
+  """
+  _check_choice("KL reduction", reduction, REDUCTIONS)
+  log_p, log_q = _f32(target_log_probs), _f32(student_log_probs)
+  p = jnp.exp(log_p)
+  return reduce_per_sample(jnp.sum(p * (log_p - log_q), axis=-1), num_classes=log_p.shape[-1],
+                           reduction=reduction)
 
 
 def cross_entropy(logits, labels, *, reduction: str = "mean"):
@@ -154,6 +169,20 @@ def cross_entropy(logits, labels, *, reduction: str = "mean"):
   if reduction == "none":
     return ce
   return jnp.sum(ce) if reduction == "sum" else jnp.mean(ce)
+
+
+def cw_margin(logits, labels):
+  """Carlini-Wagner margin per sample, z_y − max_{j≠y} z_j, shape [N] (negative once the point is misclassified).
+
+  The CW∞ attack objective is −max(margin + κ, 0); AutoAttack's Square attack minimises the margin itself.
+  """
+  z = _f32(logits)
+  _check_logits("logits", z)
+  _check_labels(labels, z.shape[0])
+  y = labels.astype(jnp.int32)
+  z_y = jnp.take_along_axis(z, y[:, None], axis=-1)[:, 0]
+  others = jnp.where(jax.nn.one_hot(y, z.shape[-1], dtype=bool), -jnp.inf, z)
+  return z_y - jnp.max(others, axis=-1)
 
 
 def _neg_entropy_rslad(probs):
@@ -204,6 +233,10 @@ def rectify_none(logits, labels):
   return logits
 
 
+# What each rectifier does to the logits before the softmax (ADR then works on the probabilities).
+_LOGIT_RECTIFIERS = {"none": rectify_none, "swap": rectify_swap, "adr": rectify_none, "dynamic": rectify_swap}
+
+
 def dynamic_trust(student_adv_logits, labels, *, beta=1.0):
   """Per-sample trust in the teachers, λ_i = (1 − P_S(y_i | x'_i))^β, from the student's current adversarial
   prediction at τ = 1 (stop-gradient), shape [N].  A sample the student already classifies robustly and
@@ -249,9 +282,7 @@ def rectify(kind: str, teacher_logits, labels, *, temperature=1.0, adr_lambda=0.
     student's outputs.
   """
   _check_choice("rectifier", kind, RECTIFIERS)
-  z = sg(_f32(teacher_logits))
-  if kind in ("swap", "dynamic"):
-    z = rectify_swap(z, labels)
+  z = _LOGIT_RECTIFIERS[kind](sg(_f32(teacher_logits)), labels)
   p = jax.nn.softmax(z / temperature, axis=-1)
   if kind == "adr":
     p = rectify_adr(p, labels, adr_lambda)

@@ -37,6 +37,7 @@ import numpy as np
 
 from mdrad_jax import config_lib
 from mdrad_jax import evaluation_job
+from mdrad_jax import evaluation_report
 from mdrad_jax import runs
 from mdrad_jax import train
 from mdrad_jax import workdir as workdir_lib
@@ -161,7 +162,7 @@ def _write_json(path: str, obj) -> None:
     return
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=evaluation_job._json_default)
+    json.dump(obj, f, indent=2, sort_keys=True, default=evaluation_report.json_default)
     f.write("\n")
   os.replace(tmp, path)
 
@@ -485,7 +486,7 @@ def plot(study: dict, workdir: str) -> list[str]:
     ax.legend(fontsize=6, ncol=2, loc="best")
     fig.tight_layout()
     path = os.path.join(workdir, name)
-    evaluation_job._save_figure(fig, path)
+    evaluation_report.save_figure(fig, path)
     written.append(path)
 
   done = [r for r in rows if r[key]["mean"] is not None]
@@ -510,7 +511,7 @@ def write_outputs(s, workdir: str, teachers: dict, cells: list[dict], num_select
            "table_titles": dict(s.table_titles), "command": s.command or "python main.py --config=configs/study.py"}
   if is_main_process():
     _write_json(os.path.join(workdir, "study.json"), study)
-    evaluation_job._atomic_write_text(os.path.join(workdir, "study.md"), format_markdown(study))
+    evaluation_report.atomic_write_text(os.path.join(workdir, "study.md"), format_markdown(study))
     plot(study, workdir)
   return study
 

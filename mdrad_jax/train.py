@@ -33,6 +33,8 @@ from mdrad_jax import train_step as step_lib
 from mdrad_jax import validation
 from mdrad_jax import workdir as workdir_lib
 from mdrad_jax.errors import Interrupted, UserError
+# The in-training evaluation (pad_batch: kept here for compatibility).
+from mdrad_jax.evaluation import evaluate_model, pad_batch  # noqa: F401
 from mdrad_jax.preemption import StopOnSignal
 from mdrad_jax.progress import MetricsWriter, progress_bar, log
 from mdrad_jax.train_state import TrainState, split_variables
@@ -132,59 +134,6 @@ def write_cost(workdir: str, *, flops_per_step: float | None, total_steps: int, 
   with open(path + ".tmp", "w") as f:
     json.dump(d, f, indent=2)
   os.replace(path + ".tmp", path)
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation during training.
-# ---------------------------------------------------------------------------------------------
-def evaluate_model(eval_step, variables, loader, mesh, *, batch_size: int, key,
-                   num_batches: int | None = None) -> dict:
-  """Accuracy (and PGD accuracy when the step has an attack) over an eval loader; pads the last batch.
-
-  With several processes each reads its own shard, whose sizes may differ by one example; ``num_batches``
-  (the most batches any process has) makes every process run the same number of steps, the missing ones
-  fully masked, so that none waits forever on a collective the others never start.
-  """
-  totals: dict[str, float] = {}
-  local = batch_size // jax.process_count()
-  template = None
-  batches = iter(loader)
-  i = 0
-  while True:
-    batch = next(batches, None)
-    if batch is None:
-      if num_batches is None or i >= num_batches or template is None:
-        break
-      batch = {k: v[:0] for k, v in template.items()}  # nothing left here: an all-padding batch
-    elif template is None:
-      template = batch
-    batch = pad_batch(batch, local)
-    out = eval_step(variables, parallel.shard_batch(batch, mesh), jax.random.fold_in(key, i))
-    i += 1
-    for k, v in parallel.to_host(out).items():
-      totals[k] = totals.get(k, 0.0) + float(v)
-  n = max(totals.get("count", 0.0), 1.0)
-  res = {"accuracy": totals.get("correct", 0.0) / n, "num_examples": int(totals.get("count", 0))}
-  if "robust" in totals:
-    res["pgd_accuracy"] = totals["robust"] / n
-    res["clean_pgd_mean"] = (res["accuracy"] + res["pgd_accuracy"]) / 2
-  return res
-
-
-def pad_batch(batch: dict, size: int) -> dict:
-  n = batch["label"].shape[0]
-  mask = np.ones((size,), bool)
-  if n == size:
-    return {**batch, "mask": mask}
-  if n > size:
-    raise ValueError(f"batch of {n} examples is larger than the eval batch size {size}")
-  out = {}
-  for k, v in batch.items():
-    pad = np.zeros((size - n, *v.shape[1:]), v.dtype)
-    out[k] = np.concatenate([v, pad])
-  mask[n:] = False
-  out["mask"] = mask
-  return out
 
 
 # ---------------------------------------------------------------------------------------------

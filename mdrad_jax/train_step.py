@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from mdrad_jax import attacks
+from mdrad_jax import evaluation
 from mdrad_jax.methods import Method
 from mdrad_jax.train_state import TrainState
 
@@ -208,21 +209,25 @@ def make_train_step(*, model: nn.Module, method: Method, hparams: dict, attack: 
 def make_eval_step(model: nn.Module, *, pgd: AttackConfig | None = None):
   """``(variables, batch, key) -> dict`` of per-batch counts: correct (clean) and, with ``pgd``, robust.
 
-  ``batch`` may carry a boolean ``mask`` (padding of the last batch); counts ignore masked-out rows.
+  ``batch`` may carry a boolean ``mask`` (padding of the last batch); counts ignore masked-out rows.  Both
+  counts come from the evaluation job's batch evaluator (``evaluation.batch_correct``); the PGD attack is
+  ``pgd.num_steps`` cross-entropy steps of ``pgd.step_size`` from the ``pgd.init`` start.
   """
-  def logits_fn(variables, xx):
-    return model.apply(variables, xx, train=False).astype(jnp.float32)
+  attack = None
+  if pgd is not None and pgd.num_steps > 0:
+    attack = evaluation.Attack("pgd", "PGD", loss="ce", steps=pgd.num_steps, init=pgd.init)
 
   def step(variables, batch, key):
+    def logits_fn(xx):
+      return model.apply(variables, xx, train=False).astype(jnp.float32)
+
     x, y = batch["image"], batch["label"]
     mask = batch.get("mask", jnp.ones(y.shape, bool))
-    correct = (jnp.argmax(logits_fn(variables, x), -1) == y) & mask
+    correct = evaluation.batch_correct(evaluation.BY_NAME["clean"], logits_fn, x, y, mask, None)
     out = {"correct": jnp.sum(correct), "count": jnp.sum(mask)}
-    if pgd is not None and pgd.num_steps > 0:
-      objective = attacks.ce_objective(lambda xa, aux: (logits_fn(variables, xa), aux), y)
-      x_adv, _ = attacks.pgd_linf(objective, x, key, eps=pgd.eps, step_size=pgd.step_size,
-                                  num_steps=pgd.num_steps, init=pgd.init, unroll=pgd.unroll)
-      robust = (jnp.argmax(logits_fn(variables, x_adv), -1) == y) & mask
+    if attack is not None:
+      robust = evaluation.batch_correct(attack, logits_fn, x, y, mask, key, eps=pgd.eps, step_size=pgd.step_size,
+                                        unroll=pgd.unroll)
       out["robust"] = jnp.sum(robust)
     return out
 

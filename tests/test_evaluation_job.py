@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mdrad_jax import checkpointing, config_lib, data, evaluation_job, runs, train
+from mdrad_jax import checkpointing, config_lib, data, evaluation_job, gradient_masking, runs, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPS = 0.03
@@ -232,15 +232,15 @@ def test_masking_flag_rules_on_given_numbers():
     return {"num_examples": 100, "attacks": {k: {"accuracy": v} for k, v in acc.items()},
             "autoattack_stages": [], "eps_sweep": None, "square_alone": None}
 
-  assert evaluation_job.masking_flags(rep(clean=0.9, fgsm=0.5, pgd20=0.45, autoattack=0.40)) == []
-  flags = evaluation_job.masking_flags(rep(clean=0.9, fgsm=0.5, pgd20=0.55, autoattack=0.40))
+  assert gradient_masking.masking_flags(rep(clean=0.9, fgsm=0.5, pgd20=0.45, autoattack=0.40)) == []
+  flags = gradient_masking.masking_flags(rep(clean=0.9, fgsm=0.5, pgd20=0.55, autoattack=0.40))
   assert [(f["check"], f["attack"]) for f in flags] == [("b", "pgd20"), ("d", "autoattack")]
   r = rep(clean=0.9)
   r["autoattack_stages"] = [{"attack": "clean", "flips": None}, {"attack": "apgd-ce", "flips": 30},
                             {"attack": "square", "flips": 5}]
   r["eps_sweep"] = {"attack": "pgd20", "points": [{"eps": 0.0, "accuracy": 0.9}, {"eps": 0.1, "accuracy": 0.5},
                                                   {"eps": 0.2, "accuracy": 0.6}]}
-  flags = evaluation_job.masking_flags(r)
+  flags = gradient_masking.masking_flags(r)
   assert [(f["check"], f["attack"]) for f in flags] == [("a", "square"), ("c", "pgd20")]
   assert "Square flipped 5 of 100" in flags[0]["reason"]
 
@@ -250,7 +250,7 @@ def test_masking_flag_rules_on_given_numbers():
     r["square_alone"] = {"n": 100, "accuracy": 0.60, "correct": 60, "white_box_on_same_points": {
         "pgd20": {"accuracy": wb_correct / 100, "correct": wb_correct, "square_broke_white_box_survivors": b,
                   "white_box_broke_square_survivors": 60 - (wb_correct - b)}}}
-    return evaluation_job.masking_flags(r)
+    return gradient_masking.masking_flags(r)
 
   assert square(62, 2) == []
   flagged = square(66, 6)
@@ -265,11 +265,11 @@ def test_masking_flag_rules_on_given_numbers():
                "white_box_broke_square_survivors": 0},
       "pgd20": {"accuracy": 0.41, "correct": 41, "square_broke_white_box_survivors": 3,
                 "white_box_broke_square_survivors": 2}}}
-  assert evaluation_job.masking_flags(r) == []
+  assert gradient_masking.masking_flags(r) == []
   r["square_alone"]["white_box_on_same_points"]["cw"] = {
       "accuracy": 0.70, "correct": 70, "square_broke_white_box_survivors": 30, "white_box_broke_square_survivors": 0}
-  assert [(f["check"], f["attack"]) for f in evaluation_job.masking_flags(r)] == [("a", "cw")]
-  assert evaluation_job.sign_test_p(3, 0) == 0.125 and evaluation_job.sign_test_p(0, 0) == 1.0
+  assert [(f["check"], f["attack"]) for f in gradient_masking.masking_flags(r)] == [("a", "cw")]
+  assert gradient_masking.sign_test_p(3, 0) == 0.125 and gradient_masking.sign_test_p(0, 0) == 1.0
 
 
 def test_config_arguments():

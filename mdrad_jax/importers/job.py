@@ -23,9 +23,9 @@ import optax
 
 from mdrad_jax import checkpointing
 from mdrad_jax import data as data_lib
+from mdrad_jax import evaluation
 from mdrad_jax import models
 from mdrad_jax import parallel
-from mdrad_jax import train
 from mdrad_jax import train_step as step_lib
 from mdrad_jax import workdir as workdir_lib
 from mdrad_jax.errors import UserError
@@ -104,9 +104,9 @@ def clean_accuracy(module, variables, config, info) -> dict:
     n = min(n, ev.num_examples)
   per_process = -(-n // jax.process_count())
   step = step_lib.jit_eval_step(step_lib.make_eval_step(module), mesh)
-  return train.evaluate_model(step, parallel.replicate(variables, mesh), loader, mesh,
-                              batch_size=config.eval_batch_size, key=jax.random.key(0),
-                              num_batches=-(-per_process // (config.eval_batch_size // jax.process_count())))
+  return evaluation.evaluate_model(step, parallel.replicate(variables, mesh), loader, mesh,
+                                   batch_size=config.eval_batch_size, key=jax.random.key(0),
+                                   num_batches=-(-per_process // (config.eval_batch_size // jax.process_count())))
 
 
 def run(config, workdir: str) -> dict:
