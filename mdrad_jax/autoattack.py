@@ -781,6 +781,18 @@ class AutoAttackResult:
     return f"{self.label}: robust accuracy {self.robust_accuracy:.2%} ({steps})"
 
 
+def standard_params(n_classes: int) -> dict[str, dict[str, Any]]:
+  """The standard version's parameters of every attack (the reference's ``version='standard'`` for L∞): 9 target
+  classes, or all but the true one with fewer than 10 classes."""
+  n_targets = max(min(9, n_classes - 1), 1)
+  return {
+      "apgd-ce": dict(n_iter=100, n_restarts=1, rho=0.75),
+      "apgd-t": dict(n_iter=100, n_target_classes=n_targets, n_restarts=1, rho=0.75),
+      "fab-t": dict(n_iter=100, n_target_classes=n_targets, alpha_max=0.1, eta=1.05, beta=0.9),
+      "square": dict(n_queries=5000, p_init=0.8),
+  }
+
+
 def autoattack(logits_fn: LogitsFn, x, y, *, eps: float, version: str = "standard", seed: int = 0,
                batch_size: int = 500, progress: bool = True, overrides: Mapping[str, Mapping[str, Any]] | None = None,
                jit: Callable = jax.jit, only: Sequence[str] | None = None,
@@ -806,7 +818,6 @@ def autoattack(logits_fn: LogitsFn, x, y, *, eps: float, version: str = "standar
   _check_inputs(x, y, eps)
   n = x.shape[0]
   n_classes = _num_classes(logits_fn, jnp.zeros((1,) + x.shape[1:], jnp.float32))
-  n_targets = max(min(9, n_classes - 1), 1)
   attacks = STANDARD_ATTACKS if version == "standard" else APGD_SUBSET_ATTACKS
   if only is not None:
     if isinstance(only, str) or not only or set(only) - set(attacks):
@@ -814,12 +825,7 @@ def autoattack(logits_fn: LogitsFn, x, y, *, eps: float, version: str = "standar
     attacks = tuple(a for a in attacks if a in set(only))
   if n_classes < 4 and "apgd-t" in attacks:
     raise ValueError(f"AutoAttack's targeted DLR loss needs at least 4 classes, the model has {n_classes}")
-  params = {
-      "apgd-ce": dict(n_iter=100, n_restarts=1, rho=0.75),
-      "apgd-t": dict(n_iter=100, n_target_classes=n_targets, n_restarts=1, rho=0.75),
-      "fab-t": dict(n_iter=100, n_target_classes=n_targets, alpha_max=0.1, eta=1.05, beta=0.9),
-      "square": dict(n_queries=5000, p_init=0.8),
-  }
+  params = standard_params(n_classes)
   params = {k: params[k] for k in attacks}
   label = VERSION_LABELS[version]
   if only is not None:

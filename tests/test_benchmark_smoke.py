@@ -135,3 +135,24 @@ def test_autoattack_benchmark_tiny_configuration(tmp_path):
     assert len(ref) == 2 and res["logit_max_diff"] < 1e-4
     assert len(res["summary"]["same_outcome_points"]) == 2
     assert "reference time / library time" in proc.stdout
+
+
+def test_autoattack_cost_on_paper(capsys):
+  """Passes per point follow the standard parameters (hand count), and the totals follow from them."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("aa_cost", os.path.join(REPO, "benchmarks", "autoattack_cost.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  # 10 classes: APGD-CE 100 steps + its start, APGD-T 9 targets x (100 + 1), FAB-T 9 x 100, Square 5000 queries
+  assert mod.passes_per_point(10) == {"apgd-ce": ("grad", 101), "apgd-t": ("grad", 909),
+                                      "fab-t": ("grad", 900), "square": ("fwd", 5000)}
+  assert mod.passes_per_point(5)["apgd-t"] == ("grad", 4 * 101)  # all classes but the true one
+  f, g = mod.model_flops("tiny_cnn", num_classes=10, image_shape=(8, 8, 3), batch=2)
+  assert 0 < f < g < 4 * f  # an input gradient costs about one more forward
+  assert mod.main(["--models", "tiny_cnn", "--image-shape", "8,8,3", "--batch", "2", "--points", "100",
+                   "--clean", "1", "--robust", "1", "--tflops", "1"]) == 0
+  row = [x for x in capsys.readouterr().out.splitlines() if x.startswith("| tiny_cnn |")][0].split("|")
+  worst, typical = float(row[4]), float(row[5])
+  assert worst == typical  # every point robust: the assumed case is the worst case
+  expected = 100 * (f + (101 + 909 + 900) * g + 5000 * f) / 1e15
+  assert abs(worst - expected) <= 5e-3 * expected  # printed to 3 significant digits
