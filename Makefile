@@ -21,6 +21,7 @@ demo: setup
 # The default test run (what CI runs).
 test: setup
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q -m "not slow" tests
 
 # Everything, longer end-to-end checks included.

@@ -10,6 +10,7 @@ Exit status: 0 done; 2 bad input (a flag, a config value, a file, a workdir in u
 ``error: ...`` line; 128 + the signal number when SIGINT/SIGTERM stopped a run after checkpointing (one
 ``interrupted: ...`` line).  Any other exception is a bug and keeps its traceback.  See docs/failures.md.
 """
+
 import ast
 import os
 import sys
@@ -25,8 +26,7 @@ from mdrad_jax import runtime
 
 FLAGS = flags.FLAGS
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config.json, metrics, checkpoints, results.")
-config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:args]).",
-                                lock_config=True)
+config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:args]).", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -84,8 +84,11 @@ def cli(argv, stderr=None) -> int:
     if error is not None:
       print(f"error: bad command line: {_unloadable_config(argv)}", file=stderr)
     else:
-      print(f"error: bad command line: get_config() of the --config file returned "
-            f"{type(config).__name__}, expected an ml_collections.ConfigDict", file=stderr)
+      print(
+        f"error: bad command line: get_config() of the --config file returned "
+        f"{type(config).__name__}, expected an ml_collections.ConfigDict",
+        file=stderr,
+      )
     return 2
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   runtime.configure_compilation_cache()

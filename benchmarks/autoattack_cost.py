@@ -14,6 +14,7 @@ Divide by what a machine sustains to get its time: ``--tflops`` lists sustained 
 Usage: ``python benchmarks/autoattack_cost.py [--models resnet18,wrn34_10] [--clean 0.85] [--robust 0.55]
 [--points 10000] [--tflops 20,100,400]``
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,10 +38,10 @@ def passes_per_point(n_classes: int) -> dict[str, tuple[str, int]]:
   p = autoattack.standard_params(n_classes)
   ce, t, fab, sq = p["apgd-ce"], p["apgd-t"], p["fab-t"], p["square"]
   return {
-      "apgd-ce": ("grad", ce["n_restarts"] * (ce["n_iter"] + 1)),
-      "apgd-t": ("grad", t["n_target_classes"] * t["n_restarts"] * (t["n_iter"] + 1)),
-      "fab-t": ("grad", fab["n_target_classes"] * fab["n_iter"]),
-      "square": ("fwd", sq["n_queries"]),
+    "apgd-ce": ("grad", ce["n_restarts"] * (ce["n_iter"] + 1)),
+    "apgd-t": ("grad", t["n_target_classes"] * t["n_restarts"] * (t["n_iter"] + 1)),
+    "fab-t": ("grad", fab["n_target_classes"] * fab["n_iter"]),
+    "square": ("fwd", sq["n_queries"]),
   }
 
 
@@ -86,8 +87,10 @@ def main(argv=None) -> int:
   share = {"apgd-ce": a.clean, "apgd-t": a.robust, "fab-t": a.robust, "square": a.robust}
   print(f"# Standard AutoAttack on {a.points} points of shape {shape}, {a.num_classes} classes: cost on paper")
   print(f"command: python benchmarks/autoattack_cost.py {' '.join(argv if argv is not None else sys.argv[1:])}")
-  print(f"FLOPs from XLA's cost analysis (jax {jax.__version__}, {jax.default_backend()}, {platform.machine()}); "
-        f"accuracies assumed: clean {a.clean:.2f}, robust {a.robust:.2f}")
+  print(
+    f"FLOPs from XLA's cost analysis (jax {jax.__version__}, {jax.default_backend()}, {platform.machine()}); "
+    f"accuracies assumed: clean {a.clean:.2f}, robust {a.robust:.2f}"
+  )
   print("passes per attacked point: " + ", ".join(f"{k} {n} x {kind}" for k, (kind, n) in passes.items()))
   print()
   head = ["model", "fwd GFLOP/img", "fwd+grad GFLOP/img", "PFLOP (worst case)", "PFLOP (assumed accuracies)"]

@@ -23,6 +23,7 @@ Needs the benchmark extras (``pip install -e '.[bench]'``: torch 2.13.0 and pyau
 dependencies of its own); ``--reference off`` runs the library alone without them.  Without a checkpoint (``--model``) the network has
 random weights and the images are random: enough to exercise the code, not a robustness measurement.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -112,8 +113,13 @@ def build_networks(args):
     info = data_lib.dataset_info(dataset)
     x, y = data_lib.load_arrays(dataset, info.test_split, num_examples=args.num_examples)
     eps = args.eps or float(run_cfg["attack"]["eps"])
-    desc = dict(checkpoint=os.path.abspath(args.checkpoint), step=step, dataset=dataset, split=info.test_split,
-                model=run_cfg["model"])
+    desc = dict(
+      checkpoint=os.path.abspath(args.checkpoint),
+      step=step,
+      dataset=dataset,
+      split=info.test_split,
+      model=run_cfg["model"],
+    )
     return model, variables, dict(run_cfg["model"].get("kwargs", {}) or {}), info.num_classes, x, y, eps, desc
   shape = (args.image_size, args.image_size, args.channels)
   model = models_lib.get_model(args.model, num_classes=args.num_classes)
@@ -132,6 +138,7 @@ def build_networks(args):
 def load_module(path: str):
   """Another version of ``mdrad_jax/autoattack.py`` (e.g. ``git show REV:mdrad_jax/autoattack.py > old.py``)."""
   import importlib.util
+
   spec = importlib.util.spec_from_file_location("autoattack_other", path)
   mod = importlib.util.module_from_spec(spec)
   sys.modules[spec.name] = mod
@@ -141,12 +148,19 @@ def load_module(path: str):
 
 def run_library(logits_fn, x, y, *, eps, batch_size, overrides, seed, module=aa):
   t0 = time.perf_counter()
-  res = module.autoattack(logits_fn, x, y, eps=eps, version="standard", seed=seed, batch_size=batch_size,
-                      progress=False, overrides=overrides)
+  res = module.autoattack(
+    logits_fn, x, y, eps=eps, version="standard", seed=seed, batch_size=batch_size, progress=False, overrides=overrides
+  )
   total = time.perf_counter() - t0
-  return dict(seconds=total, stage_seconds=dict(getattr(res, "seconds", {})), robust=res.robust.copy(),
-              robust_after=dict(res.robust_after), attacked=dict(res.attacked), broken_by=res.broken_by.copy(),
-              x_adv_rows=res.x_adv.reshape(len(res.x_adv), -1))
+  return dict(
+    seconds=total,
+    stage_seconds=dict(getattr(res, "seconds", {})),
+    robust=res.robust.copy(),
+    robust_after=dict(res.robust_after),
+    attacked=dict(res.attacked),
+    broken_by=res.broken_by.copy(),
+    x_adv_rows=res.x_adv.reshape(len(res.x_adv), -1),
+  )
 
 
 class _StageLog(logging.Handler):
@@ -168,8 +182,12 @@ def run_reference(net, x, y, *, eps, batch_size, overrides, seed, device="cpu"):
 
   adversary = AutoAttack(net, norm="Linf", eps=eps, version="standard", device=device, seed=seed)
   for name, upd in overrides.items():
-    attack = {"apgd-ce": adversary.apgd, "apgd-t": adversary.apgd_targeted, "fab-t": adversary.fab,
-              "square": adversary.square}[name]
+    attack = {
+      "apgd-ce": adversary.apgd,
+      "apgd-t": adversary.apgd_targeted,
+      "fab-t": adversary.fab,
+      "square": adversary.square,
+    }[name]
     for k, v in upd.items():
       setattr(attack, k, v)
   handler = _StageLog()
@@ -200,31 +218,41 @@ def run_reference(net, x, y, *, eps, batch_size, overrides, seed, device="cpu"):
 
 def _parse_overrides(text: str) -> dict:
   from mdrad_jax import evaluation_job
+
   return evaluation_job.parse_overrides(text)
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--checkpoint", default="", help="a training workdir (tiny_cnn or small_cnn)")
   p.add_argument("--model", default="tiny_cnn", help="without --checkpoint: random weights of this model")
   p.add_argument("--image-size", type=int, default=8)
   p.add_argument("--channels", type=int, default=1)
   p.add_argument("--num-classes", type=int, default=10)
   p.add_argument("--num-examples", type=int, default=355)
-  p.add_argument("--eps", type=float, default=0.0,
-                 help="0 = the trained run's (0.1 with random weights); a tiny eps (1e-4) breaks no point, so "
-                      "every attack runs all its iterations: the cost of points that stay robust")
+  p.add_argument(
+    "--eps",
+    type=float,
+    default=0.0,
+    help="0 = the trained run's (0.1 with random weights); a tiny eps (1e-4) breaks no point, so "
+    "every attack runs all its iterations: the cost of points that stay robust",
+  )
   p.add_argument("--batch-size", type=int, default=500)
   p.add_argument("--repeats", type=int, default=1)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--overrides", default="", help="e.g. 'square.n_queries=1000' (both implementations)")
   p.add_argument("--reference", choices=("on", "off"), default="on")
-  p.add_argument("--against-module", default="",
-                 help="instead of the reference: another version of mdrad_jax/autoattack.py (a file), to time a "
-                      "change; per-point outcomes (broken_by) and bit-identical x_adv rows are compared")
-  p.add_argument("--torch-threads", type=int, default=0,
-                 help="torch.set_num_threads (0 = one per core this process may run on)")
+  p.add_argument(
+    "--against-module",
+    default="",
+    help="instead of the reference: another version of mdrad_jax/autoattack.py (a file), to time a "
+    "change; per-point outcomes (broken_by) and bit-identical x_adv rows are compared",
+  )
+  p.add_argument(
+    "--torch-threads", type=int, default=0, help="torch.set_num_threads (0 = one per core this process may run on)"
+  )
   p.add_argument("--json", default="")
   args = p.parse_args(argv)
 
@@ -234,10 +262,12 @@ def main(argv=None) -> int:
   logits_fn = evaluation.logits_fn_from_model(model, variables)
   overrides = _parse_overrides(args.overrides)
   print(f"command: {' '.join(sys.argv)}")
-  print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs "
-        f"({len(os.sched_getaffinity(0))} usable by this process), JAX on "
-        f"{jax.devices()[0].platform}; jax {jax.__version__}; {len(y)} points, eps {eps:.5g}, "
-        f"batch {args.batch_size}")
+  print(
+    f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs "
+    f"({len(os.sched_getaffinity(0))} usable by this process), JAX on "
+    f"{jax.devices()[0].platform}; jax {jax.__version__}; {len(y)} points, eps {eps:.5g}, "
+    f"batch {args.batch_size}"
+  )
   versions = dict(jax=jax.__version__, python=platform.python_version())
   logit_diff = None
   other = load_module(args.against_module) if args.against_module else None
@@ -245,6 +275,7 @@ def main(argv=None) -> int:
     args.reference = "off"
   if args.reference == "on":
     import torch
+
     torch.set_num_threads(args.torch_threads or len(os.sched_getaffinity(0)))
     versions["torch"] = torch.__version__
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -254,8 +285,10 @@ def main(argv=None) -> int:
     zj = np.asarray(jax.jit(logits_fn)(jnp.asarray(x)))
     logit_diff = float(np.max(np.abs(zt - zj)))
     same_pred = int(np.sum(np.argmax(zt, 1) == np.argmax(zj, 1)))
-    print(f"PyTorch copy: torch {torch.__version__} ({torch.get_num_threads()} threads), max |logit difference| "
-          f"{logit_diff:.2e}, same prediction on {same_pred}/{len(y)} points")
+    print(
+      f"PyTorch copy: torch {torch.__version__} ({torch.get_num_threads()} threads), max |logit difference| "
+      f"{logit_diff:.2e}, same prediction on {same_pred}/{len(y)} points"
+    )
     if same_pred != len(y) or logit_diff > 1e-3 * max(1.0, float(np.max(np.abs(zj)))):
       raise ValueError(f"the PyTorch copy does not compute the JAX network (max logit difference {logit_diff})")
 
@@ -273,17 +306,35 @@ def main(argv=None) -> int:
         mod._predict_kernel.cache_clear()
       before = load_average()
       if impl in ("library", "other"):
-        out = run_library(logits_fn, x, y, eps=eps, batch_size=args.batch_size, overrides=overrides,
-                          seed=args.seed, module=aa if impl == "library" else other)
+        out = run_library(
+          logits_fn,
+          x,
+          y,
+          eps=eps,
+          batch_size=args.batch_size,
+          overrides=overrides,
+          seed=args.seed,
+          module=aa if impl == "library" else other,
+        )
       else:
-        out = run_reference(net, x, y, eps=eps, batch_size=args.batch_size, overrides=overrides,
-                            seed=args.seed, device=device)
-      out.update(attacked=out.get("attacked", {}), impl=impl, repeat=r, load_before=before, load_after=load_average(),
-                 includes_compile=(impl in ("library", "other") and r == 0))
+        out = run_reference(
+          net, x, y, eps=eps, batch_size=args.batch_size, overrides=overrides, seed=args.seed, device=device
+        )
+      out.update(
+        attacked=out.get("attacked", {}),
+        impl=impl,
+        repeat=r,
+        load_before=before,
+        load_after=load_average(),
+        includes_compile=(impl in ("library", "other") and r == 0),
+      )
       runs.append(out)
       stages = ", ".join(f"{k} {v:.1f}" for k, v in out["stage_seconds"].items())
-      print(f"repeat {r} {impl:9s}: {out['seconds']:8.1f} s  robust {int(out['robust'].sum())}/{len(y)}  "
-            f"[{stages}]  load {before} -> {out['load_after']}", flush=True)
+      print(
+        f"repeat {r} {impl:9s}: {out['seconds']:8.1f} s  robust {int(out['robust'].sum())}/{len(y)}  "
+        f"[{stages}]  load {before} -> {out['load_after']}",
+        flush=True,
+      )
 
   summary = {}
   lib = [u for u in runs if u["impl"] == "library"]
@@ -295,25 +346,46 @@ def main(argv=None) -> int:
     bits = [int(np.sum(np.all(a["x_adv_rows"] == b["x_adv_rows"], axis=1))) for a, b in zip(lib, oth)]
     summary = dict(ratio_other_over_library=ratios, same_broken_by=same, bit_identical_x_adv_rows=bits, n=len(y))
     print(f"other version time / library time per repeat: {', '.join(f'{v:.2f}' for v in ratios)}")
-    print(f"same broken_by: {', '.join(f'{v}/{len(y)}' for v in same)}; bit-identical x_adv rows: "
-          f"{', '.join(f'{v}/{len(y)}' for v in bits)}")
+    print(
+      f"same broken_by: {', '.join(f'{v}/{len(y)}' for v in same)}; bit-identical x_adv rows: "
+      f"{', '.join(f'{v}/{len(y)}' for v in bits)}"
+    )
   if ref:
     ratios = [b["seconds"] / a["seconds"] for a, b in zip(lib, ref)]
     warm = [b["seconds"] / a["seconds"] for a, b in zip(lib, ref) if not a["includes_compile"]]
     agree = [int(np.sum(a["robust"] == b["robust"])) for a, b in zip(lib, ref)]
-    summary = dict(ratio_reference_over_library=ratios, ratio_median=statistics.median(ratios),
-                   ratio_without_compile_median=statistics.median(warm) if warm else None,
-                   same_outcome_points=agree, n=len(y))
-    print(f"reference time / library time per repeat: {', '.join(f'{v:.2f}' for v in ratios)} "
-          f"(first includes the library's compilation)")
+    summary = dict(
+      ratio_reference_over_library=ratios,
+      ratio_median=statistics.median(ratios),
+      ratio_without_compile_median=statistics.median(warm) if warm else None,
+      same_outcome_points=agree,
+      n=len(y),
+    )
+    print(
+      f"reference time / library time per repeat: {', '.join(f'{v:.2f}' for v in ratios)} "
+      f"(first includes the library's compilation)"
+    )
     print(f"same per-point outcome: {', '.join(f'{v}/{len(y)}' for v in agree)}")
   if args.json:
-    out = dict(command=sys.argv, description=desc, eps=eps, batch_size=args.batch_size,
-               overrides=overrides, logit_max_diff=logit_diff, versions=versions,
-               platform=jax.devices()[0].platform,
-               runs=[{**{k: v for k, v in u.items() if k != "x_adv_rows"}, "robust": u["robust"].astype(int).tolist(),
-                      **({"broken_by": u["broken_by"].tolist()} if "broken_by" in u else {})} for u in runs],
-               summary=summary)
+    out = dict(
+      command=sys.argv,
+      description=desc,
+      eps=eps,
+      batch_size=args.batch_size,
+      overrides=overrides,
+      logit_max_diff=logit_diff,
+      versions=versions,
+      platform=jax.devices()[0].platform,
+      runs=[
+        {
+          **{k: v for k, v in u.items() if k != "x_adv_rows"},
+          "robust": u["robust"].astype(int).tolist(),
+          **({"broken_by": u["broken_by"].tolist()} if "broken_by" in u else {}),
+        }
+        for u in runs
+      ],
+      summary=summary,
+    )
     with open(args.json, "w") as f:
       json.dump(out, f, indent=1)
   return 0

@@ -12,6 +12,7 @@ time (the textbook count, the same for both).
 
   .venv/bin/python benchmarks/bench_conv.py --json benchmarks/results/conv_kernels.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,14 +28,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # (name, batch, height/width, in channels, out channels): the stride-1 3x3 convolutions of the students.
 LAYERS = (
-    ("small_cnn conv1", 128, 32, 3, 32),
-    ("small_cnn conv2", 128, 16, 32, 64),
-    ("small_cnn conv3", 128, 8, 64, 128),
-    ("resnet18 stem", 32, 32, 3, 64),
-    ("resnet18 stage1", 32, 32, 64, 64),
-    ("resnet18 stage2", 32, 16, 128, 128),
-    ("resnet18 stage3", 32, 8, 256, 256),
-    ("resnet18 stage4", 32, 4, 512, 512),
+  ("small_cnn conv1", 128, 32, 3, 32),
+  ("small_cnn conv2", 128, 16, 32, 64),
+  ("small_cnn conv3", 128, 8, 64, 128),
+  ("resnet18 stem", 32, 32, 3, 64),
+  ("resnet18 stage1", 32, 32, 64, 64),
+  ("resnet18 stage2", 32, 16, 128, 128),
+  ("resnet18 stage3", 32, 8, 256, 256),
+  ("resnet18 stage4", 32, 4, 512, 512),
 )
 KERNELS = ("forward", "input_grad", "weight_grad")
 
@@ -68,10 +69,12 @@ def _layers(names: str):
 def child_jax(dtype: str, warmup: int, reps: int, layers) -> dict:
   sys.path.insert(0, os.path.dirname(HERE))
   from mdrad_jax import xla_flags
+
   xla_flags.apply_defaults()  # the library's defaults, as in the train step
   import jax
   import jax.numpy as jnp
   import numpy as np
+
   dt = jnp.dtype(dtype)
   out = {}
   rng = np.random.default_rng(0)
@@ -91,12 +94,12 @@ def child_jax(dtype: str, warmup: int, reps: int, layers) -> dict:
       c = f.lower(*args).compile()
       res[k] = _time(lambda c=c, args=args: jax.block_until_ready(c(*args)), warmup, reps)
     out[name] = res
-  return {"framework": "jax", "version": jax.__version__, "flags": os.environ.get("XLA_FLAGS", ""),
-          "results": out}
+  return {"framework": "jax", "version": jax.__version__, "flags": os.environ.get("XLA_FLAGS", ""), "results": out}
 
 
 def child_torch(dtype: str, warmup: int, reps: int, channels_last: bool, layers) -> dict:
   import torch
+
   dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
   torch.manual_seed(0)
   out = {}
@@ -107,13 +110,18 @@ def child_torch(dtype: str, warmup: int, reps: int, channels_last: bool, layers)
       w = (torch.randn(cout, cin, 3, 3) * 0.1).to(dt).contiguous(memory_format=fmt)
       g = torch.randn(n, cout, hw, hw, dtype=dt).contiguous(memory_format=fmt)
       res = {
-          "forward": _time(lambda: torch.nn.functional.conv2d(x, w, padding=1), warmup, reps),
-          "input_grad": _time(lambda: torch.nn.grad.conv2d_input(x.shape, w, g, padding=1), warmup, reps),
-          "weight_grad": _time(lambda: torch.nn.grad.conv2d_weight(x, w.shape, g, padding=1), warmup, reps),
+        "forward": _time(lambda: torch.nn.functional.conv2d(x, w, padding=1), warmup, reps),
+        "input_grad": _time(lambda: torch.nn.grad.conv2d_input(x.shape, w, g, padding=1), warmup, reps),
+        "weight_grad": _time(lambda: torch.nn.grad.conv2d_weight(x, w.shape, g, padding=1), warmup, reps),
       }
       out[name] = res
-  return {"framework": "torch", "version": torch.__version__, "threads": torch.get_num_threads(),
-          "channels_last": channels_last, "results": out}
+  return {
+    "framework": "torch",
+    "version": torch.__version__,
+    "threads": torch.get_num_threads(),
+    "channels_last": channels_last,
+    "results": out,
+  }
 
 
 def main(argv=None) -> int:
@@ -130,8 +138,11 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   if args.child:
     layers = _layers(args.layers)
-    res = (child_jax(args.dtype, args.warmup, args.reps, layers) if args.child == "jax"
-           else child_torch(args.dtype, args.warmup, args.reps, args.torch_channels_last, layers))
+    res = (
+      child_jax(args.dtype, args.warmup, args.reps, layers)
+      if args.child == "jax"
+      else child_torch(args.dtype, args.warmup, args.reps, args.torch_channels_last, layers)
+    )
     print(json.dumps(res))
     return 0
 
@@ -147,9 +158,20 @@ def main(argv=None) -> int:
   runs = {}
   for dtype in args.dtypes.split(","):
     for fw in frameworks:
-      c = [sys.executable, __file__, "--child", fw, "--dtype", dtype, "--warmup", str(args.warmup),
-           "--reps", str(args.reps), "--layers", args.layers] + (
-               ["--torch-channels-last"] if args.torch_channels_last else [])
+      c = [
+        sys.executable,
+        __file__,
+        "--child",
+        fw,
+        "--dtype",
+        dtype,
+        "--warmup",
+        str(args.warmup),
+        "--reps",
+        str(args.reps),
+        "--layers",
+        args.layers,
+      ] + (["--torch-channels-last"] if args.torch_channels_last else [])
       proc = subprocess.run(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       if proc.returncode != 0:
         print(f"error: {fw} {dtype} child failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
@@ -158,8 +180,10 @@ def main(argv=None) -> int:
   print(f"load average at end: {[round(v, 2) for v in os.getloadavg()]}")
   print("versions: " + ", ".join(sorted({f"{k[0]} {v['version']}" for k, v in runs.items()})))
   print()
-  print("| layer | N | HxW | Cin->Cout | dtype | kernel | XLA ms | torch ms | XLA GFLOP/s | torch GFLOP/s | "
-        "torch time / XLA time |")
+  print(
+    "| layer | N | HxW | Cin->Cout | dtype | kernel | XLA ms | torch ms | XLA GFLOP/s | torch GFLOP/s | "
+    "torch time / XLA time |"
+  )
   print("|---|---|---|---|---|---|---:|---:|---:|---:|---:|")
   rows = []
   for dtype in args.dtypes.split(","):
@@ -170,15 +194,41 @@ def main(argv=None) -> int:
         tt = runs[("torch", dtype)]["results"][name][k] if ("torch", dtype) in runs else None
         gj = f / tj / 1e9 if tj else None
         gt = f / tt / 1e9 if tt else None
-        rows.append({"layer": name, "batch": n, "hw": hw, "cin": cin, "cout": cout, "dtype": dtype, "kernel": k,
-                     "xla_s": tj, "torch_s": tt, "xla_gflops": gj, "torch_gflops": gt})
-        cells = [f"{tj * 1e3:.2f}" if tj else "-", f"{tt * 1e3:.2f}" if tt else "-",
-                 f"{gj:.0f}" if gj else "-", f"{gt:.0f}" if gt else "-", f"{tt / tj:.2f}" if tj and tt else "-"]
+        rows.append(
+          {
+            "layer": name,
+            "batch": n,
+            "hw": hw,
+            "cin": cin,
+            "cout": cout,
+            "dtype": dtype,
+            "kernel": k,
+            "xla_s": tj,
+            "torch_s": tt,
+            "xla_gflops": gj,
+            "torch_gflops": gt,
+          }
+        )
+        cells = [
+          f"{tj * 1e3:.2f}" if tj else "-",
+          f"{tt * 1e3:.2f}" if tt else "-",
+          f"{gj:.0f}" if gj else "-",
+          f"{gt:.0f}" if gt else "-",
+          f"{tt / tj:.2f}" if tj and tt else "-",
+        ]
         print(f"| {name} | {n} | {hw}x{hw} | {cin}->{cout} | {dtype} | {k} | " + " | ".join(cells) + " |")
   if args.json:
     with open(args.json, "w") as fh:
-      json.dump({"command": cmd, "machine": platform.processor(), "rows": rows,
-                 "children": {f"{k[0]}:{k[1]}": v for k, v in runs.items()}}, fh, indent=1)
+      json.dump(
+        {
+          "command": cmd,
+          "machine": platform.processor(),
+          "rows": rows,
+          "children": {f"{k[0]}:{k[1]}": v for k, v in runs.items()},
+        },
+        fh,
+        indent=1,
+      )
   return 0
 
 

@@ -34,6 +34,7 @@ flags are per case.  The load average is recorded before and after every child.
 Models are initialised with the library's initialiser distributions drawn by NumPy (no compile of the random
 initialisers, which costs minutes on a CPU); ``--real-init`` uses ``mdrad_jax.models.init_model`` instead.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,17 +59,18 @@ CONFIGS = ("resnet18:32", "resnet18:128", "small_cnn:128")
 # feature-map sizes, each reachable from the student's last feature map by the projector's average pooling or
 # identity); single-teacher methods (AdaAD, RSLAD) take the first.
 TEACHER_SETS = {
-    # ResNet-18 student (4x4x512 features): the CIFAR teachers of the multi-teacher literature.
-    "resnet18": [["resnet18", {}], ["vgg16_bn", {}], ["mobilenet_v2", {}]],
-    # small_cnn student (8x8x128): a wider small CNN (8x8x256), a deeper one (4x4x256) and an MLP (1x1x256).
-    "small_cnn": [["small_cnn", {"widths": [64, 128, 256]}],
-                  ["small_cnn", {"widths": [32, 64, 128, 256], "convs_per_stage": 2}],
-                  ["mlp", {"hidden": [256, 256]}]],
-    # the GPU benchmark (benchmarks/gpu.sh): a WRN-34-10 and two smaller standard teachers, ResNet-18 student
-    "wrn34_10": [["wrn34_10", {}], ["resnet18", {}], ["mobilenet_v2", {}]],
-    # tiny_cnn student (smoke tests, 8x8 inputs)
-    "tiny_cnn": [["tiny_cnn", {"widths": [16, 32]}], ["mlp", {"hidden": [32]}],
-                 ["tiny_cnn", {"widths": [8, 16]}]],
+  # ResNet-18 student (4x4x512 features): the CIFAR teachers of the multi-teacher literature.
+  "resnet18": [["resnet18", {}], ["vgg16_bn", {}], ["mobilenet_v2", {}]],
+  # small_cnn student (8x8x128): a wider small CNN (8x8x256), a deeper one (4x4x256) and an MLP (1x1x256).
+  "small_cnn": [
+    ["small_cnn", {"widths": [64, 128, 256]}],
+    ["small_cnn", {"widths": [32, 64, 128, 256], "convs_per_stage": 2}],
+    ["mlp", {"hidden": [256, 256]}],
+  ],
+  # the GPU benchmark (benchmarks/gpu.sh): a WRN-34-10 and two smaller standard teachers, ResNet-18 student
+  "wrn34_10": [["wrn34_10", {}], ["resnet18", {}], ["mobilenet_v2", {}]],
+  # tiny_cnn student (smoke tests, 8x8 inputs)
+  "tiny_cnn": [["tiny_cnn", {"widths": [16, 32]}], ["mlp", {"hidden": [32]}], ["tiny_cnn", {"widths": [8, 16]}]],
 }
 
 
@@ -85,13 +87,19 @@ def _csv(s: str) -> list[str]:
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--methods", type=_csv, default=list(METHODS), help="comma-separated method names")
-  p.add_argument("--configs", type=_csv, default=list(CONFIGS),
-                 help="comma-separated student:batch cases, e.g. resnet18:32,small_cnn:128")
-  p.add_argument("--teacher-set", default="", help="teacher set name (default: the student model's); one "
-                 f"of {sorted(TEACHER_SETS)}")
+  p.add_argument(
+    "--configs",
+    type=_csv,
+    default=list(CONFIGS),
+    help="comma-separated student:batch cases, e.g. resnet18:32,small_cnn:128",
+  )
+  p.add_argument(
+    "--teacher-set", default="", help=f"teacher set name (default: the student model's); one of {sorted(TEACHER_SETS)}"
+  )
   p.add_argument("--image-size", type=int, default=32)
   p.add_argument("--channels", type=int, default=3)
   p.add_argument("--num-classes", type=int, default=10)
@@ -100,34 +108,64 @@ def parse_args(argv=None):
   p.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
   p.add_argument("--unroll", type=_csv, default=["true"], help="attack loop variants: true,false")
   p.add_argument("--donate", type=_csv, default=["true"], help="state donation variants: true,false")
-  p.add_argument("--student-kwargs", action="append", default=None, metavar="JSON",
-                 help="student model option variant, repeatable, e.g. '{\"max_pool\": \"reduce_window\"}' "
-                      "('{}' = the defaults)")
-  p.add_argument("--jax-dtypes", type=_csv, default=["float32"],
-                 help="JAX compute dtype variants: float32,bfloat16 (bfloat16 = config.model.dtype and "
-                      "config.teacher_dtype; parameters and optimizer state stay float32)")
-  p.add_argument("--xla-variant", action="append", default=None, metavar="SPEC",
-                 help="XLA flag variant, repeatable: 'default' (the library's defaults, mdrad_jax/xla_flags.py), "
-                      "'none' (MDRAD_NO_DEFAULT_XLA_FLAGS=1) or literal flags, e.g. "
-                      "'--xla_cpu_experimental_ynn_fusion_type=-individual_convolution' (added to the "
-                      "defaults; a flag given here wins over a default of the same name)")
-  p.add_argument("--torch", choices=("auto", "on", "off"), default="auto",
-                 help="PyTorch reference: auto = when torch is installed")
-  p.add_argument("--torch-dtypes", type=_csv, default=["fp32", "bf16"],
-                 help="reference variants: fp32, bf16 (autocast), each optionally +compile (torch.compile of "
-                      "every network), e.g. fp32,bf16,fp32+compile,bf16+compile")
-  p.add_argument("--peak-tflops", type=float, default=0.0,
-                 help="the chip's peak (e.g. dense bfloat16 TFLOP/s from its data sheet): adds model FLOP "
-                      "utilisation, the method's necessary FLOPs / step time / this peak, for every row")
+  p.add_argument(
+    "--student-kwargs",
+    action="append",
+    default=None,
+    metavar="JSON",
+    help="student model option variant, repeatable, e.g. '{\"max_pool\": \"reduce_window\"}' ('{}' = the defaults)",
+  )
+  p.add_argument(
+    "--jax-dtypes",
+    type=_csv,
+    default=["float32"],
+    help="JAX compute dtype variants: float32,bfloat16 (bfloat16 = config.model.dtype and "
+    "config.teacher_dtype; parameters and optimizer state stay float32)",
+  )
+  p.add_argument(
+    "--xla-variant",
+    action="append",
+    default=None,
+    metavar="SPEC",
+    help="XLA flag variant, repeatable: 'default' (the library's defaults, mdrad_jax/xla_flags.py), "
+    "'none' (MDRAD_NO_DEFAULT_XLA_FLAGS=1) or literal flags, e.g. "
+    "'--xla_cpu_experimental_ynn_fusion_type=-individual_convolution' (added to the "
+    "defaults; a flag given here wins over a default of the same name)",
+  )
+  p.add_argument(
+    "--torch", choices=("auto", "on", "off"), default="auto", help="PyTorch reference: auto = when torch is installed"
+  )
+  p.add_argument(
+    "--torch-dtypes",
+    type=_csv,
+    default=["fp32", "bf16"],
+    help="reference variants: fp32, bf16 (autocast), each optionally +compile (torch.compile of "
+    "every network), e.g. fp32,bf16,fp32+compile,bf16+compile",
+  )
+  p.add_argument(
+    "--peak-tflops",
+    type=float,
+    default=0.0,
+    help="the chip's peak (e.g. dense bfloat16 TFLOP/s from its data sheet): adds model FLOP "
+    "utilisation, the method's necessary FLOPs / step time / this peak, for every row",
+  )
   p.add_argument("--torch-channels-last", action="store_true", help="NHWC memory format in the reference")
   p.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (0 = torch's default)")
-  p.add_argument("--torch-count-flops", type=_bool, default=True,
-                 help="one extra untimed reference step under torch.utils.flop_counter")
+  p.add_argument(
+    "--torch-count-flops",
+    type=_bool,
+    default=True,
+    help="one extra untimed reference step under torch.utils.flop_counter",
+  )
   p.add_argument("--necessary", type=_bool, default=True, help="measure the necessary FLOPs (compiles the parts)")
   p.add_argument("--matmul-size", type=int, default=0, help="peak matmul n (0: 2048 on CPU, 8192 otherwise)")
   p.add_argument("--real-init", action="store_true", help="initialise with mdrad_jax.models.init_model")
-  p.add_argument("--repeats", type=int, default=1,
-                 help="run every case's children this many times, interleaved (medians of the repeats)")
+  p.add_argument(
+    "--repeats",
+    type=int,
+    default=1,
+    help="run every case's children this many times, interleaved (medians of the repeats)",
+  )
   p.add_argument("--json", default="", help="write all results to this JSON file")
   p.add_argument("--child-timeout", type=float, default=3600.0)
   p.add_argument("--quiet", action="store_true", help="do not echo the children's output")
@@ -166,10 +204,14 @@ def machine_info() -> dict:
   except (OSError, ValueError, IndexError):
     pass
   return {
-      "host": platform.node(), "platform": platform.platform(), "cpu": cpu_model(),
-      "cpu_count": os.cpu_count(), "memory_bytes": mem, "python": platform.python_version(),
-      "versions": {k: _version(k) for k in ("jax", "jaxlib", "flax", "optax", "numpy", "torch")},
-      "env_XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+    "host": platform.node(),
+    "platform": platform.platform(),
+    "cpu": cpu_model(),
+    "cpu_count": os.cpu_count(),
+    "memory_bytes": mem,
+    "python": platform.python_version(),
+    "versions": {k: _version(k) for k in ("jax", "jaxlib", "flax", "optax", "numpy", "torch")},
+    "env_XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
   }
 
 
@@ -217,6 +259,7 @@ def _reset_peak_rss() -> bool:
 
 def _peak_rss_bytes() -> int:
   import resource
+
   return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
 
 
@@ -224,8 +267,7 @@ def num_teachers_for(method, available: int) -> int:
   hi = method.max_teachers
   k = available if hi is None else min(hi, available)
   if k < method.min_teachers:
-    raise ValueError(f"method {method.name!r} needs at least {method.min_teachers} teachers, the set has "
-                     f"{available}")
+    raise ValueError(f"method {method.name!r} needs at least {method.min_teachers} teachers, the set has {available}")
   return k
 
 
@@ -244,6 +286,7 @@ def fast_init(model, rng, input_shape):
   import jax
   import jax.numpy as jnp
   import numpy as np
+
   shape = tuple(int(s) for s in input_shape)
   if len(shape) == 3:
     shape = (1,) + shape
@@ -282,12 +325,14 @@ def _flops(compiled) -> float | None:
 
 def _cost(fn, *args) -> float | None:
   import jax
+
   return _flops(jax.jit(fn).lower(*args).compile())
 
 
 def measure_peak_matmul(n: int, reps: int = 5) -> dict:
   import jax
   import jax.numpy as jnp
+
   a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
   b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32)
   f = jax.jit(jnp.matmul)
@@ -298,11 +343,10 @@ def measure_peak_matmul(n: int, reps: int = 5) -> dict:
     f(a, b).block_until_ready()
     times.append(time.perf_counter() - t)
   med = statistics.median(times)
-  return {"n": n, "median_s": med, "flops_per_s": 2.0 * n ** 3 / med}
+  return {"n": n, "median_s": med, "flops_per_s": 2.0 * n**3 / med}
 
 
-def views_with_gradient(*, method, hparams, plan, state, teacher_models, teacher_vars, projectors, model, x,
-                        y) -> set:
+def views_with_gradient(*, method, hparams, plan, state, teacher_models, teacher_vars, projectors, model, x, y) -> set:
   """The student views whose logits (or projected features) the method's loss depends on: the gradient of the
   loss with respect to them, at random values, is not identically zero."""
   import jax
@@ -315,25 +359,42 @@ def views_with_gradient(*, method, hparams, plan, state, teacher_models, teacher
   def rnd(shape):
     return jnp.asarray(rng.standard_normal(shape), jnp.float32)
 
-  logits_shape = jax.eval_shape(lambda: model.apply(
-      {"params": state.params["model"], **({"batch_stats": state.batch_stats["model"]}
-                                           if state.batch_stats.get("model") else {})}, x, train=False)).shape
+  logits_shape = jax.eval_shape(
+    lambda: model.apply(
+      {
+        "params": state.params["model"],
+        **({"batch_stats": state.batch_stats["model"]} if state.batch_stats.get("model") else {}),
+      },
+      x,
+      train=False,
+    )
+  ).shape
   t_clean_on = [("clean" in v) or plan.teacher_features for v in plan.teacher_views]
   t_adv_on = [("adv" in v) for v in plan.teacher_views]
   t_clean = tuple(rnd(logits_shape) if on else None for on in t_clean_on)
   t_adv = tuple(rnd(logits_shape) if on else None for on in t_adv_on)
   feats = None
   if plan.teacher_features:
-    shapes = [jax.eval_shape(lambda tm=tm, tv=tv: tm.apply(tv, x, train=False, return_features=True))[1]["last"].shape
-              for tm, tv in zip(teacher_models, teacher_vars)]
+    shapes = [
+      jax.eval_shape(lambda tm=tm, tv=tv: tm.apply(tv, x, train=False, return_features=True))[1]["last"].shape
+      for tm, tv in zip(teacher_models, teacher_vars)
+    ]
     feats = tuple(rnd(s) for s in shapes)
   views = {v: rnd(logits_shape) for v in plan.student_views}
   projected = tuple(rnd(f.shape) for f in feats) if (plan.student_features and feats) else None
 
   def loss(views, projected):
-    out = ts.StepOutputs(labels=jnp.asarray(y), student_adv=views.get("adv"), student_clean=views.get("clean"),
-                         projected=projected, teacher_clean=t_clean, teacher_adv=t_adv,
-                         teacher_clean_features=feats, epoch=jnp.zeros((), jnp.float32), lr_scale=1.0)
+    out = ts.StepOutputs(
+      labels=jnp.asarray(y),
+      student_adv=views.get("adv"),
+      student_clean=views.get("clean"),
+      projected=projected,
+      teacher_clean=t_clean,
+      teacher_adv=t_adv,
+      teacher_clean_features=feats,
+      epoch=jnp.zeros((), jnp.float32),
+      lr_scale=1.0,
+    )
     return method.loss(out, state.method_state, hparams)[0]
 
   g_views, g_proj = jax.jit(jax.grad(loss, argnums=(0, 1)))(views, projected)
@@ -343,8 +404,9 @@ def views_with_gradient(*, method, hparams, plan, state, teacher_models, teacher
   return need
 
 
-def necessary_flops(*, method, hparams, plan, attack, model, state, teacher_models, teacher_vars, projectors,
-                    x, y) -> dict:
+def necessary_flops(
+  *, method, hparams, plan, attack, model, state, teacher_models, teacher_vars, projectors, x, y
+) -> dict:
   """Cost analysis of each part of the work the method needs; returns parts and their total."""
   import jax
   import jax.numpy as jnp
@@ -365,9 +427,11 @@ def necessary_flops(*, method, hparams, plan, attack, model, state, teacher_mode
     n_views = int(t_clean_on[i]) + int(t_adv_on[i])
     if n_views:
       feat = plan.teacher_features and t_clean_on[i]
-      f = _cost(lambda v, xx, tm=tm, feat=feat: tm.apply(v, xx, train=False,
-                                                          **({"return_features": True} if feat else {})),
-                tv, x)
+      f = _cost(
+        lambda v, xx, tm=tm, feat=feat: tm.apply(v, xx, train=False, **({"return_features": True} if feat else {})),
+        tv,
+        x,
+      )
       parts[f"teacher{i}_forward x{n_views}"] = n_views * f
 
   # attack: one student forward + input gradient per step (and the teachers' when the objective uses them)
@@ -381,6 +445,7 @@ def necessary_flops(*, method, hparams, plan, attack, model, state, teacher_mode
         else:
           logits = model.apply(variables(p, s), xa, train=False)
         return losses.cross_entropy(logits, yy, reduction="sum")
+
       return jax.grad(obj)(xx)
 
     per_step = _cost(student_input_grad, params_m, stats_m, x, y)
@@ -391,24 +456,36 @@ def necessary_flops(*, method, hparams, plan, attack, model, state, teacher_mode
         parts[f"teacher{i}_forward+input_grad x{attack.num_steps}"] = attack.num_steps * tg
     if method.name == "trades":  # its objective needs S(x) once
       parts["student_forward (trades clean target)"] = _cost(
-          lambda p, s, xx: model.apply(variables(p, s), xx, train=False), params_m, stats_m, x)
+        lambda p, s, xx: model.apply(variables(p, s), xx, train=False), params_m, stats_m, x
+      )
 
   # outer: one student forward + backward (train mode) per view whose output the loss depends on; a forward
   # alone for a view that only moves BatchNorm statistics
-  grad_views = views_with_gradient(method=method, hparams=hparams, plan=plan, state=state,
-                                   teacher_models=teacher_models, teacher_vars=teacher_vars,
-                                   projectors=projectors, model=model, x=x, y=y)
+  grad_views = views_with_gradient(
+    method=method,
+    hparams=hparams,
+    plan=plan,
+    state=state,
+    teacher_models=teacher_models,
+    teacher_vars=teacher_vars,
+    projectors=projectors,
+    model=model,
+    x=x,
+    y=y,
+  )
   for view in plan.student_views:
     feat = plan.student_features and view == plan.feature_view
 
     def fwd_bwd(p, s, xx, feat=feat):
       def f(pp):
-        out, _ = model.apply(variables(pp, s), xx, train=True, mutable=["batch_stats"],
-                             **({"return_features": True} if feat else {}))
+        out, _ = model.apply(
+          variables(pp, s), xx, train=True, mutable=["batch_stats"], **({"return_features": True} if feat else {})
+        )
         if feat:
           logits, feats = out
           return jnp.sum(logits) + jnp.sum(feats["last"])
         return jnp.sum(out)
+
       return jax.grad(f)(p)
 
     def fwd_only(p, s, xx):
@@ -421,18 +498,21 @@ def necessary_flops(*, method, hparams, plan, attack, model, state, teacher_mode
 
   # feature projectors: forward + backward (parameters and input)
   if plan.student_features and projectors:
-    _, s_feats = jax.eval_shape(lambda: model.apply(variables(params_m, stats_m), x, train=False,
-                                                    return_features=True))
+    _, s_feats = jax.eval_shape(lambda: model.apply(variables(params_m, stats_m), x, train=False, return_features=True))
     fmap = jnp.zeros(s_feats["last"].shape, jnp.float32)
-    pvars = [(state.params["projectors"][str(i)], state.batch_stats["projectors"].get(str(i), {}))
-             for i in range(len(projectors))]
+    pvars = [
+      (state.params["projectors"][str(i)], state.batch_stats["projectors"].get(str(i), {}))
+      for i in range(len(projectors))
+    ]
 
     def proj_grads(pv, f):  # every projector's forward + backward (parameters and input), one compile
       grads = []
       for proj, (p, s) in zip(projectors, pv):
+
         def g(p_and_f, proj=proj, s=s):
           out, _ = proj.apply(variables(p_and_f[0], s), p_and_f[1], train=True, mutable=["batch_stats"])
           return jnp.sum(out)
+
         grads.append(jax.grad(g)((p, f)))
       return grads
 
@@ -455,6 +535,7 @@ def run_child(spec: dict) -> dict:
     os.environ["MDRAD_NO_DEFAULT_XLA_FLAGS"] = "1"
   sys.path.insert(0, REPO)
   from mdrad_jax import xla_flags
+
   xla_flags.apply_defaults()
   extra = spec.get("xla_extra", "")
   if extra:  # flags given for this variant win over defaults of the same name
@@ -468,8 +549,12 @@ def run_child(spec: dict) -> dict:
   from mdrad_jax import config_lib, methods, models, parallel, train
   from mdrad_jax import train_step as ts
 
-  out: dict = {"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
-               "num_devices": jax.device_count(), "xla_flags": xla_flags_used}
+  out: dict = {
+    "backend": jax.default_backend(),
+    "device": str(jax.devices()[0].device_kind),
+    "num_devices": jax.device_count(),
+    "xla_flags": xla_flags_used,
+  }
   n_img, c = spec["image_size"], spec["channels"]
   shape = (n_img, n_img, c)
   ncls = spec["num_classes"]
@@ -498,25 +583,39 @@ def run_child(spec: dict) -> dict:
   model = models.get_model(spec["model"], num_classes=ncls, **dkw, **spec.get("student_kwargs", {}))
   steps_per_epoch = 1000
   state, step, projs, _, attack = train.build_train_step(
-      cfg, model=model, method=method, image_shape=shape, teacher_modules=tmods, teacher_vars=tvars,
-      steps_per_epoch=steps_per_epoch, init=init)
+    cfg,
+    model=model,
+    method=method,
+    image_shape=shape,
+    teacher_modules=tmods,
+    teacher_vars=tvars,
+    steps_per_epoch=steps_per_epoch,
+    init=init,
+  )
   hparams = dict(cfg.method)
   plan = method.plan(hparams, k)
   mesh = parallel.create_mesh()
   rng = np.random.default_rng(0)
-  host_batch = {"image": rng.uniform(0, 1, (batch_size, *shape)).astype(np.float32),
-                "label": rng.integers(0, ncls, batch_size).astype(np.int32)}
+  host_batch = {
+    "image": rng.uniform(0, 1, (batch_size, *shape)).astype(np.float32),
+    "label": rng.integers(0, ncls, batch_size).astype(np.int32),
+  }
   state = parallel.replicate(state, mesh)
   tvars = parallel.replicate(tvars, mesh)
   batch = parallel.shard_batch(host_batch, mesh)
   out["setup_s"] = time.perf_counter() - t_setup
-  out["param_counts"] = {"student": models.count_params(state.params["model"]),
-                         "teachers": [models.count_params(v) for v in tvars],
-                         "projectors": [models.count_params(p) for p in state.params["projectors"].values()]}
+  out["param_counts"] = {
+    "student": models.count_params(state.params["model"]),
+    "teachers": [models.count_params(v) for v in tvars],
+    "projectors": [models.count_params(p) for p in state.params["projectors"].values()],
+  }
   out["teachers"] = [[n, kw] for n, kw in tset[:k]]
   out["attack"] = attack._asdict()
-  out["plan"] = {"student_views": list(plan.student_views), "teacher_views": [list(v) for v in plan.teacher_views],
-                 "features": bool(plan.student_features)}
+  out["plan"] = {
+    "student_views": list(plan.student_views),
+    "teacher_views": [list(v) for v in plan.teacher_views],
+    "features": bool(plan.student_features),
+  }
   out["rss_before_compile_bytes"] = _rss_bytes()
 
   jitted = ts.jit_train_step(step, mesh, donate=bool(spec["donate"]))
@@ -530,9 +629,17 @@ def run_child(spec: dict) -> dict:
   out["peak_rss_through_compile_bytes"] = _status_bytes("VmHWM")
   try:
     ma = compiled.memory_analysis()
-    out["xla_memory"] = {k: int(getattr(ma, k)) for k in (
-        "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
-        "generated_code_size_in_bytes") if hasattr(ma, k)}
+    out["xla_memory"] = {
+      k: int(getattr(ma, k))
+      for k in (
+        "argument_size_in_bytes",
+        "output_size_in_bytes",
+        "alias_size_in_bytes",
+        "temp_size_in_bytes",
+        "generated_code_size_in_bytes",
+      )
+      if hasattr(ma, k)
+    }
   except Exception:  # noqa: BLE001 - not every backend reports it
     out["xla_memory"] = None
   # from here on the peak RSS mark covers running the step only (not the compiler's memory)
@@ -567,9 +674,19 @@ def run_child(spec: dict) -> dict:
   if spec["necessary"]:
     host_state = jax.tree.map(np.asarray, state)
     host_tvars = jax.tree.map(np.asarray, tvars)
-    nec = necessary_flops(method=method, hparams=hparams, plan=plan, attack=attack, model=model,
-                          state=host_state, teacher_models=tmods, teacher_vars=host_tvars, projectors=projs,
-                          x=host_batch["image"], y=host_batch["label"])
+    nec = necessary_flops(
+      method=method,
+      hparams=hparams,
+      plan=plan,
+      attack=attack,
+      model=model,
+      state=host_state,
+      teacher_models=tmods,
+      teacher_vars=host_tvars,
+      projectors=projs,
+      x=host_batch["image"],
+      y=host_batch["label"],
+    )
     out["necessary_flops"] = nec
     out["useful_flops_per_s"] = nec["total"] / med
     if out["step_flops_xla"]:
@@ -583,8 +700,9 @@ def run_child(spec: dict) -> dict:
 # Parent: cases, children, report.
 # ---------------------------------------------------------------------------------------------
 def _run_process(cmd, env, timeout, quiet) -> tuple[int, str]:
-  proc = subprocess.run(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                        timeout=timeout)
+  proc = subprocess.run(
+    cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
+  )
   if not quiet and proc.stdout.strip():
     sys.stdout.write("".join("    | " + ln + "\n" for ln in proc.stdout.strip().splitlines()[-20:]))
   return proc.returncode, proc.stdout
@@ -676,22 +794,31 @@ def main(argv=None) -> int:
     return 0
 
   info = machine_info()
-  cmdline = " ".join([os.path.relpath(sys.executable, REPO) if sys.executable.startswith(REPO) else sys.executable,
-                      os.path.relpath(os.path.abspath(__file__), os.getcwd()), *sys.argv[1:]])
+  cmdline = " ".join(
+    [
+      os.path.relpath(sys.executable, REPO) if sys.executable.startswith(REPO) else sys.executable,
+      os.path.relpath(os.path.abspath(__file__), os.getcwd()),
+      *sys.argv[1:],
+    ]
+  )
   have_torch = importlib.util.find_spec("torch") is not None
   use_torch = args.torch == "on" or (args.torch == "auto" and have_torch)
   if args.torch == "on" and not have_torch:
     print("error: --torch on but torch is not installed (pip install -e '.[bench]')", file=sys.stderr)
     return 2
   print(f"command: {cmdline}")
-  print(f"machine: {info['cpu']}, {info['cpu_count']} CPUs, "
-        f"{_fmt(info['memory_bytes'] and info['memory_bytes'] / 2**30, '{:.0f}')} GiB; {info['platform']}")
-  print("versions: python " + info["python"] + ", " +
-        ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v))
+  print(
+    f"machine: {info['cpu']}, {info['cpu_count']} CPUs, "
+    f"{_fmt(info['memory_bytes'] and info['memory_bytes'] / 2**30, '{:.0f}')} GiB; {info['platform']}"
+  )
+  print("versions: python " + info["python"] + ", " + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v))
   print(f"load average at start: {loadavg()}")
   if not use_torch:
-    print("PyTorch reference: skipped (" + ("--torch off" if args.torch == "off" else
-                                            "torch is not installed; pip install -e '.[bench]'") + ")")
+    print(
+      "PyTorch reference: skipped ("
+      + ("--torch off" if args.torch == "off" else "torch is not installed; pip install -e '.[bench]'")
+      + ")"
+    )
 
   cases = []
   for cfg in args.configs:
@@ -716,11 +843,23 @@ def main(argv=None) -> int:
     tset = args.teacher_set or model
     if tset not in TEACHER_SETS:
       raise SystemExit(f"no teacher set for {model!r}; give --teacher-set (one of {sorted(TEACHER_SETS)})")
-    base = dict(method=method, model=model, batch=batch, teacher_set=tset, image_size=args.image_size,
-                channels=args.channels, num_classes=args.num_classes, pgd_steps=args.pgd_steps,
-                steps=args.steps, warmup=args.warmup, necessary=args.necessary,
-                matmul_size=args.matmul_size, real_init=args.real_init, teachers=TEACHER_SETS[tset],
-                count_flops=args.torch_count_flops)
+    base = dict(
+      method=method,
+      model=model,
+      batch=batch,
+      teacher_set=tset,
+      image_size=args.image_size,
+      channels=args.channels,
+      num_classes=args.num_classes,
+      pgd_steps=args.pgd_steps,
+      steps=args.steps,
+      warmup=args.warmup,
+      necessary=args.necessary,
+      matmul_size=args.matmul_size,
+      real_init=args.real_init,
+      teachers=TEACHER_SETS[tset],
+      count_flops=args.torch_count_flops,
+    )
     variants = []
     for xv in xla_variants(args):
       for un in args.unroll:
@@ -729,11 +868,28 @@ def main(argv=None) -> int:
             if dt not in ("float32", "bfloat16"):
               raise SystemExit(f"--jax-dtypes entries are float32 or bfloat16, got {dt!r}")
             for skw in student_kwargs:
-              name = (f"jax[{xv['name']}" + ("" if _bool(un) else ",rolled") + ("" if _bool(dn) else ",no-donate")
-                      + ("" if dt == "float32" else ",bf16")
-                      + "".join(f",{k}={v}" for k, v in sorted(skw.items())) + "]")
-              variants.append((name, dict(base, unroll=_bool(un), donate=_bool(dn), xla_mode=xv["xla_mode"],
-                                          xla_extra=xv["xla_extra"], dtype=dt, student_kwargs=skw)))
+              name = (
+                f"jax[{xv['name']}"
+                + ("" if _bool(un) else ",rolled")
+                + ("" if _bool(dn) else ",no-donate")
+                + ("" if dt == "float32" else ",bf16")
+                + "".join(f",{k}={v}" for k, v in sorted(skw.items()))
+                + "]"
+              )
+              variants.append(
+                (
+                  name,
+                  dict(
+                    base,
+                    unroll=_bool(un),
+                    donate=_bool(dn),
+                    xla_mode=xv["xla_mode"],
+                    xla_extra=xv["xla_extra"],
+                    dtype=dt,
+                    student_kwargs=skw,
+                  ),
+                )
+              )
     torch_variants = [(f"torch[{d}]", d) for d in args.torch_dtypes] if use_torch else []
     runs: dict[str, list] = {name: [] for name, _ in variants + torch_variants}
     for rep in range(args.repeats):
@@ -749,8 +905,7 @@ def main(argv=None) -> int:
         _print_line(name, runs[name][-1])
     summary = {name: summarise(rs) for name, rs in runs.items()}
     check_reference(summary)
-    results.append({"method": method, "model": model, "batch": batch, "variants": summary,
-                    "runs": runs})
+    results.append({"method": method, "model": model, "batch": batch, "variants": summary, "runs": runs})
     if args.json:  # after every case, so that an interrupted run keeps what it measured
       write_json(args.json, cmdline, info, use_torch, results)
 
@@ -760,8 +915,7 @@ def main(argv=None) -> int:
   if args.json:
     write_json(args.json, cmdline, info, use_torch, results, load_end=loadavg())
     print(f"wrote {args.json}")
-  failed = [(r["method"], r["model"], r["batch"], n) for r in results for n, v in r["variants"].items()
-            if "error" in v]
+  failed = [(r["method"], r["model"], r["batch"], n) for r in results for n, v in r["variants"].items() if "error" in v]
   if failed:
     print(f"FAILED: {failed}", file=sys.stderr)
     return 1
@@ -771,8 +925,19 @@ def main(argv=None) -> int:
 def write_json(path, cmdline, info, use_torch, results, load_end=None) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path + ".tmp", "w") as f:
-    json.dump({"command": cmdline, "machine": info, "torch_reference": use_torch, "load_at_end": load_end,
-               "complete": load_end is not None, "results": results}, f, indent=1, default=str)
+    json.dump(
+      {
+        "command": cmdline,
+        "machine": info,
+        "torch_reference": use_torch,
+        "load_at_end": load_end,
+        "complete": load_end is not None,
+        "results": results,
+      },
+      f,
+      indent=1,
+      default=str,
+    )
   os.replace(path + ".tmp", path)
 
 
@@ -787,22 +952,28 @@ def check_reference(summary: dict) -> None:
       continue
     same_params = s.get("param_counts") == ref.get("param_counts")
     same_plan = s.get("plan") == ref.get("plan")
-    same_attack = all(s["attack"].get(k) == ref["attack"].get(k, True if k == "clip_start" else None)
-                      for k in ("init", "bn_mode", "num_steps", "clip_start"))
+    same_attack = all(
+      s["attack"].get(k) == ref["attack"].get(k, True if k == "clip_start" else None)
+      for k in ("init", "bn_mode", "num_steps", "clip_start")
+    )
     s["same_as_jax"] = {"param_counts": same_params, "plan": same_plan, "attack": same_attack}
     if not (same_params and same_plan and same_attack):
-      print(f"    WARNING {name} differs from the JAX step: params {s.get('param_counts')} vs "
-            f"{ref.get('param_counts')}, plan {s.get('plan')} vs {ref.get('plan')}, attack {s.get('attack')} vs "
-            f"{ref.get('attack')}")
+      print(
+        f"    WARNING {name} differs from the JAX step: params {s.get('param_counts')} vs "
+        f"{ref.get('param_counts')}, plan {s.get('plan')} vs {ref.get('plan')}, attack {s.get('attack')} vs "
+        f"{ref.get('attack')}"
+      )
 
 
 def _print_line(name, r):
   if "error" in r:
     print(f"    {name}: ERROR {r['error']}")
     return
-  print(f"    {name}: step {r['step_median_s']:.4f} s (median of {len(r['step_times_s'])}), "
-        f"{r['batch'] / r['step_median_s']:.1f} img/s, compile {_fmt(r.get('compile_s'), '{:.1f}')} s, "
-        f"peak RSS {_steps_rss(r) / 2**20:.0f} MiB, load {r['load_before']} -> {r['load_after']}")
+  print(
+    f"    {name}: step {r['step_median_s']:.4f} s (median of {len(r['step_times_s'])}), "
+    f"{r['batch'] / r['step_median_s']:.1f} img/s, compile {_fmt(r.get('compile_s'), '{:.1f}')} s, "
+    f"peak RSS {_steps_rss(r) / 2**20:.0f} MiB, load {r['load_before']} -> {r['load_after']}"
+  )
 
 
 def _steps_rss(r):
@@ -810,15 +981,38 @@ def _steps_rss(r):
 
 
 def print_table(results, peak_tflops: float = 0.0):
-  head = ("method", "student", "batch", "variant", "compile s", "step s", "min s", "img/s", "peak RSS MiB", "XLA temp MiB",
-          "GFLOP step", "GFLOP needed", "ratio", "useful GFLOP/s", "% matmul peak", "x vs torch fp32",
-          "x vs torch bf16", "MFU %")
+  head = (
+    "method",
+    "student",
+    "batch",
+    "variant",
+    "compile s",
+    "step s",
+    "min s",
+    "img/s",
+    "peak RSS MiB",
+    "XLA temp MiB",
+    "GFLOP step",
+    "GFLOP needed",
+    "ratio",
+    "useful GFLOP/s",
+    "% matmul peak",
+    "x vs torch fp32",
+    "x vs torch bf16",
+    "MFU %",
+  )
   rows = []
   peak_chip = peak_tflops * 1e12
   for res in results:
     v = res["variants"]
-    nec_case = next(((s.get("necessary_flops") or {}).get("total") for s in v.values()
-                     if (s.get("necessary_flops") or {}).get("total")), None)
+    nec_case = next(
+      (
+        (s.get("necessary_flops") or {}).get("total")
+        for s in v.values()
+        if (s.get("necessary_flops") or {}).get("total")
+      ),
+      None,
+    )
     t32 = v.get("torch[fp32]", {}).get("step_median_s")
     t16 = v.get("torch[bf16]", {}).get("step_median_s")
     for name, s in v.items():
@@ -831,24 +1025,38 @@ def print_table(results, peak_tflops: float = 0.0):
       useful = s.get("useful_flops_per_s")
       peak = s.get("peak_matmul_flops_per_s")
       is_jax = name.startswith("jax")
-      rows.append((
-          res["method"], res["model"], res["batch"], name, _fmt(s.get("compile_s"), "{:.1f}"),
-          _fmt(med, "{:.4f}"), _fmt(min(s["step_times_s"]), "{:.4f}"), _fmt(res["batch"] / med, "{:.1f}"), _fmt(_steps_rss(s) / 2**20, "{:.0f}"),
+      rows.append(
+        (
+          res["method"],
+          res["model"],
+          res["batch"],
+          name,
+          _fmt(s.get("compile_s"), "{:.1f}"),
+          _fmt(med, "{:.4f}"),
+          _fmt(min(s["step_times_s"]), "{:.4f}"),
+          _fmt(res["batch"] / med, "{:.1f}"),
+          _fmt(_steps_rss(s) / 2**20, "{:.0f}"),
           _fmt((s.get("xla_memory") or {}).get("temp_size_in_bytes", 0) / 2**20 or None, "{:.0f}"),
-          _fmt(step_f and step_f / 1e9, "{:.2f}"), _fmt(nec and nec / 1e9, "{:.2f}"),
-          _fmt(s.get("flops_ratio"), "{:.3f}"), _fmt(useful and useful / 1e9, "{:.1f}"),
+          _fmt(step_f and step_f / 1e9, "{:.2f}"),
+          _fmt(nec and nec / 1e9, "{:.2f}"),
+          _fmt(s.get("flops_ratio"), "{:.3f}"),
+          _fmt(useful and useful / 1e9, "{:.1f}"),
           _fmt(useful and peak and 100 * useful / peak, "{:.0f}"),
           _fmt(t32 / med if (is_jax and t32) else None, "{:.2f}"),
           _fmt(t16 / med if (is_jax and t16) else None, "{:.2f}"),
-          _fmt(100 * nec_case / med / peak_chip if (nec_case and peak_chip) else None, "{:.1f}")))
+          _fmt(100 * nec_case / med / peak_chip if (nec_case and peak_chip) else None, "{:.1f}"),
+        )
+      )
   widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(head)] if rows else []
   print(" | ".join(str(h).ljust(w) for h, w in zip(head, widths)))
   print("-+-".join("-" * w for w in widths))
   for r in rows:
     print(" | ".join(str(c).ljust(w) for c, w in zip(r, widths)))
-  print("step s: median step time (median of the repeats' medians); min s: fastest timed step.  peak RSS: while running the steps (JAX: after compiling).  x vs torch: torch step time / JAX step time "
-        "(> 1: JAX faster), same invocation.  ratio: XLA step FLOPs / necessary FLOPs.  useful GFLOP/s: necessary FLOPs / step time; % of the float32 matmul peak measured "
-        "in the same child.  MFU %: the case's necessary FLOPs / step time / --peak-tflops (the same work for every row).")
+  print(
+    "step s: median step time (median of the repeats' medians); min s: fastest timed step.  peak RSS: while running the steps (JAX: after compiling).  x vs torch: torch step time / JAX step time "
+    "(> 1: JAX faster), same invocation.  ratio: XLA step FLOPs / necessary FLOPs.  useful GFLOP/s: necessary FLOPs / step time; % of the float32 matmul peak measured "
+    "in the same child.  MFU %: the case's necessary FLOPs / step time / --peak-tflops (the same work for every row)."
+  )
   for res in results:
     for name, s in res["variants"].items():
       if s.get("necessary_flops"):

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Markdown tables from the JSON files of ``bench_train_step.py`` (the tables of docs/performance.md).
 
-    .venv/bin/python benchmarks/report.py benchmarks/results/main_*.json
+.venv/bin/python benchmarks/report.py benchmarks/results/main_*.json
 """
+
 from __future__ import annotations
 
 import json
@@ -33,20 +34,46 @@ def rows(path):
       rss = s.get("peak_rss_steps_bytes") or s.get("peak_rss_bytes")
       temp = (s.get("xla_memory") or {}).get("temp_size_in_bytes")
       jax_row = name.startswith("jax")
-      yield (res["method"], res["model"], res["batch"], name, _f(s.get("compile_s"), "{:.0f}"),
-             _f(med, "{:.2f}"), _f(min(s["step_times_s"]), "{:.2f}"), _f(res["batch"] / med, "{:.1f}"),
-             _f(rss and rss / 2**20, "{:.0f}"), _f(temp and temp / 2**20, "{:.0f}"),
-             _f(nec and nec / 1e9, "{:.1f}") if jax_row else _f((s.get("step_flops_counted") or 0) / 1e9 or None,
-                                                               "{:.1f} (torch count)"),
-             _f(s.get("flops_ratio"), "{:.3f}"),
-             _f(useful and peak and 100 * useful / peak, "{:.0f}%"),
-             _f(t32 / med if (jax_row and t32) else None, "{:.2f}"),
-             _f(t16 / med if (jax_row and t16) else None, "{:.2f}"), load)
+      yield (
+        res["method"],
+        res["model"],
+        res["batch"],
+        name,
+        _f(s.get("compile_s"), "{:.0f}"),
+        _f(med, "{:.2f}"),
+        _f(min(s["step_times_s"]), "{:.2f}"),
+        _f(res["batch"] / med, "{:.1f}"),
+        _f(rss and rss / 2**20, "{:.0f}"),
+        _f(temp and temp / 2**20, "{:.0f}"),
+        _f(nec and nec / 1e9, "{:.1f}")
+        if jax_row
+        else _f((s.get("step_flops_counted") or 0) / 1e9 or None, "{:.1f} (torch count)"),
+        _f(s.get("flops_ratio"), "{:.3f}"),
+        _f(useful and peak and 100 * useful / peak, "{:.0f}%"),
+        _f(t32 / med if (jax_row and t32) else None, "{:.2f}"),
+        _f(t16 / med if (jax_row and t16) else None, "{:.2f}"),
+        load,
+      )
 
 
-HEAD = ("method", "student", "batch", "variant", "compile s", "step s (median)", "min s", "img/s",
-        "peak RSS MiB", "XLA temp MiB", "GFLOP needed", "FLOP ratio", "% of matmul peak", "x torch fp32",
-        "x torch bf16", "load (1 min)")
+HEAD = (
+  "method",
+  "student",
+  "batch",
+  "variant",
+  "compile s",
+  "step s (median)",
+  "min s",
+  "img/s",
+  "peak RSS MiB",
+  "XLA temp MiB",
+  "GFLOP needed",
+  "FLOP ratio",
+  "% of matmul peak",
+  "x torch fp32",
+  "x torch bf16",
+  "load (1 min)",
+)
 
 
 def main(paths) -> int:

@@ -26,6 +26,7 @@ The step is the one the library compiles, written the way the official PyTorch c
 in float32).  Optional ``count_flops``: one extra untimed step under ``torch.utils.flop_counter`` (matmuls and
 convolutions, 2 FLOPs per multiply-add), to compare the work with the JAX step's necessary FLOPs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -124,11 +125,10 @@ class WideResNet(nn.Module):
 
 
 VGG_CFGS = {
-    "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
-    "vgg13": (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
-    "vgg16": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"),
-    "vgg19": (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
-              512, 512, 512, 512, "M"),
+  "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+  "vgg13": (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+  "vgg16": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"),
+  "vgg19": (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"),
 }
 
 
@@ -151,8 +151,15 @@ class VGG(nn.Module):
     return (logits, f) if return_features else logits
 
 
-MOBILENETV2_CFG = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
-                   (6, 320, 1, 1))
+MOBILENETV2_CFG = (
+  (1, 16, 1, 1),
+  (6, 24, 2, 1),
+  (6, 32, 3, 2),
+  (6, 64, 4, 2),
+  (6, 96, 3, 1),
+  (6, 160, 3, 2),
+  (6, 320, 1, 1),
+)
 
 
 class InvertedResidual(nn.Module):
@@ -268,8 +275,12 @@ def build_model(name: str, kwargs: dict, num_classes: int, image_shape) -> nn.Mo
   kw = dict(kwargs or {})
   if name in ("resnet18", "resnet34"):
     sizes = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}[name]
-    return ResNet(num_classes, stage_sizes=tuple(kw.get("stage_sizes", sizes)),
-                  widths=tuple(kw.get("widths", (64, 128, 256, 512))), in_ch=c)
+    return ResNet(
+      num_classes,
+      stage_sizes=tuple(kw.get("stage_sizes", sizes)),
+      widths=tuple(kw.get("widths", (64, 128, 256, 512))),
+      in_ch=c,
+    )
   if name.startswith("vgg") and name.endswith("_bn"):
     return VGG(num_classes, VGG_CFGS[name[:-3]], in_ch=c)
   if name == "mobilenet_v2":
@@ -277,11 +288,16 @@ def build_model(name: str, kwargs: dict, num_classes: int, image_shape) -> nn.Mo
   wrn = {"wrn28_10": (28, 10), "wrn34_10": (34, 10), "wrn34_20": (34, 20)}
   if name in wrn or name == "wide_resnet":
     depth, k = wrn.get(name, (34, 10))
-    return WideResNet(num_classes, depth=int(kw.get("depth", depth)), widen_factor=int(kw.get("widen_factor", k)),
-                      in_ch=c)
+    return WideResNet(
+      num_classes, depth=int(kw.get("depth", depth)), widen_factor=int(kw.get("widen_factor", k)), in_ch=c
+    )
   if name == "small_cnn":
-    return SmallCNN(num_classes, widths=tuple(kw.get("widths", (32, 64, 128))),
-                    convs_per_stage=int(kw.get("convs_per_stage", 1)), in_ch=c)
+    return SmallCNN(
+      num_classes,
+      widths=tuple(kw.get("widths", (32, 64, 128))),
+      convs_per_stage=int(kw.get("convs_per_stage", 1)),
+      in_ch=c,
+    )
   if name == "tiny_cnn":
     return TinyCNN(num_classes, widths=tuple(kw.get("widths", (16, 32))), in_ch=c)
   if name == "mlp":
@@ -316,7 +332,7 @@ def pgd(objective, x, *, eps, step_size, num_steps, init, clip_start, leaf_input
   for _ in range(num_steps):
     xa.requires_grad_(True)
     loss = objective(xa if leaf_input else xa.view_as(xa)).sum()
-    grad, = torch.autograd.grad(loss, [xa])
+    (grad,) = torch.autograd.grad(loss, [xa])
     xa = _project(xa.detach() + step_size * grad.sign(), x, eps)
   return xa.detach()
 
@@ -366,8 +382,9 @@ def method_loss(name, hp, *, labels, s_adv, s_clean, t_clean, t_adv, projected, 
   if name == "rslad":
     t = t_clean[0].float()
     kw = dict(reduction=hp["reduction"], rslad_eps=True)
-    return hp["kl_scale"] * (hp["alpha"] * kl_from_logits(t, s_adv, **kw)
-                             + (1 - hp["alpha"]) * kl_from_logits(t, s_clean, **kw))
+    return hp["kl_scale"] * (
+      hp["alpha"] * kl_from_logits(t, s_adv, **kw) + (1 - hp["alpha"]) * kl_from_logits(t, s_clean, **kw)
+    )
   if name == "adaad":
     loss = hp["alpha"] * kl_from_logits(t_adv[0].float(), s_adv, reduction=hp["reduction"])
     if hp["alpha"] != 1.0:
@@ -383,14 +400,16 @@ def method_loss(name, hp, *, labels, s_adv, s_clean, t_clean, t_adv, projected, 
     def tkl(p, s):
       log_q = F.log_softmax(s / tau, dim=-1)
       pw = torch.xlogy(p, p) - p * log_q
-      return tau ** 2 * _reduce(pw.sum(-1), p.shape[-1], hp["reduction"])
+      return tau**2 * _reduce(pw.sum(-1), p.shape[-1], hp["reduction"])
 
     loss = hp["alpha"] * tkl(p_hat, s_adv)
     if s_clean is not None and hp["alpha"] != 1.0:
       loss = loss + (1 - hp["alpha"]) * tkl(p_hat, s_clean)
     if hp["feature_weight"] != 0.0:
-      feat = sum(torch.mean(w[k] * (projected[k].float() - t_feats[k].float()).pow(2).flatten(1).mean(1))
-                 for k in range(len(projected)))
+      feat = sum(
+        torch.mean(w[k] * (projected[k].float() - t_feats[k].float()).pow(2).flatten(1).mean(1))
+        for k in range(len(projected))
+      )
       loss = loss + hp["feature_weight"] * feat
     if hp["ce_weight"] != 0.0:
       loss = loss + hp["ce_weight"] * F.cross_entropy(s_adv, labels)
@@ -400,10 +419,12 @@ def method_loss(name, hp, *, labels, s_adv, s_clean, t_clean, t_adv, projected, 
 
 def make_objective(name, hp, *, student, teachers, labels, t_clean, autocast):
   if name in ("pgd_at",) or (name == "sa_mdrad" and hp["inner"] == "ce"):
+
     def ce(xa):
       with autocast():
         s = student(xa)
       return F.cross_entropy(s.float(), labels, reduction="none")
+
     return ce
   if name == "rslad":
     log_p = F.log_softmax(t_clean[0].float(), dim=-1)
@@ -412,13 +433,16 @@ def make_objective(name, hp, *, student, teachers, labels, t_clean, autocast):
       with autocast():
         s = student(xa)
       return _kl_rows(log_p, F.log_softmax(s.float(), dim=-1))
+
     return kl
   if name == "adaad":
+
     def adaad(xa):
       with autocast():
         s = student(xa)
         t = teachers[0](xa)
       return _kl_rows(F.log_softmax(t.float(), dim=-1), F.log_softmax(s.float(), dim=-1))
+
     return adaad
   raise NotImplementedError(f"no PyTorch reference for the inner objective of {name!r}")
 
@@ -430,13 +454,15 @@ def library_plan(method_name: str, num_available: int):
   """Method defaults, plan and attack settings from the library (imports JAX, starts no backend)."""
   sys.path.insert(0, REPO)
   from mdrad_jax import config_lib, methods
+
   method = methods.get_method(method_name)
   hp = dict(config_lib.method_config(method_name))
   hi = method.max_teachers
   k = num_available if hi is None else min(hi, num_available)
   plan = method.plan(hp, k)
-  attack = dict(init=method.attack_init, bn_mode=method.attack_bn,
-                clip_start=bool(getattr(method, "attack_clip_start", True)))
+  attack = dict(
+    init=method.attack_init, bn_mode=method.attack_bn, clip_start=bool(getattr(method, "attack_clip_start", True))
+  )
   return hp, plan, attack, k
 
 
@@ -461,8 +487,9 @@ def run(spec: dict) -> dict:
   mem_fmt = torch.channels_last if spec.get("channels_last") else torch.contiguous_format
 
   student = build_model(spec["model"], spec.get("student_kwargs", {}), ncls, shape).to(device, memory_format=mem_fmt)
-  teachers = [build_model(n, kw, ncls, shape).to(device, memory_format=mem_fmt).eval()
-              for n, kw in spec["teachers"][:k]]
+  teachers = [
+    build_model(n, kw, ncls, shape).to(device, memory_format=mem_fmt).eval() for n, kw in spec["teachers"][:k]
+  ]
   for t in teachers:
     t.requires_grad_(False)
   x = torch.rand(spec["batch"], c, n_img, n_img, device=device).contiguous(memory_format=mem_fmt)
@@ -479,14 +506,21 @@ def run(spec: dict) -> dict:
   # '+compile': every network's forward through torch.compile (the attack's input gradients and the update
   # stay eager autograd calls on the compiled graphs); compilation happens in the warm-up steps.
   params_of = {"student": student, "teachers": list(teachers), "projectors": list(projectors)}
-  counts = {"student": count_params(student), "teachers": [count_params(t) for t in teachers],
-            "projectors": [count_params(p) for p in projectors]}
+  counts = {
+    "student": count_params(student),
+    "teachers": [count_params(t) for t in teachers],
+    "projectors": [count_params(p) for p in projectors],
+  }
   if mode == "compile":
     student = torch.compile(student)
     teachers = [torch.compile(t) for t in teachers]
     projectors = nn.ModuleList([torch.compile(p) for p in projectors])
-  opt = torch.optim.SGD(list(params_of["student"].parameters()) + [q for p in params_of["projectors"] for q in p.parameters()], lr=0.1, momentum=0.9,
-                        weight_decay=5e-4)
+  opt = torch.optim.SGD(
+    list(params_of["student"].parameters()) + [q for p in params_of["projectors"] for q in p.parameters()],
+    lr=0.1,
+    momentum=0.9,
+    weight_decay=5e-4,
+  )
   eps, step_size = 8 / 255, 2 / 255
   t_clean_on = [("clean" in v) or plan.teacher_features for v in plan.teacher_views]
   t_adv_on = [("adv" in v) for v in plan.teacher_views]
@@ -515,10 +549,19 @@ def run(spec: dict) -> dict:
       student.train()
     else:
       raise NotImplementedError("attack bn_mode 'train_no_update' has no reference")
-    objective = make_objective(name, hp, student=student, teachers=teachers, labels=y, t_clean=t_clean,
-                               autocast=autocast)
-    x_adv = pgd(objective, x, eps=eps, step_size=step_size, num_steps=spec["pgd_steps"], init=att["init"],
-                clip_start=att["clip_start"], leaf_input=leaf_input)
+    objective = make_objective(
+      name, hp, student=student, teachers=teachers, labels=y, t_clean=t_clean, autocast=autocast
+    )
+    x_adv = pgd(
+      objective,
+      x,
+      eps=eps,
+      step_size=step_size,
+      num_steps=spec["pgd_steps"],
+      init=att["init"],
+      clip_start=att["clip_start"],
+      leaf_input=leaf_input,
+    )
     student.train()
     projectors.train()
     t_adv, _ = teacher_views(x_adv, t_adv_on)
@@ -535,8 +578,17 @@ def run(spec: dict) -> dict:
         s_adv = out
       else:
         s_clean = out
-    loss = method_loss(name, hp, labels=y, s_adv=s_adv, s_clean=s_clean, t_clean=t_clean, t_adv=t_adv,
-                       projected=projected, t_feats=t_feats)
+    loss = method_loss(
+      name,
+      hp,
+      labels=y,
+      s_adv=s_adv,
+      s_clean=s_clean,
+      t_clean=t_clean,
+      t_adv=t_adv,
+      projected=projected,
+      t_feats=t_feats,
+    )
     opt.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in student.parameters() if p.grad is not None))
@@ -548,12 +600,19 @@ def run(spec: dict) -> dict:
     if device.type == "cuda":
       torch.cuda.synchronize()
 
-  out = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-         "dtype": ("bf16 autocast" if bf16 else "fp32") + (" + torch.compile" if mode else ""),
-         "param_counts": counts,
-         "plan": {"student_views": list(plan.student_views),
-                  "teacher_views": [list(v) for v in plan.teacher_views], "features": bool(plan.student_features)},
-         "attack": dict(att, eps=eps, step_size=step_size, num_steps=spec["pgd_steps"])}
+  out = {
+    "device": str(device),
+    "torch": torch.__version__,
+    "threads": torch.get_num_threads(),
+    "dtype": ("bf16 autocast" if bf16 else "fp32") + (" + torch.compile" if mode else ""),
+    "param_counts": counts,
+    "plan": {
+      "student_views": list(plan.student_views),
+      "teacher_views": [list(v) for v in plan.teacher_views],
+      "features": bool(plan.student_features),
+    },
+    "attack": dict(att, eps=eps, step_size=step_size, num_steps=spec["pgd_steps"]),
+  }
   rss_reset = _reset_peak_rss()  # the peak RSS mark then covers the steps only
   t0 = time.perf_counter()
   for _ in range(spec.get("warmup", 1)):
@@ -577,6 +636,7 @@ def run(spec: dict) -> dict:
   out["device_peak_bytes"] = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
   if spec.get("count_flops"):
     from torch.utils.flop_counter import FlopCounterMode
+
     with FlopCounterMode(display=False) as counter:
       step(leaf_input=False)
     out["step_flops_counted"] = float(counter.get_total_flops())

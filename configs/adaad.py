@@ -9,6 +9,7 @@ Usage: ``python main.py --config=configs/adaad.py:dataset=cifar10,teachers=runs/
 Arguments: those of every method config (configs/common.py: dataset, student, teachers, epochs, small,
 faithful_lr, source_dir).  Every field can then be overridden, e.g. ``--config.optim.lr=0.05``.
 """
+
 from configs import common
 
 

@@ -14,6 +14,7 @@ accepts it) and ``source_dir`` (where the dataset's official files are; '' = its
 this module as ``configs.common`` (the repository root is on ``sys.path`` when ``main.py`` runs, as in flax's
 examples).
 """
+
 import ml_collections
 
 from mdrad_jax import config_lib
@@ -23,8 +24,9 @@ from mdrad_jax import config_lib
 CIFAR10_JPEG_ARCHIVE = "../shared/data/cifar10-jpeg.tar.gz"
 DATASETS = ("cifar10", "cifar100", "tiny_imagenet", "fashion_mnist", "cifar10_jpeg", "image_folder", "digits")
 
-STUDENT_ARGS = dict(dataset="cifar10", student="resnet18", teachers="", epochs=-1, small=False, faithful_lr=False,
-                    source_dir="")
+STUDENT_ARGS = dict(
+  dataset="cifar10", student="resnet18", teachers="", epochs=-1, small=False, faithful_lr=False, source_dir=""
+)
 
 
 def set_dataset(c: ml_collections.ConfigDict, dataset: str, source_dir: str = "") -> None:
@@ -35,8 +37,9 @@ def set_dataset(c: ml_collections.ConfigDict, dataset: str, source_dir: str = ""
     config_lib.set_dataset(c, dataset, source_dir)
 
 
-def student_config(method: str, arg: str | None,
-                   **extra_args) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
+def student_config(
+  method: str, arg: str | None, **extra_args
+) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
   """The base config of a student trained with ``method``, and the parsed arguments.
 
   Sets the data (``dataset``, ``source_dir``), the student, the teachers, the method's hyper-parameters at their

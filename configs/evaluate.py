@@ -9,13 +9,23 @@ Arguments: ``checkpoint`` (a training workdir or checkpoint directory; '' = the 
 from the trained run's ``config.json`` (0.1 on Fashion-MNIST and digits, 8/255 on colour data) unless
 overridden: ``--config.evaluate.eps=0.0314``, ``--config.data.name=...``.  See docs/evaluation.md.
 """
+
 from mdrad_jax import config_lib
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, dict(checkpoint="", aa="standard", num_examples=-1,
-                                     attacks="clean+fgsm+pgd20+cw+autoattack", sweep=False, which="best",
-                                     small=False))
+  a = config_lib.parse_arg(
+    arg,
+    dict(
+      checkpoint="",
+      aa="standard",
+      num_examples=-1,
+      attacks="clean+fgsm+pgd20+cw+autoattack",
+      sweep=False,
+      which="best",
+      small=False,
+    ),
+  )
   c = config_lib.base_config()
   c.job = "evaluate"
   c.data.name = ""  # '' = the trained run's dataset

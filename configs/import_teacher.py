@@ -8,6 +8,7 @@ the network expects, values joined by '/', or 'none'; '' = the source's document
 (test examples for the clean-accuracy check, -1 = all) and ``source_dir``.  The model and its options come from
 the arch and can be overridden (``--config.model.kwargs.depth=...``).
 """
+
 import ml_collections
 
 from configs import common
@@ -15,14 +16,16 @@ from mdrad_jax import config_lib
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, dict(source="", arch="", dataset="cifar10", mean="", std="", num_examples=-1,
-                                     source_dir=""))
+  a = config_lib.parse_arg(
+    arg, dict(source="", arch="", dataset="cifar10", mean="", std="", num_examples=-1, source_dir="")
+  )
   c = config_lib.base_config()
   c.job = "import_teacher"
   common.set_dataset(c, a.dataset, a.source_dir)
   c.source = ml_collections.ConfigDict(dict(file=a.source, arch=a.arch, mean=a.mean, std=a.std))
   if a.arch:
     from mdrad_jax.importers import archs
+
     arch = archs.get_arch(a.arch)
     c.model.name = arch.model
     c.model.kwargs = ml_collections.ConfigDict(dict(arch.kwargs))

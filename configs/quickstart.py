@@ -4,6 +4,7 @@ Three heterogeneous standard teachers, an SA-MDRAD student and a PGD-AT student 
 clean and PGD-20 accuracy for all, a table, ``results.json`` and ``results.png``.  About two to three minutes on
 two CPU cores.  Usage: ``python main.py --config=configs/quickstart.py --workdir=runs/quickstart``.
 """
+
 import ml_collections
 
 from mdrad_jax import config_lib

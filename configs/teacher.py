@@ -6,13 +6,13 @@ cifar10_jpeg | image_folder | digits), ``source_dir``, ``epochs`` (-1 = default)
 few epochs on a subset, small eval).  Recipe (a choice): SGD lr 0.1, momentum 0.9, weight decay 5e-4, cosine
 schedule, batch 128, 200 epochs, the dataset's augmentation.
 """
+
 from configs import common
 from mdrad_jax import config_lib
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, dict(model="resnet18", dataset="cifar10", epochs=-1, small=False,
-                                     source_dir=""))
+  a = config_lib.parse_arg(arg, dict(model="resnet18", dataset="cifar10", epochs=-1, small=False, source_dir=""))
   c = config_lib.base_config()
   common.set_dataset(c, a.dataset, a.source_dir)
   c.model.name = a.model

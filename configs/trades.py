@@ -9,6 +9,7 @@ Usage: ``python main.py --config=configs/trades.py:dataset=cifar10 --workdir=run
 Arguments: those of every method config (configs/common.py: dataset, student, teachers, epochs, small,
 faithful_lr, source_dir), plus ``faithful``.  Every field can then be overridden, e.g. ``--config.optim.lr=0.05``.
 """
+
 from configs import common
 
 

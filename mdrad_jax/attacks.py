@@ -18,6 +18,7 @@ projection of every attack, AutoAttack's included.
 
 Images are NHWC float32 in [clip_min, clip_max] (default [0, 1]); ε and step sizes are in that pixel scale.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
@@ -42,8 +43,7 @@ def project_linf(x_adv, x, *, eps, clip_min=0.0, clip_max=1.0):
   return jnp.clip(x_adv, clip_min, clip_max)
 
 
-def random_start(x, key, *, init="uniform", eps, normal_std=0.001, clip_min=0.0, clip_max=1.0,
-                 clip: bool = True):
+def random_start(x, key, *, init="uniform", eps, normal_std=0.001, clip_min=0.0, clip_max=1.0, clip: bool = True):
   """Starting point of the attack, projected onto the ε-ball ∩ [clip_min, clip_max] when ``clip``.
 
   ``clip=False`` keeps the raw start, as the ARD / IAD / RSLAD / MTARD / AdaAD / TRADES training loops do
@@ -70,6 +70,7 @@ def random_start(x, key, *, init="uniform", eps, normal_std=0.001, clip_min=0.0,
 
 def pgd_step(objective: Objective, x_adv, x, aux=None, *, eps, step_size, clip_min=0.0, clip_max=1.0):
   """One ascent step: x' ← Π(x' + step_size·sign(∇_{x'} Σ_i objective(x', aux)_i)).  Returns (x', new_aux)."""
+
   def total(xa):
     loss, new_aux = objective(xa, aux)
     return jnp.sum(loss), new_aux
@@ -82,9 +83,22 @@ def pgd_step(objective: Objective, x_adv, x, aux=None, *, eps, step_size, clip_m
 # ---------------------------------------------------------------------------------------------
 # The attacks.
 # ---------------------------------------------------------------------------------------------
-def pgd_linf(objective: Objective, x, key, *, eps, step_size, num_steps: int, init="uniform",
-             normal_std=0.001, aux=None, unroll: bool = True, clip_min=0.0, clip_max=1.0,
-             clip_start: bool = True):
+def pgd_linf(
+  objective: Objective,
+  x,
+  key,
+  *,
+  eps,
+  step_size,
+  num_steps: int,
+  init="uniform",
+  normal_std=0.001,
+  aux=None,
+  unroll: bool = True,
+  clip_min=0.0,
+  clip_max=1.0,
+  clip_start: bool = True,
+):
   """L∞ projected gradient ascent on ``objective``; returns ``(stop_gradient(x_adv), aux)``.
 
   x⁰ = Π(start(x)),  x^{t+1} = Π(x^t + step_size·sign(∇_x Σ_i ℓ_i(x^t))),  t = 0..num_steps−1,
@@ -108,13 +122,20 @@ def pgd_linf(objective: Objective, x, key, *, eps, step_size, num_steps: int, in
     raise ValueError(f"num_steps must be a non-negative integer, got {num_steps!r}")
   num_steps = int(num_steps)
   x = jax.lax.stop_gradient(x)
-  x_adv = random_start(x, key, init=init, eps=eps, normal_std=normal_std, clip_min=clip_min,
-                       clip_max=clip_max, clip=clip_start or num_steps == 0)
+  x_adv = random_start(
+    x,
+    key,
+    init=init,
+    eps=eps,
+    normal_std=normal_std,
+    clip_min=clip_min,
+    clip_max=clip_max,
+    clip=clip_start or num_steps == 0,
+  )
 
   def body(_, carry):
     xa, a = carry
-    return pgd_step(objective, xa, x, a, eps=eps, step_size=step_size, clip_min=clip_min,
-                    clip_max=clip_max)
+    return pgd_step(objective, xa, x, a, eps=eps, step_size=step_size, clip_min=clip_min, clip_max=clip_max)
 
   if unroll:
     carry = (x_adv, aux)
@@ -126,14 +147,27 @@ def pgd_linf(objective: Objective, x, key, *, eps, step_size, num_steps: int, in
   return jax.lax.stop_gradient(x_adv), aux
 
 
-def fgsm(objective: Objective, x, key=None, *, eps, init="none", normal_std=0.001, aux=None,
-         clip_min=0.0, clip_max=1.0):
+def fgsm(
+  objective: Objective, x, key=None, *, eps, init="none", normal_std=0.001, aux=None, clip_min=0.0, clip_max=1.0
+):
   """FGSM: one sign step of size ε, x' = Π(x⁰ + ε·sign(∇ Σ_i ℓ_i(x⁰))); no random start by default.
 
   (IAD's evaluation uses ``init='uniform'``; advertorch / most papers use none.)
   """
-  return pgd_linf(objective, x, key, eps=eps, step_size=eps, num_steps=1, init=init,
-                  normal_std=normal_std, aux=aux, unroll=True, clip_min=clip_min, clip_max=clip_max)
+  return pgd_linf(
+    objective,
+    x,
+    key,
+    eps=eps,
+    step_size=eps,
+    num_steps=1,
+    init=init,
+    normal_std=normal_std,
+    aux=aux,
+    unroll=True,
+    clip_min=clip_min,
+    clip_max=clip_max,
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,9 +175,11 @@ def fgsm(objective: Objective, x, key=None, *, eps, init="none", normal_std=0.00
 # ---------------------------------------------------------------------------------------------
 def ce_objective(logits_fn: LogitsFn, labels) -> Objective:
   """ℓ_i = CE(z(x'_i), y_i) = −log softmax(z(x'_i))_{y_i}  (PGD-AT, ARD, IAD, MTARD, PGD-20 evaluation)."""
+
   def objective(x_adv, aux):
     logits, aux = logits_fn(x_adv, aux)
     return losses.cross_entropy(logits, labels, reduction="none"), aux
+
   return objective
 
 
@@ -159,6 +195,7 @@ def kl_objective(logits_fn: LogitsFn, target_probs, *, temperature=1.0) -> Objec
     logits, aux = logits_fn(x_adv, aux)
     log_q = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
     return losses.kl_div(p, log_q, reduction="none"), aux
+
   return objective
 
 
@@ -185,8 +222,10 @@ def adaad_objective(student_logits_fn: LogitsFn, teacher_logits_fns, weights=Non
     t = [jnp.asarray(f(x_adv), jnp.float32) for f in fns]
     t = jnp.stack(t) if t[0].ndim == 2 else jnp.concatenate(t)
     if t.ndim != 3 or t.shape[1:] != s_logits.shape:
-      raise ValueError(f"teacher logits {t.shape} do not match student logits {s_logits.shape} "
-                       "(expected [N, C] per teacher or [K, N, C])")
+      raise ValueError(
+        f"teacher logits {t.shape} do not match student logits {s_logits.shape} "
+        "(expected [N, C] per teacher or [K, N, C])"
+      )
     k = t.shape[0]
     w = jnp.full(t.shape[:2], 1.0 / k, jnp.float32) if w_const is None else w_const
     if w.shape != t.shape[:2]:
@@ -194,6 +233,7 @@ def adaad_objective(student_logits_fn: LogitsFn, teacher_logits_fns, weights=Non
     log_q = jax.nn.log_softmax(s_logits.astype(jnp.float32), axis=-1)
     kl = losses.kl_from_log_probs(jax.nn.log_softmax(t, axis=-1), log_q[None], reduction="none")  # [K, N]
     return jnp.sum(w * kl, axis=0), aux
+
   return objective
 
 
@@ -205,12 +245,15 @@ def trades_objective(logits_fn: LogitsFn, clean_logits) -> Objective:
     logits, aux = logits_fn(x_adv, aux)
     log_q = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return losses.kl_from_log_probs(log_p, log_q, reduction="none"), aux
+
   return objective
 
 
 def cw_objective(logits_fn: LogitsFn, labels, *, kappa=50.0) -> Objective:
   """CW∞ margin objective (IAD's ``cwloss``): ℓ_i = −max(z_{y_i} − max_{j≠y_i} z_j + κ, 0)."""
+
   def objective(x_adv, aux):
     logits, aux = logits_fn(x_adv, aux)
     return -jnp.maximum(losses.cw_margin(logits, labels) + kappa, 0.0), aux
+
   return objective

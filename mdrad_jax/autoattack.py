@@ -29,6 +29,7 @@ Cross-entropy and the margin are those of ``mdrad_jax.losses``, the ε-ball proj
 ``logits_fn(x) -> logits [N, C]``: pure, deterministic, in evaluation mode.  Images are NHWC
 float32 in [0, 1], labels int32.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,8 +55,8 @@ LogitsFn = Callable[[Array], Array]
 STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
 APGD_SUBSET_ATTACKS = ("apgd-ce", "apgd-t")
 VERSION_LABELS = {
-    "standard": "AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square)",
-    "apgd": "AutoAttack (APGD-CE + APGD-T subset)",
+  "standard": "AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square)",
+  "apgd": "AutoAttack (APGD-CE + APGD-T subset)",
 }
 TITLES = {"apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "fab-t": "FAB-T", "square": "Square"}  # names in reports
 _NOT_FOUND = 1e10
@@ -184,8 +185,12 @@ def _apgd_loss_fn(loss):
 def _apgd_fill(n, *, eps, n_iter):
   """The entries of APGD's start state that do not depend on the data, as host arrays.  Passed into the
   compiled start, they are laid out like the batch (a constant made inside it would not be, under sharding)."""
-  return dict(it=np.zeros((n,), np.int32), step=np.full((n,), 2.0 * eps, np.float32),
-              loss_steps=np.zeros((n, n_iter), np.float32), reduced_last=np.ones((n,), bool))
+  return dict(
+    it=np.zeros((n,), np.int32),
+    step=np.full((n,), 2.0 * eps, np.float32),
+    loss_steps=np.zeros((n, n_iter), np.float32),
+    reduced_last=np.ones((n,), bool),
+  )
 
 
 def _apgd_init(logits_fn, x, y, y_target, key, fill=None, *, eps, n_iter, loss):
@@ -207,11 +212,23 @@ def _apgd_init(logits_fn, x, y, y_target, key, fill=None, *, eps, n_iter, loss):
   (_, (loss_cur, z)), grad = jax.value_and_grad(objective, has_aux=True)(x_adv)
   acc = jnp.argmax(z, axis=1) == y
   return dict(
-      x=x, y=y, y_target=y_target, it=fill["it"],
-      x_adv=x_adv, x_old=x_adv, grad=grad, x_best=x_adv, grad_best=grad, x_best_adv=x_adv,
-      loss_best=loss_cur, acc=acc, step=fill["step"].astype(x.dtype),
-      loss_steps=fill["loss_steps"].astype(x.dtype), loss_best_last=loss_cur,
-      reduced_last=fill["reduced_last"])
+    x=x,
+    y=y,
+    y_target=y_target,
+    it=fill["it"],
+    x_adv=x_adv,
+    x_old=x_adv,
+    grad=grad,
+    x_best=x_adv,
+    grad_best=grad,
+    x_best_adv=x_adv,
+    loss_best=loss_cur,
+    acc=acc,
+    step=fill["step"].astype(x.dtype),
+    loss_steps=fill["loss_steps"].astype(x.dtype),
+    loss_best_last=loss_cur,
+    reduced_last=fill["reduced_last"],
+  )
 
 
 def _apgd_step(logits_fn, s, *, eps, n_iter, loss, rho):
@@ -244,13 +261,23 @@ def _apgd_step(logits_fn, s, *, eps, n_iter, loss, rho):
   ck = is_ckpt[i]
   halve = ck & reduce
   return dict(
-      x=x, y=y, y_target=s["y_target"], it=s["it"] + 1,
-      x_adv=jnp.where(_bcast(halve, x), x_best, x1), x_old=x_old,
-      grad=jnp.where(_bcast(halve, x), grad_best, grad), x_best=x_best, grad_best=grad_best,
-      x_best_adv=x_best_adv, loss_best=loss_best, acc=acc,
-      step=jnp.where(halve, s["step"] / 2.0, s["step"]), loss_steps=loss_steps,
-      loss_best_last=jnp.where(ck, loss_best, s["loss_best_last"]),
-      reduced_last=jnp.where(ck, reduce, s["reduced_last"]))
+    x=x,
+    y=y,
+    y_target=s["y_target"],
+    it=s["it"] + 1,
+    x_adv=jnp.where(_bcast(halve, x), x_best, x1),
+    x_old=x_old,
+    grad=jnp.where(_bcast(halve, x), grad_best, grad),
+    x_best=x_best,
+    grad_best=grad_best,
+    x_best_adv=x_best_adv,
+    loss_best=loss_best,
+    acc=acc,
+    step=jnp.where(halve, s["step"] / 2.0, s["step"]),
+    loss_steps=loss_steps,
+    loss_best_last=jnp.where(ck, loss_best, s["loss_best_last"]),
+    reduced_last=jnp.where(ck, reduce, s["reduced_last"]),
+  )
 
 
 def _apgd_single_run(logits_fn, x, y, y_target, key, *, eps, n_iter, loss, rho):
@@ -309,8 +336,7 @@ class _Apgd:
   step.  Calls are dispatched asynchronously; the host waits only to check, between restarts and targets,
   whether any point is left to attack (the early stop the reference has)."""
 
-  def __init__(self, logits_fn, jit, *, eps, n_iter, loss, rho, n_restarts=1, target_rank=None,
-               n_target_classes=None):
+  def __init__(self, logits_fn, jit, *, eps, n_iter, loss, rho, n_restarts=1, target_rank=None, n_target_classes=None):
     self.n_iter, self.n_restarts, self.loss = n_iter, n_restarts, loss
     self.target_rank, self.n_target_classes = target_rank, n_target_classes
     kw = dict(eps=eps, n_iter=n_iter, loss=loss)
@@ -362,8 +388,19 @@ class _Apgd:
     return _attack_still_robust(attack, runs, robust, x)
 
 
-def apgd(logits_fn: LogitsFn, x, y, key, *, eps: float, n_iter: int = 100, loss: str = "ce",
-         target_class=None, n_restarts: int = 1, rho: float = 0.75) -> Array:
+def apgd(
+  logits_fn: LogitsFn,
+  x,
+  y,
+  key,
+  *,
+  eps: float,
+  n_iter: int = 100,
+  loss: str = "ce",
+  target_class=None,
+  n_restarts: int = 1,
+  rho: float = 0.75,
+) -> Array:
   """APGD (L∞) on ``loss`` ∈ {'ce', 'dlr', 'dlr_targeted'}; returns x_adv (x where no adversarial was found).
 
   For 'dlr_targeted', ``target_class`` is either an int k ≥ 2 (the class ranked k-th by the clean logits, as
@@ -393,21 +430,33 @@ def apgd(logits_fn: LogitsFn, x, y, key, *, eps: float, n_iter: int = 100, loss:
         raise ValueError(f"target labels must have shape {tuple(y.shape)}, got {tuple(target_class.shape)}")
   rank = target_class if isinstance(target_class, int) else None
   labels = None if target_class is None or rank is not None else target_class
-  fn = batch_kernel("apgd", logits_fn, eps=eps, n_iter=n_iter, loss=loss, n_restarts=n_restarts, rho=rho,
-                    target_rank=rank)
+  fn = batch_kernel(
+    "apgd", logits_fn, eps=eps, n_iter=n_iter, loss=loss, n_restarts=n_restarts, rho=rho, target_rank=rank
+  )
   return fn(x, y, jnp.ones(y.shape, bool), key, labels)
 
 
-def apgd_targeted(logits_fn: LogitsFn, x, y, key, *, eps: float, n_iter: int = 100,
-                  n_target_classes: int = 9, n_restarts: int = 1, rho: float = 0.75) -> Array:
+def apgd_targeted(
+  logits_fn: LogitsFn,
+  x,
+  y,
+  key,
+  *,
+  eps: float,
+  n_iter: int = 100,
+  n_target_classes: int = 9,
+  n_restarts: int = 1,
+  rho: float = 0.75,
+) -> Array:
   """APGD-T: APGD on the targeted DLR loss against the top ``n_target_classes`` other classes in turn."""
   x = jnp.asarray(x, jnp.float32)
   y = jnp.asarray(y, jnp.int32)
   _check_inputs(x, y, eps)
   n_classes = _num_classes(logits_fn, x)
   _check_targets(n_classes, n_target_classes, need=4)
-  fn = batch_kernel("apgd-t", logits_fn, eps=eps, n_iter=n_iter, n_target_classes=n_target_classes,
-                    n_restarts=n_restarts, rho=rho)
+  fn = batch_kernel(
+    "apgd-t", logits_fn, eps=eps, n_iter=n_iter, n_target_classes=n_target_classes, n_restarts=n_restarts, rho=rho
+  )
   return fn(x, y, jnp.ones(y.shape, bool), key)
 
 
@@ -415,8 +464,9 @@ def _check_targets(n_classes: int, n_target_classes: int, need: int) -> None:
   if n_classes < need:
     raise ValueError(f"the targeted attack needs at least {need} classes, the model has {n_classes}")
   if not 1 <= n_target_classes <= n_classes - 1:
-    raise ValueError(f"n_target_classes must be in [1, {n_classes - 1}] for {n_classes} classes, "
-                     f"got {n_target_classes}")
+    raise ValueError(
+      f"n_target_classes must be in [1, {n_classes - 1}] for {n_classes} classes, got {n_target_classes}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -475,8 +525,10 @@ def projection_linf(t: Array, w: Array, b: Array) -> Array:
     mid = jnp.floor((lb + ub) / 2)
     mid_i = mid.astype(jnp.int32)[:, None]
     ind_cur = jnp.take_along_axis(indp, dim - 1 - mid_i, axis=1)
-    b2_mid = (jnp.take_along_axis(sb, mid_i, axis=1) - jnp.take_along_axis(s, mid_i, axis=1)
-              * jnp.take_along_axis(p, ind_cur, axis=1))[:, 0]
+    b2_mid = (
+      jnp.take_along_axis(sb, mid_i, axis=1)
+      - jnp.take_along_axis(s, mid_i, axis=1) * jnp.take_along_axis(p, ind_cur, axis=1)
+    )[:, 0]
     c = b - b2_mid > 0
     lb = jnp.where(c, mid, lb)
     ub = jnp.where(c, ub, mid)
@@ -511,8 +563,9 @@ def _fab_step(logits_fn, s, *, alpha_max, eta, beta):
   dg, df = jax.grad(diff_fn, has_aux=True)(x1)
   w = dg.reshape(n, -1)
   b = -df + jnp.sum(w * x1.reshape(n, -1), axis=1)
-  d3 = projection_linf(jnp.concatenate([x1.reshape(n, -1), x0], 0), jnp.concatenate([w, w], 0),
-                       jnp.concatenate([b, b], 0))
+  d3 = projection_linf(
+    jnp.concatenate([x1.reshape(n, -1), x0], 0), jnp.concatenate([w, w], 0), jnp.concatenate([b, b], 0)
+  )
   d1 = d3[:n].reshape(x.shape)
   d2 = d3[n:].reshape(x.shape)
   a0 = jnp.maximum(jnp.max(jnp.abs(d3), axis=1), 1e-8)
@@ -584,8 +637,19 @@ class _FabTargeted:
     return _attack_still_robust(attack, range(self.n_target_classes), robust, x)
 
 
-def fab_targeted(logits_fn: LogitsFn, x, y, key, *, eps: float, n_iter: int = 100, n_target_classes: int = 9,
-                 alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9) -> Array:
+def fab_targeted(
+  logits_fn: LogitsFn,
+  x,
+  y,
+  key,
+  *,
+  eps: float,
+  n_iter: int = 100,
+  n_target_classes: int = 9,
+  alpha_max: float = 0.1,
+  eta: float = 1.05,
+  beta: float = 0.9,
+) -> Array:
   """FAB-T (L∞): the minimal adversarial perturbation found for each target in turn, kept if within ε.
 
   ``key`` is accepted for a uniform interface; the standard version uses no random start, so it is unused.
@@ -594,8 +658,16 @@ def fab_targeted(logits_fn: LogitsFn, x, y, key, *, eps: float, n_iter: int = 10
   y = jnp.asarray(y, jnp.int32)
   _check_inputs(x, y, eps)
   _check_targets(_num_classes(logits_fn, x), n_target_classes, need=2)
-  fn = batch_kernel("fab-t", logits_fn, eps=eps, n_iter=n_iter, n_target_classes=n_target_classes,
-                    alpha_max=alpha_max, eta=eta, beta=beta)
+  fn = batch_kernel(
+    "fab-t",
+    logits_fn,
+    eps=eps,
+    n_iter=n_iter,
+    n_target_classes=n_target_classes,
+    alpha_max=alpha_max,
+    eta=eta,
+    beta=beta,
+  )
   return fn(x, y, jnp.ones(y.shape, bool), key)
 
 
@@ -605,8 +677,17 @@ def fab_targeted(logits_fn: LogitsFn, x, y, key, *, eps: float, n_iter: int = 10
 
 def square_p_schedule(it: int, p_init: float = 0.8) -> float:
   """Fraction of pixels changed at query ``it`` (the reference schedule, not rescaled)."""
-  for bound, div in ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64), (6000, 128),
-                     (8000, 256)):
+  for bound, div in (
+    (10, 1),
+    (50, 2),
+    (200, 4),
+    (500, 8),
+    (1000, 16),
+    (2000, 32),
+    (4000, 64),
+    (6000, 128),
+    (8000, 256),
+  ):
     if it <= bound:
       return p_init / div
   return p_init / 512
@@ -618,7 +699,7 @@ def _square_sizes(n_queries: int, p_init: float, h: int, w: int) -> np.ndarray:
 
 
 _SQUARE_QUERIES_PER_CALL = 5  # queries unrolled in one compiled call (5000 queries: 1000 calls)
-_SQUARE_CHECK_EVERY = 20      # calls between the host's checks whether any point is left to attack
+_SQUARE_CHECK_EVERY = 20  # calls between the host's checks whether any point is left to attack
 
 
 def _square_init(logits_fn, x, y, mask, key, it, *, eps):
@@ -672,8 +753,9 @@ class _Square:
     self._init = jit(functools.partial(_square_init, logits_fn, eps=eps))
 
     def step(state, key):
-      return _square_step(logits_fn, state, key, eps=eps, n_queries=n_queries, p_init=p_init,
-                          queries=_SQUARE_QUERIES_PER_CALL)
+      return _square_step(
+        logits_fn, state, key, eps=eps, n_queries=n_queries, p_init=p_init, queries=_SQUARE_QUERIES_PER_CALL
+      )
 
     self._step = jit(step)
     self._finish = jit(functools.partial(_square_finish, logits_fn))
@@ -707,10 +789,10 @@ def square(logits_fn: LogitsFn, x, y, key, *, eps: float, n_queries: int = 5000,
 # Batch functions
 
 _BATCH_FNS = {
-    "apgd": lambda fn, jit, **p: _Apgd(fn, jit, **p),
-    "apgd-t": lambda fn, jit, **p: _Apgd(fn, jit, loss="dlr_targeted", **p),
-    "fab-t": _FabTargeted,
-    "square": _Square,
+  "apgd": lambda fn, jit, **p: _Apgd(fn, jit, **p),
+  "apgd-t": lambda fn, jit, **p: _Apgd(fn, jit, loss="dlr_targeted", **p),
+  "fab-t": _FabTargeted,
+  "square": _Square,
 }
 
 
@@ -755,6 +837,7 @@ class AutoAttackResult:
   flipped it, -1 when still robust; seconds: wall time of each stage ('clean' and each attack that ran),
   compilation included.
   """
+
   x_adv: np.ndarray
   robust: np.ndarray
   clean_correct: np.ndarray
@@ -786,17 +869,28 @@ def standard_params(n_classes: int) -> dict[str, dict[str, Any]]:
   classes, or all but the true one with fewer than 10 classes."""
   n_targets = max(min(9, n_classes - 1), 1)
   return {
-      "apgd-ce": dict(n_iter=100, n_restarts=1, rho=0.75),
-      "apgd-t": dict(n_iter=100, n_target_classes=n_targets, n_restarts=1, rho=0.75),
-      "fab-t": dict(n_iter=100, n_target_classes=n_targets, alpha_max=0.1, eta=1.05, beta=0.9),
-      "square": dict(n_queries=5000, p_init=0.8),
+    "apgd-ce": dict(n_iter=100, n_restarts=1, rho=0.75),
+    "apgd-t": dict(n_iter=100, n_target_classes=n_targets, n_restarts=1, rho=0.75),
+    "fab-t": dict(n_iter=100, n_target_classes=n_targets, alpha_max=0.1, eta=1.05, beta=0.9),
+    "square": dict(n_queries=5000, p_init=0.8),
   }
 
 
-def autoattack(logits_fn: LogitsFn, x, y, *, eps: float, version: str = "standard", seed: int = 0,
-               batch_size: int = 500, progress: bool = True, overrides: Mapping[str, Mapping[str, Any]] | None = None,
-               jit: Callable = jax.jit, only: Sequence[str] | None = None,
-               batch_multiple: int = 1) -> AutoAttackResult:
+def autoattack(
+  logits_fn: LogitsFn,
+  x,
+  y,
+  *,
+  eps: float,
+  version: str = "standard",
+  seed: int = 0,
+  batch_size: int = 500,
+  progress: bool = True,
+  overrides: Mapping[str, Mapping[str, Any]] | None = None,
+  jit: Callable = jax.jit,
+  only: Sequence[str] | None = None,
+  batch_multiple: int = 1,
+) -> AutoAttackResult:
   """Runs AutoAttack (L∞) on (x, y) and returns the per-point outcome.
 
   version: 'standard' (APGD-CE → APGD-T → FAB-T → Square) or 'apgd' (APGD-CE → APGD-T only, labelled as a
@@ -863,7 +957,7 @@ def autoattack(logits_fn: LogitsFn, x, y, *, eps: float, version: str = "standar
   for start in range(0, n, bs):
     idx = np.arange(start, min(start + bs, n))
     (xb, _), _ = padded(idx)
-    clean_pred[idx] = np.asarray(predict(jnp.asarray(xb)))[:len(idx)]
+    clean_pred[idx] = np.asarray(predict(jnp.asarray(xb)))[: len(idx)]
   clean_correct = clean_pred == y
   robust = clean_correct.copy()
   broken_by = np.where(clean_correct, -1, 0).astype(np.int32)
@@ -881,11 +975,10 @@ def autoattack(logits_fn: LogitsFn, x, y, *, eps: float, version: str = "standar
     kind, extra = ("apgd", {"loss": "ce"}) if name == "apgd-ce" else (name, {})
     fn = batch_kernel(kind, logits_fn, eps=eps, jit=jit, **extra, **params[name])
     key_a = jax.random.fold_in(root, a_idx)
-    bar = tqdm(total=int(todo.size), desc=name, unit="pt", disable=not progress, file=sys.stderr,
-               dynamic_ncols=True)
+    bar = tqdm(total=int(todo.size), desc=name, unit="pt", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     bar.set_postfix(robust=int(robust.sum()))
     for b_idx, start in enumerate(range(0, todo.size, bs)):
-      idx = todo[start:start + bs]
+      idx = todo[start : start + bs]
       m = len(idx)
       (xb, yb), mask = padded(idx)
       adv_b = fn(jnp.asarray(xb), jnp.asarray(yb), jnp.asarray(mask), jax.random.fold_in(key_a, b_idx))
@@ -906,8 +999,24 @@ def autoattack(logits_fn: LogitsFn, x, y, *, eps: float, version: str = "standar
     robust_after[name] = int(robust.sum())
     seconds[name] = time.perf_counter() - t_stage
 
-  params_out = {"eps": float(eps), "seed": int(seed), "batch_size": int(bs), "attacks": list(attacks),
-                "n_classes": n_classes, **params}
-  return AutoAttackResult(x_adv=x_adv, robust=robust, clean_correct=clean_correct, robust_after=robust_after,
-                          flips=flips, attacked=attacked, version=version, label=label, params=params_out,
-                          broken_by=broken_by, seconds=seconds)
+  params_out = {
+    "eps": float(eps),
+    "seed": int(seed),
+    "batch_size": int(bs),
+    "attacks": list(attacks),
+    "n_classes": n_classes,
+    **params,
+  }
+  return AutoAttackResult(
+    x_adv=x_adv,
+    robust=robust,
+    clean_correct=clean_correct,
+    robust_after=robust_after,
+    flips=flips,
+    attacked=attacked,
+    version=version,
+    label=label,
+    params=params_out,
+    broken_by=broken_by,
+    seconds=seconds,
+  )

@@ -5,6 +5,7 @@ runs its compiled function on batches of one size, so that it compiles once: the
 with zero rows and a boolean ``mask`` marks the real ones (:func:`pad_rows`).  Results on padding rows are
 masked out, and the real rows do not depend on them (every model here runs in evaluation mode, row by row).
 """
+
 from __future__ import annotations
 
 from typing import Mapping

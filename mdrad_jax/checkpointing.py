@@ -10,6 +10,7 @@ a data-iterator position that does not match its step) is set aside by :meth:`Ch
 into ``WORKDIR/checkpoints_broken/<step>`` (never deleted) and the next older one is restored instead; when none
 restores the run stops with one line naming the step directory and the error.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,18 +49,17 @@ class NonFiniteStateError(RuntimeError):
 
 def _state_tree(state: TrainState) -> dict:
   return {
-      "step": state.step,
-      "params": state.params,
-      "batch_stats": state.batch_stats,
-      "opt_state": state.opt_state,
-      "method_state": state.method_state,
-      "rng": state.rng,
+    "step": state.step,
+    "params": state.params,
+    "batch_stats": state.batch_stats,
+    "opt_state": state.opt_state,
+    "method_state": state.method_state,
+    "rng": state.rng,
   }
 
 
 def _all_finite(tree) -> bool:
-  leaves = [x for x in jax.tree.leaves(tree)
-            if hasattr(x, "dtype") and np.issubdtype(np.dtype(x.dtype), np.floating)]
+  leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, "dtype") and np.issubdtype(np.dtype(x.dtype), np.floating)]
   return bool(_leaves_finite(leaves)) if leaves else True
 
 
@@ -72,8 +72,15 @@ def _leaves_finite(leaves):
 class Checkpointer:
   """Saves and restores a run's ``TrainState`` (and its grain iterator) in ``workdir/checkpoints``."""
 
-  def __init__(self, workdir: str, *, keep: int = 2, best_metric: str | None = None,
-               best_mode: str = "max", async_save: bool = False):
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    keep: int = 2,
+    best_metric: str | None = None,
+    best_mode: str = "max",
+    async_save: bool = False,
+  ):
     self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
     self.best_metric = best_metric or None
     if best_mode not in ("max", "min"):
@@ -83,14 +90,15 @@ class Checkpointer:
     if self.best_metric:
       metric = self.best_metric
       best_fn = lambda m: float(m[metric])  # noqa: E731
-      policies.append(ocm.BestN(get_metric_fn=best_fn, reverse=(best_mode == "min"), n=1,
-                                keep_checkpoints_without_metrics=False))
+      policies.append(
+        ocm.BestN(get_metric_fn=best_fn, reverse=(best_mode == "min"), n=1, keep_checkpoints_without_metrics=False)
+      )
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=ocm.AnyPreservationPolicy(policies),
-        best_fn=best_fn,
-        best_mode=best_mode,
-        enable_async_checkpointing=async_save,
-        create=True,
+      preservation_policy=ocm.AnyPreservationPolicy(policies),
+      best_fn=best_fn,
+      best_mode=best_mode,
+      enable_async_checkpointing=async_save,
+      create=True,
     )
     self._best_fn = best_fn
     self._best_mode = best_mode
@@ -114,12 +122,12 @@ class Checkpointer:
     return self.manager.best_step()
 
   # -- save / restore --------------------------------------------------------------------------
-  def save(self, state: TrainState, *, data_iterator=None, metrics: dict | None = None,
-           force: bool = False) -> bool:
+  def save(self, state: TrainState, *, data_iterator=None, metrics: dict | None = None, force: bool = False) -> bool:
     if not _all_finite(state.params):
       raise NonFiniteStateError(
-          f"refusing to checkpoint step {int(state.step)}: parameters contain NaN/Inf "
-          f"(existing checkpoints in {self.directory} are kept)")
+        f"refusing to checkpoint step {int(state.step)}: parameters contain NaN/Inf "
+        f"(existing checkpoints in {self.directory} are kept)"
+      )
     items = {"state": ocp.args.StandardSave(_state_tree(state))}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -128,14 +136,15 @@ class Checkpointer:
       clean_metrics = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
     try:
       with _quiet_orbax(logging.CRITICAL), _no_closed_loop_noise():
-        saved = self.manager.save(int(state.step), args=ocp.args.Composite(**items),
-                                  metrics=clean_metrics, force=force)
+        saved = self.manager.save(int(state.step), args=ocp.args.Composite(**items), metrics=clean_metrics, force=force)
         if saved:
           self.manager.wait_until_finished()
     except (OSError, ValueError) as e:
       if _disk_full(e):
-        raise UserError(f"cannot write the checkpoint of step {int(state.step)} in {self.directory}: no space "
-                        f"left on the device (earlier checkpoints are kept)") from None
+        raise UserError(
+          f"cannot write the checkpoint of step {int(state.step)} in {self.directory}: no space "
+          f"left on the device (earlier checkpoints are kept)"
+        ) from None
       raise
     return saved
 
@@ -158,15 +167,20 @@ class Checkpointer:
       if failures:
         self._set_aside([s for s, _ in failures])
         from mdrad_jax.progress import log
+
         bad = ", ".join(f"step {s} ({_describe(e)})" for s, e in failures)
-        log(f"checkpoint {bad} does not restore: resumed from step {step} instead; the broken one(s) moved "
-            f"to {os.path.join(os.path.dirname(self.directory), BROKEN_DIR)}")
+        log(
+          f"checkpoint {bad} does not restore: resumed from step {step} instead; the broken one(s) moved "
+          f"to {os.path.join(os.path.dirname(self.directory), BROKEN_DIR)}"
+        )
       return restored
     if failures:
       step, e = failures[0]
       older = f" (nor do the {len(failures) - 1} older one(s))" if len(failures) > 1 else ""
-      raise UserError(f"checkpoint {os.path.join(self.directory, str(step))} does not restore{older}: "
-                      f"{_describe(e)}; move it aside to start again") from e
+      raise UserError(
+        f"checkpoint {os.path.join(self.directory, str(step))} does not restore{older}: "
+        f"{_describe(e)}; move it aside to start again"
+      ) from e
     return None
 
   def _set_aside(self, steps) -> None:
@@ -180,6 +194,7 @@ class Checkpointer:
         os.rename(os.path.join(self.directory, str(step)), target)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
+
       multihost_utils.sync_global_devices("mdrad_jax checkpoints set aside")
     self.manager.reload()
 
@@ -206,15 +221,18 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     tree = restored["state"]
     if int(np.asarray(tree["step"])) != int(step):
-      raise UserError(f"{os.path.join(self.directory, str(step))}: holds the state of step "
-                      f"{int(np.asarray(tree['step']))}")
+      raise UserError(
+        f"{os.path.join(self.directory, str(step))}: holds the state of step {int(np.asarray(tree['step']))}"
+      )
     if reposition:
       _move_iterator(data_iterator, int(step))
     elif "data" in items:
       position = _iterator_position(data_iterator)
       if position is not None and position != int(step):
-        raise UserError(f"{self._data_file(step)}: data-iterator position next_index={position} does not match "
-                        f"the checkpoint's step {step} (one batch per step)")
+        raise UserError(
+          f"{self._data_file(step)}: data-iterator position next_index={position} does not match "
+          f"the checkpoint's step {step} (one batch per step)"
+        )
     return state.replace(**tree)
 
   def _data_file(self, step: int) -> str:
@@ -226,6 +244,7 @@ class Checkpointer:
     if not os.path.isfile(path):
       return False
     from mdrad_jax.workdir import read_json
+
     read_json(path, "data-iterator state")  # malformed: one line naming the file
     return True
 
@@ -243,6 +262,7 @@ class Checkpointer:
 def _check_json_files(directory: str) -> None:
   """Raises ``UserError`` naming the first JSON file of a checkpoint directory that does not parse."""
   from mdrad_jax.workdir import read_json
+
   for step in sorted(os.listdir(directory)) if os.path.isdir(directory) else ():
     for rel in ("metrics/metrics", "_CHECKPOINT_METADATA"):
       path = os.path.join(directory, step, rel)
@@ -269,14 +289,19 @@ def _move_iterator(data_iterator, num_batches: int) -> None:
   get_state = getattr(data_iterator, "get_state", None)
   current = get_state() if get_state is not None else None
   if not isinstance(current, dict) or set(current) != {"next_index"}:
-    raise UserError("this checkpoint was written by a different number of processes and the data "
-                     "iterator cannot be repositioned here (use data.worker_count=0 to resume it)")
+    raise UserError(
+      "this checkpoint was written by a different number of processes and the data "
+      "iterator cannot be repositioned here (use data.worker_count=0 to resume it)"
+    )
   data_iterator.set_state({"next_index": int(num_batches)})
   if hasattr(data_iterator, "start_prefetch"):
     data_iterator.start_prefetch()
   from mdrad_jax.progress import log
-  log(f"checkpoint written by a different number of processes: data resumes after batch {num_batches} of "
-      f"this run's own order")
+
+  log(
+    f"checkpoint written by a different number of processes: data resumes after batch {num_batches} of "
+    f"this run's own order"
+  )
 
 
 def _disk_full(e: BaseException) -> bool:
@@ -350,4 +375,3 @@ def restore_model_variables(step_dir: str) -> dict:
   if bs:
     variables["batch_stats"] = bs
   return variables
-

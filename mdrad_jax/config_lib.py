@@ -10,6 +10,7 @@ string ``key=value,key=value`` (``configs/teacher.py:model=vgg16_bn,dataset=cifa
 word alone (``small``) sets a boolean argument.  The recipes (epochs, schedule, weight decay, batch, per-dataset
 changes) are written out in the config files (``configs/<method>.py``); what those share is ``configs/common.py``.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -21,12 +22,12 @@ from ml_collections import config_dict
 # Per-dataset defaults: threat model, augmentation, batch sizes.  ε for 1-channel data follows the usual
 # MNIST-family choice for L∞ (0.1 on Fashion-MNIST); colour data uses 8/255.
 DATASET_DEFAULTS = {
-    "cifar10": dict(augment="crop_flip", eps=8 / 255, step_size=2 / 255),
-    "cifar100": dict(augment="crop_flip", eps=8 / 255, step_size=2 / 255),
-    "tiny_imagenet": dict(augment="crop_flip", eps=8 / 255, step_size=2 / 255),
-    "image_folder": dict(augment="crop_flip", eps=8 / 255, step_size=2 / 255),
-    "fashion_mnist": dict(augment="none", eps=0.1, step_size=0.01),
-    "digits": dict(augment="none", eps=0.1, step_size=0.02),
+  "cifar10": dict(augment="crop_flip", eps=8 / 255, step_size=2 / 255),
+  "cifar100": dict(augment="crop_flip", eps=8 / 255, step_size=2 / 255),
+  "tiny_imagenet": dict(augment="crop_flip", eps=8 / 255, step_size=2 / 255),
+  "image_folder": dict(augment="crop_flip", eps=8 / 255, step_size=2 / 255),
+  "fashion_mnist": dict(augment="none", eps=0.1, step_size=0.01),
+  "digits": dict(augment="none", eps=0.1, step_size=0.02),
 }
 
 
@@ -79,8 +80,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "digits"
-  c.data.data_dir = ""     # '' = $MDRAD_DATA_DIR or ~/tensorflow_datasets
-  c.data.source_dir = ""   # where the official archives are; '' = the dataset's default
+  c.data.data_dir = ""  # '' = $MDRAD_DATA_DIR or ~/tensorflow_datasets
+  c.data.source_dir = ""  # where the official archives are; '' = the dataset's default
   c.data.augment = "none"  # 'none' | 'crop_flip'
   c.data.crop_padding = 4
   c.data.worker_count = 0
@@ -93,7 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Teachers: training workdirs (or checkpoint directories) of standard-trained models.
   c.teachers = ()
-  c.teacher_dtype = "float32"        # teachers' compute dtype: 'float32' | 'bfloat16'
+  c.teacher_dtype = "float32"  # teachers' compute dtype: 'float32' | 'bfloat16'
   c.teacher_sharding = "replicated"  # 'replicated' | 'fsdp' (large teacher arrays split over the devices)
 
   c.method = method_config("natural")
@@ -102,11 +103,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.attack.eps = 8 / 255
   c.attack.step_size = 2 / 255
   c.attack.num_steps = 10
-  c.attack.init = ""      # '' = the method's default ('uniform' | 'normal' | 'none')
-  c.attack.bn_mode = ""   # '' = the method's default ('eval' | 'train_no_update' | 'train_update')
+  c.attack.init = ""  # '' = the method's default ('uniform' | 'normal' | 'none')
+  c.attack.bn_mode = ""  # '' = the method's default ('eval' | 'train_no_update' | 'train_update')
   c.attack.unroll = True
   c.attack.clip_start = ""  # tri-state: '' = the method's default; 'true' | 'false': project the random start first
-  c.attack.dtype = ""     # student compute dtype inside the attack: '' = config.model.dtype | 'bfloat16'
+  c.attack.dtype = ""  # student compute dtype inside the attack: '' = config.model.dtype | 'bfloat16'
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "sgd"
@@ -129,8 +130,8 @@ def base_config() -> ml_collections.ConfigDict:
   # ``evaluate`` (below): the evaluation job (mdrad_jax.evaluation_job) run on a trained checkpoint.
   c.eval = ml_collections.ConfigDict()
   c.eval.every_epochs = 1
-  c.eval.num_examples = -1   # examples of the test split used by the in-training evaluation (-1 = all; at most all)
-  c.eval.pgd_steps = 0       # > 0: also report PGD accuracy during training
+  c.eval.num_examples = -1  # examples of the test split used by the in-training evaluation (-1 = all; at most all)
+  c.eval.pgd_steps = 0  # > 0: also report PGD accuracy during training
   c.eval.pgd_step_size = 2 / 255
 
   c.checkpoint = ml_collections.ConfigDict()
@@ -161,25 +162,25 @@ def evaluate_config(*, job: bool = False) -> ml_collections.ConfigDict:
   the ε sweep in multiples of ε, AutoAttack overrides and the gradient-masking check.
   """
   e = ml_collections.ConfigDict()
-  e.checkpoint = ""          # training workdir or checkpoint directory ('' = the workdir itself)
-  e.which = "best"           # 'best' | 'latest'
-  e.split = ""               # '' = the dataset's test split
+  e.checkpoint = ""  # training workdir or checkpoint directory ('' = the workdir itself)
+  e.which = "best"  # 'best' | 'latest'
+  e.split = ""  # '' = the dataset's test split
   e.attacks = ("clean", "fgsm", "pgd20", "cw", "autoattack")
-  e.eps = -1.0               # -1 = config.attack.eps
-  e.num_examples = -1        # -1 = the whole split
+  e.eps = -1.0  # -1 = config.attack.eps
+  e.num_examples = -1  # -1 = the whole split
   e.batch_size = 256
   e.aa_version = "standard"  # 'standard' | 'apgd'
-  e.eps_sweep = ()           # e.g. (0, 2/255, 4/255, 8/255, 16/255)
+  e.eps_sweep = ()  # e.g. (0, 2/255, 4/255, 8/255, 16/255)
   e.sweep_attack = "pgd20"
   e.seed = 0
   if job:
-    e.step_size = -1.0           # -1 = the run's attack step size, scaled with ε when ε is overridden
-    e.eps_sweep_multiples = ()   # ε sweep as multiples of the evaluation ε (added to evaluate.eps_sweep)
-    e.aa_overrides = ""          # e.g. 'square.n_queries=1000,apgd-ce.n_iter=50' (labelled non-standard)
-    e.masking_square_examples = 500   # Square alone on the first N points for the masking check (0 = skip)
+    e.step_size = -1.0  # -1 = the run's attack step size, scaled with ε when ε is overridden
+    e.eps_sweep_multiples = ()  # ε sweep as multiples of the evaluation ε (added to evaluate.eps_sweep)
+    e.aa_overrides = ""  # e.g. 'square.n_queries=1000,apgd-ce.n_iter=50' (labelled non-standard)
+    e.masking_square_examples = 500  # Square alone on the first N points for the masking check (0 = skip)
     e.masking_square_queries = 5000
-    e.masking_tolerance = 0.01   # accuracy margin (fraction) a masking comparison must exceed
-    e.masking_aa_gap = 0.10      # flag AutoAttack more than this far below PGD-20
+    e.masking_tolerance = 0.01  # accuracy margin (fraction) a masking comparison must exceed
+    e.masking_aa_gap = 0.10  # flag AutoAttack more than this far below PGD-20
     e.masking_significance = 0.05  # check (a) also needs a paired sign test below this level
   return e
 
@@ -190,6 +191,7 @@ EVALUATE_JOB_FIELDS = tuple(sorted(set(evaluate_config(job=True)) - set(evaluate
 def method_config(name: str, **overrides) -> ml_collections.ConfigDict:
   """The ``method`` block: its name plus every hyper-parameter of that method at its default."""
   from mdrad_jax import methods  # local import: configs stay cheap to import
+
   m = methods.get_method(name)
   d = {"name": name, **m.defaults}
   for k, v in overrides.items():
@@ -197,8 +199,6 @@ def method_config(name: str, **overrides) -> ml_collections.ConfigDict:
       raise ValueError(f"method {name!r} has no hyper-parameter {k!r}; known: {sorted(d)}")
     d[k] = v
   return ml_collections.ConfigDict(d)
-
-
 
 
 def set_dataset(c: ml_collections.ConfigDict, dataset: str, source_dir: str = "") -> None:
@@ -228,6 +228,7 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 def load_config_file(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
   """``configs/<name>.py``'s ``get_config(arg)`` (``name`` may also be a path to a config file)."""
   from mdrad_jax.errors import UserError
+
   path = name if name.endswith(".py") else os.path.join(CONFIG_DIR, f"{name}.py")
   if not os.path.isfile(path):
     raise UserError(f"no config file {path}")

@@ -19,6 +19,7 @@ function built on the batch evaluator :func:`batch_correct`.  The in-training ev
 ``train_step.make_eval_step``, built on the same evaluator, run over a loader by :func:`evaluate_model`) lives
 here too.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,6 +49,7 @@ class Attack:
   size, or of ε with ``step_is_eps`` (FGSM).  ``loss=None`` is the clean pass, or AutoAttack (``name``
   'autoattack'), which has its own parameters.  Its label and parameters in the results follow from these.
   """
+
   name: str
   title: str
   loss: str | None = None
@@ -67,8 +69,13 @@ class Attack:
   def params(self, *, eps: float, step_size: float, kappa: float) -> dict[str, Any]:
     if self.loss is None:
       return {}
-    p = {"eps": float(eps), "loss": self.loss, "steps": self.steps, "init": self.init,
-         "step_size": float(eps) if self.step_is_eps else float(step_size)}
+    p = {
+      "eps": float(eps),
+      "loss": self.loss,
+      "steps": self.steps,
+      "init": self.init,
+      "step_size": float(eps) if self.step_is_eps else float(step_size),
+    }
     if self.loss == "cw":
       p["kappa"] = float(kappa)
     return p
@@ -77,19 +84,22 @@ class Attack:
 # The protocol, one entry per attack.  The order is that of the reports and fixes each attack's random stream
 # (``fold_in(seed, index)``): a new attack goes at the end.
 PROTOCOL = (
-    Attack("clean", "clean"),
-    Attack("fgsm", "FGSM", loss="ce", steps=1, init="none", step_is_eps=True),
-    Attack("pgd20", "PGD-20", loss="ce", steps=20, init="uniform"),
-    Attack("cw", "CW∞ (PGD-30, κ = 50)", loss="cw", steps=30, init="uniform"),
-    Attack("autoattack", "AutoAttack (standard)"),
+  Attack("clean", "clean"),
+  Attack("fgsm", "FGSM", loss="ce", steps=1, init="none", step_is_eps=True),
+  Attack("pgd20", "PGD-20", loss="ce", steps=20, init="uniform"),
+  Attack("cw", "CW∞ (PGD-30, κ = 50)", loss="cw", steps=30, init="uniform"),
+  Attack("autoattack", "AutoAttack (standard)"),
 )
 ATTACKS = tuple(a.name for a in PROTOCOL)
 BY_NAME = {a.name: a for a in PROTOCOL}
 # The result key of each AutoAttack version: the cheaper subset is never reported as the full attack.
 AUTOATTACK_KEYS = {"standard": "autoattack", "apgd": "autoattack_apgd_subset"}
 # Report names of every result key: the attacks, the AutoAttack subset and AutoAttack's stages.
-TITLES = {**{a.name: a.title for a in PROTOCOL}, "autoattack_apgd_subset": "AutoAttack (APGD-CE + APGD-T subset)",
-          **aa.TITLES}
+TITLES = {
+  **{a.name: a.title for a in PROTOCOL},
+  "autoattack_apgd_subset": "AutoAttack (APGD-CE + APGD-T subset)",
+  **aa.TITLES,
+}
 # name: (objective, steps, random start) of the gradient-sign attacks (kept for compatibility; see PROTOCOL).
 PGD_ATTACKS = {a.name: (a.loss, a.steps, a.init) for a in PROTOCOL if a.loss is not None}
 
@@ -104,46 +114,87 @@ def logits_fn_from_model(model, variables: Any) -> LogitsFn:
   return lambda x: model.apply(variables, x, train=False)
 
 
-def attacked_inputs(attack: Attack, logits_fn: LogitsFn, x, y, key, *, eps: float, step_size: float,
-                    kappa: float = 50.0, unroll: bool = False):
+def attacked_inputs(
+  attack: Attack,
+  logits_fn: LogitsFn,
+  x,
+  y,
+  key,
+  *,
+  eps: float,
+  step_size: float,
+  kappa: float = 50.0,
+  unroll: bool = False,
+):
   """The inputs ``attack`` (a gradient-sign attack) makes of the batch ``(x, y)``, model in evaluation mode."""
   with_aux = lambda xa, aux: (logits_fn(xa), aux)  # noqa: E731
-  objective = (attacks_lib.ce_objective(with_aux, y) if attack.loss == "ce"
-               else attacks_lib.cw_objective(with_aux, y, kappa=kappa))
+  objective = (
+    attacks_lib.ce_objective(with_aux, y) if attack.loss == "ce" else attacks_lib.cw_objective(with_aux, y, kappa=kappa)
+  )
   if attack.step_is_eps:
     x_adv, _ = attacks_lib.fgsm(objective, x, key, eps=eps, init=attack.init)
   else:
-    x_adv, _ = attacks_lib.pgd_linf(objective, x, key, eps=eps, step_size=step_size, num_steps=attack.steps,
-                                    init=attack.init, unroll=unroll)
+    x_adv, _ = attacks_lib.pgd_linf(
+      objective, x, key, eps=eps, step_size=step_size, num_steps=attack.steps, init=attack.init, unroll=unroll
+    )
   return x_adv
 
 
-def batch_correct(attack: Attack, logits_fn: LogitsFn, x, y, mask, key, *, eps: float = 0.0,
-                  step_size: float = 0.0, kappa: float = 50.0, unroll: bool = False):
+def batch_correct(
+  attack: Attack,
+  logits_fn: LogitsFn,
+  x,
+  y,
+  mask,
+  key,
+  *,
+  eps: float = 0.0,
+  step_size: float = 0.0,
+  kappa: float = 50.0,
+  unroll: bool = False,
+):
   """The batch evaluator: bool [B], the real rows (``mask``) that ``logits_fn`` classifies correctly after
   ``attack`` (the clean pass when ``attack.loss`` is None).  Pure: the evaluation job and the in-training
   evaluation both compile it."""
-  x_eval = x if attack.loss is None else attacked_inputs(attack, logits_fn, x, y, key, eps=eps,
-                                                         step_size=step_size, kappa=kappa, unroll=unroll)
+  x_eval = (
+    x
+    if attack.loss is None
+    else attacked_inputs(attack, logits_fn, x, y, key, eps=eps, step_size=step_size, kappa=kappa, unroll=unroll)
+  )
   return (jnp.argmax(logits_fn(x_eval), axis=1) == y) & mask
 
 
 @functools.lru_cache(maxsize=16)
-def _batch_fn(attack: Attack, logits_fn: LogitsFn, eps: float, step_size: float, kappa: float, unroll: bool,
-              jit: Callable):
+def _batch_fn(
+  attack: Attack, logits_fn: LogitsFn, eps: float, step_size: float, kappa: float, unroll: bool, jit: Callable
+):
   """Compiled ``f(x, y, mask, key) -> correct [B]`` for one attack."""
+
   def f(x, y, mask, key):
-    return batch_correct(attack, logits_fn, x, y, mask, key, eps=eps, step_size=step_size, kappa=kappa,
-                         unroll=unroll)
+    return batch_correct(attack, logits_fn, x, y, mask, key, eps=eps, step_size=step_size, kappa=kappa, unroll=unroll)
 
   return jit(f)
 
 
-def evaluate(logits_fn: LogitsFn, images, labels, *, attacks: Sequence[str] = ATTACKS, eps: float = 8 / 255,
-             step_size: float = 2 / 255, cw_kappa: float = 50.0, seed: int = 0, batch_size: int = 500,
-             aa_version: str = "standard", progress: bool = True, unroll: bool = False,
-             jit: Callable = jax.jit, aa_overrides: Mapping[str, Mapping[str, Any]] | None = None,
-             batch_multiple: int = 1, per_point: bool = False) -> dict[str, dict[str, Any]]:
+def evaluate(
+  logits_fn: LogitsFn,
+  images,
+  labels,
+  *,
+  attacks: Sequence[str] = ATTACKS,
+  eps: float = 8 / 255,
+  step_size: float = 2 / 255,
+  cw_kappa: float = 50.0,
+  seed: int = 0,
+  batch_size: int = 500,
+  aa_version: str = "standard",
+  progress: bool = True,
+  unroll: bool = False,
+  jit: Callable = jax.jit,
+  aa_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+  batch_multiple: int = 1,
+  per_point: bool = False,
+) -> dict[str, dict[str, Any]]:
   """Accuracy of ``logits_fn`` on (images, labels) under each attack in ``attacks``.
 
   Returns ``{name: {'accuracy', 'correct', 'n', 'label', ...}}``; the AutoAttack entry (key 'autoattack' for
@@ -176,12 +227,31 @@ def evaluate(logits_fn: LogitsFn, images, labels, *, attacks: Sequence[str] = AT
 
   for name in attacks:
     if name == "autoattack":
-      res = aa.autoattack(logits_fn, images, labels, eps=eps, version=aa_version, seed=seed, batch_size=bs,
-                          progress=progress, jit=jit, overrides=aa_overrides, batch_multiple=batch_multiple)
+      res = aa.autoattack(
+        logits_fn,
+        images,
+        labels,
+        eps=eps,
+        version=aa_version,
+        seed=seed,
+        batch_size=bs,
+        progress=progress,
+        jit=jit,
+        overrides=aa_overrides,
+        batch_multiple=batch_multiple,
+      )
       key = AUTOATTACK_KEYS[aa_version]
-      out[key] = {"accuracy": res.robust_accuracy, "correct": int(res.robust.sum()), "n": n, "label": res.label,
-                  "version": res.version, "robust_after": dict(res.robust_after), "flips": dict(res.flips),
-                  "attacked": dict(res.attacked), "params": res.params}
+      out[key] = {
+        "accuracy": res.robust_accuracy,
+        "correct": int(res.robust.sum()),
+        "n": n,
+        "label": res.label,
+        "version": res.version,
+        "robust_after": dict(res.robust_after),
+        "flips": dict(res.flips),
+        "attacked": dict(res.attacked),
+        "params": res.params,
+      }
       if per_point:
         out[key]["per_point"] = res.robust.copy()
         out[key]["broken_by"] = res.broken_by.copy()
@@ -192,17 +262,21 @@ def evaluate(logits_fn: LogitsFn, images, labels, *, attacks: Sequence[str] = AT
     ok_all = np.zeros((n,), bool)
     bar = tqdm(total=n, desc=name, unit="pt", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     for b_idx, start in enumerate(range(0, n, bs)):
-      (xb, yb), mask = batching.pad_rows((images[start:start + bs], labels[start:start + bs]), bs)
+      (xb, yb), mask = batching.pad_rows((images[start : start + bs], labels[start : start + bs]), bs)
       ok = fn(jnp.asarray(xb), jnp.asarray(yb), jnp.asarray(mask), jax.random.fold_in(key_a, b_idx))
       done = int(mask.sum())
-      ok_all[start:start + done] = np.asarray(ok)[:done]
+      ok_all[start : start + done] = np.asarray(ok)[:done]
       bar.update(done)
-      bar.set_postfix(acc=f"{ok_all[:start + done].mean():.4f}", left=n - start - done)
+      bar.set_postfix(acc=f"{ok_all[: start + done].mean():.4f}", left=n - start - done)
     bar.close()
     correct = int(ok_all.sum())
-    out[name] = {"accuracy": correct / n if n else 0.0, "correct": correct, "n": n,
-                 "label": attack.label(eps=eps, step_size=step_size, kappa=cw_kappa),
-                 "params": attack.params(eps=eps, step_size=step_size, kappa=cw_kappa)}
+    out[name] = {
+      "accuracy": correct / n if n else 0.0,
+      "correct": correct,
+      "n": n,
+      "label": attack.label(eps=eps, step_size=step_size, kappa=cw_kappa),
+      "params": attack.params(eps=eps, step_size=step_size, kappa=cw_kappa),
+    }
     if per_point:
       out[name]["per_point"] = ok_all
   return out
@@ -211,8 +285,7 @@ def evaluate(logits_fn: LogitsFn, images, labels, *, attacks: Sequence[str] = AT
 # ---------------------------------------------------------------------------------------------
 # The in-training evaluation: an eval step (``train_step.make_eval_step``, built on batch_correct) over a loader.
 # ---------------------------------------------------------------------------------------------
-def evaluate_model(eval_step, variables, loader, mesh, *, batch_size: int, key,
-                   num_batches: int | None = None) -> dict:
+def evaluate_model(eval_step, variables, loader, mesh, *, batch_size: int, key, num_batches: int | None = None) -> dict:
   """Accuracy (and PGD accuracy when the step has an attack) over an eval loader; pads the last batch.
 
   With several processes each reads its own shard, whose sizes may differ by one example; ``num_batches``

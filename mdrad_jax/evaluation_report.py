@@ -5,6 +5,7 @@
 of a good one; the study writes its own files with the same helpers.  Attacks are named as in
 ``evaluation.TITLES``.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,49 +36,76 @@ def format_markdown(report: dict) -> str:
   lines = ["# Robustness evaluation", ""]
   if m:
     ck = m.get("checkpoint", {})
-    lines += [f"- model: `{m.get('model', {}).get('name', '?')}` trained with `{m.get('method', '?')}`; "
-              f"checkpoint step {ck.get('step')} ({ck.get('which')}) of `{ck.get('path')}`",
-              f"- data: `{m.get('dataset')}`, split `{m.get('split')}`, {report['num_examples']} examples",
-              f"- devices: {m.get('num_devices')} × {m.get('platform')}; seconds: {m.get('seconds', 0):.0f}"]
-  lines += [f"- threat model: L∞, eps = {report['eps']:.5g}; PGD step {report['step_size']:.5g}; seed "
-            f"{report['seed']}", "",
-            "| attack | accuracy (%) | correct / n | parameters |", "|---|---:|---:|---|"]
+    lines += [
+      f"- model: `{m.get('model', {}).get('name', '?')}` trained with `{m.get('method', '?')}`; "
+      f"checkpoint step {ck.get('step')} ({ck.get('which')}) of `{ck.get('path')}`",
+      f"- data: `{m.get('dataset')}`, split `{m.get('split')}`, {report['num_examples']} examples",
+      f"- devices: {m.get('num_devices')} × {m.get('platform')}; seconds: {m.get('seconds', 0):.0f}",
+    ]
+  lines += [
+    f"- threat model: L∞, eps = {report['eps']:.5g}; PGD step {report['step_size']:.5g}; seed {report['seed']}",
+    "",
+    "| attack | accuracy (%) | correct / n | parameters |",
+    "|---|---:|---:|---|",
+  ]
   for key, e in report["attacks"].items():
-    lines.append(f"| {NAMES.get(key, key)} | {100 * e['accuracy']:.2f} | {e['correct']} / {e['n']} | "
-                 f"{_param_text(e)} |")
+    lines.append(
+      f"| {NAMES.get(key, key)} | {100 * e['accuracy']:.2f} | {e['correct']} / {e['n']} | {_param_text(e)} |"
+    )
   aa_key = next((k for k in report["attacks"] if k.startswith("autoattack")), None)
   if report.get("autoattack_stages"):
-    lines += ["", f"{report['attacks'][aa_key]['label']}: each attack runs only on the points still robust.", "",
-              "| after | attacked | flips | robust | accuracy (%) |", "|---|---:|---:|---:|---:|"]
+    lines += [
+      "",
+      f"{report['attacks'][aa_key]['label']}: each attack runs only on the points still robust.",
+      "",
+      "| after | attacked | flips | robust | accuracy (%) |",
+      "|---|---:|---:|---:|---:|",
+    ]
     for s in report["autoattack_stages"]:
-      lines.append(f"| {NAMES.get(s['attack'], s['attack'])} | {'' if s['attacked'] is None else s['attacked']} | "
-                   f"{'' if s['flips'] is None else s['flips']} | {s['robust']} | {100 * s['accuracy']:.2f} |")
+      lines.append(
+        f"| {NAMES.get(s['attack'], s['attack'])} | {'' if s['attacked'] is None else s['attacked']} | "
+        f"{'' if s['flips'] is None else s['flips']} | {s['robust']} | {100 * s['accuracy']:.2f} |"
+      )
   sw = report.get("eps_sweep")
   if sw:
-    lines += ["", f"Accuracy against {NAMES.get(sw['attack'], sw['attack'])} as eps grows (PGD step size scaled with eps):",
-              "", "| eps | step | accuracy (%) | correct / n |", "|---:|---:|---:|---:|"]
+    lines += [
+      "",
+      f"Accuracy against {NAMES.get(sw['attack'], sw['attack'])} as eps grows (PGD step size scaled with eps):",
+      "",
+      "| eps | step | accuracy (%) | correct / n |",
+      "|---:|---:|---:|---:|",
+    ]
     for p in sw["points"]:
       step = "" if p["step_size"] is None else f"{p['step_size']:.4g}"
       lines.append(f"| {p['eps']:.5g} | {step} | {100 * p['accuracy']:.2f} | {p['correct']} / {p['n']} |")
   sq = report.get("square_alone")
   if sq:
-    lines += ["", f"Square alone ({sq['params']['square']['n_queries']} queries) on the first {sq['n']} points: "
-              f"{100 * sq['accuracy']:.2f}% ({sq['correct']} / {sq['n']}); white-box attacks on the same points: "
-              + ", ".join(f"{NAMES[k]} {100 * v['accuracy']:.2f}%" for k, v in sq["white_box_on_same_points"].items())
-              + "."]
+    lines += [
+      "",
+      f"Square alone ({sq['params']['square']['n_queries']} queries) on the first {sq['n']} points: "
+      f"{100 * sq['accuracy']:.2f}% ({sq['correct']} / {sq['n']}); white-box attacks on the same points: "
+      + ", ".join(f"{NAMES[k]} {100 * v['accuracy']:.2f}%" for k, v in sq["white_box_on_same_points"].items())
+      + ".",
+    ]
   mc = report["masking_check"]
   lines += ["", "## Gradient-masking check", ""]
   if mc["flags"]:
     lines += [f"- **({f['check']})** {f['reason']}." for f in mc["flags"]]
   else:
-    ran = ["(a) white-box vs Square" if (sq or "square" in {s["attack"] for s in report.get("autoattack_stages", [])})
-           else None, "(b) PGD-20 vs FGSM" if {"pgd20", "fgsm"} <= set(report["attacks"]) else None,
-           "(c) accuracy vs eps" if sw else None, "(d) AutoAttack vs PGD-20"
-           if aa_key and "pgd20" in report["attacks"] else None]
+    ran = [
+      "(a) white-box vs Square"
+      if (sq or "square" in {s["attack"] for s in report.get("autoattack_stages", [])})
+      else None,
+      "(b) PGD-20 vs FGSM" if {"pgd20", "fgsm"} <= set(report["attacks"]) else None,
+      "(c) accuracy vs eps" if sw else None,
+      "(d) AutoAttack vs PGD-20" if aa_key and "pgd20" in report["attacks"] else None,
+    ]
     ran = [r for r in ran if r]
-    lines.append(f"No flag raised (checks run: {', '.join(ran) or 'none'}; margin {100 * mc['tolerance']:g} "
-                 f"points, sign-test level {mc.get('significance', 0.05):g} for (a), AutoAttack gap "
-                 f"{100 * mc['aa_gap']:g} points).")
+    lines.append(
+      f"No flag raised (checks run: {', '.join(ran) or 'none'}; margin {100 * mc['tolerance']:g} "
+      f"points, sign-test level {mc.get('significance', 0.05):g} for (a), AutoAttack gap "
+      f"{100 * mc['aa_gap']:g} points)."
+    )
   return "\n".join(lines) + "\n"
 
 
@@ -92,6 +120,7 @@ def atomic_write_text(path: str, text: str) -> None:
 def save_figure(fig, path: str) -> None:
   """Saves a matplotlib figure as PNG to ``path`` (through a temporary file renamed into place) and closes it."""
   import matplotlib.pyplot as plt
+
   tmp = f"{path}.tmp{os.getpid()}"
   try:
     fig.savefig(tmp, dpi=120, format="png")
@@ -105,6 +134,7 @@ def save_figure(fig, path: str) -> None:
 def plot_accuracy(report: dict, path: str) -> None:
   """``eval_accuracy.png``: a bar per attack, and per intermediate AutoAttack stage."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -120,8 +150,11 @@ def plot_accuracy(report: dict, path: str) -> None:
   ax.set_ylabel("accuracy (%)")
   ax.set_ylim(0, 110)
   m = report.get("meta", {})
-  ax.set_title(f"{m.get('model', {}).get('name', 'model')} on {m.get('dataset', '')}: "
-               f"L∞ eps = {report['eps']:.4g}, n = {report['num_examples']}", fontsize=9)
+  ax.set_title(
+    f"{m.get('model', {}).get('name', 'model')} on {m.get('dataset', '')}: "
+    f"L∞ eps = {report['eps']:.4g}, n = {report['num_examples']}",
+    fontsize=9,
+  )
   fig.tight_layout()
   save_figure(fig, path)
 
@@ -129,6 +162,7 @@ def plot_accuracy(report: dict, path: str) -> None:
 def plot_sweep(report: dict, path: str) -> None:
   """``eval_eps_sweep.png``: the sweep attack's accuracy against ε, the evaluation's ε marked."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 

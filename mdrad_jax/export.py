@@ -12,6 +12,7 @@ included), ``num_classes`` and ``image_shape``, enough to rebuild the network wi
 ``configs/import_teacher.py:source=FILE,arch=mdrad:export``.  The file is written to a temporary name and
 renamed, so an interrupted export never leaves a truncated file in its place.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,6 +49,7 @@ def flatten(variables: dict) -> dict[str, np.ndarray]:
 def export(workdir: str, out: str, *, which: str = "best") -> dict:
   """Writes the network of run ``workdir`` to ``out``; returns the metadata written."""
   from mdrad_jax import runs
+
   ext = os.path.splitext(out)[1].lower()
   if ext not in (".safetensors", ".npz"):
     raise UserError(f"--out must end in .safetensors or .npz, got {out!r}")
@@ -59,15 +61,24 @@ def export(workdir: str, out: str, *, which: str = "best") -> dict:
     raise UserError(str(e)) from None
   if not run_cfg or "model" not in run_cfg:
     raise UserError(f"{workdir}: no config.json with a model block next to the checkpoint")
-  model = {"name": run_cfg["model"]["name"], "kwargs": run_cfg["model"].get("kwargs", {}) or {},
-           "num_classes": run_cfg.get("num_classes"), "image_shape": run_cfg.get("image_shape")}
-  metadata = {"format": FORMAT, "model": json.dumps(model, sort_keys=True),
-              "workdir": os.path.abspath(workdir), "which": which}
+  model = {
+    "name": run_cfg["model"]["name"],
+    "kwargs": run_cfg["model"].get("kwargs", {}) or {},
+    "num_classes": run_cfg.get("num_classes"),
+    "image_shape": run_cfg.get("image_shape"),
+  }
+  metadata = {
+    "format": FORMAT,
+    "model": json.dumps(model, sort_keys=True),
+    "workdir": os.path.abspath(workdir),
+    "which": which,
+  }
   arrays = flatten(variables)
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   tmp = out + ".tmp" + ext
   if ext == ".safetensors":
     from safetensors.numpy import save_file
+
     save_file(arrays, tmp, metadata=metadata)
   else:
     blob = np.frombuffer(json.dumps(metadata, sort_keys=True).encode("utf-8"), np.uint8)
@@ -80,6 +91,7 @@ def read_metadata(path: str) -> dict[str, str]:
   """The metadata of an exported file ({} when it has none)."""
   if path.lower().endswith(".safetensors"):
     from safetensors import safe_open
+
     with safe_open(path, framework="numpy") as f:
       return dict(f.metadata() or {})
   if path.lower().endswith(".npz"):

@@ -10,6 +10,7 @@ reason:
 * (c) accuracy that does not fall as ε grows in the sweep (rises between two ε, or is flat over the sweep);
 * (d) AutoAttack accuracy far (``aa_gap``, 10 points by default) below PGD-20 accuracy.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,11 +29,12 @@ MULTI_STEP_WHITE_BOX = tuple(a.name for a in evaluation.PROTOCOL if a.loss is no
 def sign_test_p(b: int, c: int) -> float:
   """One-sided exact sign test (McNemar): P(X >= b) for X ~ Binomial(b + c, 1/2); 1.0 when b = c = 0."""
   m = b + c
-  return float(sum(math.comb(m, k) for k in range(b, m + 1)) / 2 ** m) if m else 1.0
+  return float(sum(math.comb(m, k) for k in range(b, m + 1)) / 2**m) if m else 1.0
 
 
-def masking_flags(report: dict, *, tolerance: float = 0.01, aa_gap: float = 0.10,
-                  significance: float = 0.05) -> list[dict]:
+def masking_flags(
+  report: dict, *, tolerance: float = 0.01, aa_gap: float = 0.10, significance: float = 0.05
+) -> list[dict]:
   """Signs of gradient masking in a report of ``evaluation_job.robustness_report``: a list of
   ``{'check', 'attack', 'reason'}``.
 
@@ -57,48 +59,81 @@ def masking_flags(report: dict, *, tolerance: float = 0.01, aa_gap: float = 0.10
       c = wb.get("white_box_broke_square_survivors", sq["correct"] - (wb["correct"] - b))
       p = sign_test_p(b, c)
       if wb["accuracy"] - sq["accuracy"] > tolerance and p < significance:
-        flags.append({"check": "a", "attack": name, "accuracy": wb["accuracy"], "square_accuracy": sq["accuracy"],
-                      "p_value": p,
-                      "reason": f"{NAMES[name]} accuracy {pct(wb['accuracy'])} is above the black-box Square "
-                                f"attack's {pct(sq['accuracy'])} on the same {sq['n']} points (Square broke "
-                                f"{b} points {NAMES[name]} left correct, {NAMES[name]} {c} the other way; sign "
-                                f"test p = {p:.2g}): the gradients may not point to adversarial examples"})
+        flags.append(
+          {
+            "check": "a",
+            "attack": name,
+            "accuracy": wb["accuracy"],
+            "square_accuracy": sq["accuracy"],
+            "p_value": p,
+            "reason": f"{NAMES[name]} accuracy {pct(wb['accuracy'])} is above the black-box Square "
+            f"attack's {pct(sq['accuracy'])} on the same {sq['n']} points (Square broke "
+            f"{b} points {NAMES[name]} left correct, {NAMES[name]} {c} the other way; sign "
+            f"test p = {p:.2g}): the gradients may not point to adversarial examples",
+          }
+        )
   stages = {s["attack"]: s for s in report.get("autoattack_stages", [])}
   n = report["num_examples"]
   if "square" in stages and n:
     flips = stages["square"]["flips"] or 0
     if flips / n > tolerance:
       before = [NAMES[s] for s in stages if s not in ("clean", "square")]
-      flags.append({"check": "a", "attack": "square", "flips": flips,
-                    "reason": f"Square flipped {flips} of {n} points ({pct(flips / n)}) that survived "
-                              f"{', '.join(before)} inside AutoAttack: a gradient-free attack finds what the "
-                              f"gradient-based ones miss"})
+      flags.append(
+        {
+          "check": "a",
+          "attack": "square",
+          "flips": flips,
+          "reason": f"Square flipped {flips} of {n} points ({pct(flips / n)}) that survived "
+          f"{', '.join(before)} inside AutoAttack: a gradient-free attack finds what the "
+          f"gradient-based ones miss",
+        }
+      )
   # (b) more iterations, weaker attack.
   if "pgd20" in acc and "fgsm" in acc and acc["pgd20"] - acc["fgsm"] > tolerance:
-    flags.append({"check": "b", "attack": "pgd20",
-                  "reason": f"PGD-20 accuracy {pct(acc['pgd20'])} is above FGSM accuracy {pct(acc['fgsm'])}: "
-                            f"iterating the attack makes it weaker"})
+    flags.append(
+      {
+        "check": "b",
+        "attack": "pgd20",
+        "reason": f"PGD-20 accuracy {pct(acc['pgd20'])} is above FGSM accuracy {pct(acc['fgsm'])}: "
+        f"iterating the attack makes it weaker",
+      }
+    )
   # (c) accuracy that does not fall with ε.
   sw = report.get("eps_sweep")
   if sw and len(sw["points"]) >= 2:
     pts = sw["points"]
     for a, b in zip(pts, pts[1:]):
       if b["accuracy"] - a["accuracy"] > tolerance:
-        flags.append({"check": "c", "attack": sw["attack"],
-                      "reason": f"{NAMES.get(sw['attack'], sw['attack'])} accuracy rises from {pct(a['accuracy'])} "
-                                f"at eps = {a['eps']:.4g} to {pct(b['accuracy'])} at eps = {b['eps']:.4g}"})
+        flags.append(
+          {
+            "check": "c",
+            "attack": sw["attack"],
+            "reason": f"{NAMES.get(sw['attack'], sw['attack'])} accuracy rises from {pct(a['accuracy'])} "
+            f"at eps = {a['eps']:.4g} to {pct(b['accuracy'])} at eps = {b['eps']:.4g}",
+          }
+        )
     positive = [p for p in pts if p["eps"] > 0]
     first, last = pts[0], pts[-1]
     if len(positive) >= 2 and last["accuracy"] >= first["accuracy"] - tolerance:
-      flags.append({"check": "c", "attack": sw["attack"],
-                    "reason": f"{NAMES.get(sw['attack'], sw['attack'])} accuracy does not fall as eps grows: "
-                              f"{pct(first['accuracy'])} at eps = {first['eps']:.4g}, {pct(last['accuracy'])} at "
-                              f"eps = {last['eps']:.4g}"})
+      flags.append(
+        {
+          "check": "c",
+          "attack": sw["attack"],
+          "reason": f"{NAMES.get(sw['attack'], sw['attack'])} accuracy does not fall as eps grows: "
+          f"{pct(first['accuracy'])} at eps = {first['eps']:.4g}, {pct(last['accuracy'])} at "
+          f"eps = {last['eps']:.4g}",
+        }
+      )
   # (d) AutoAttack far below PGD-20.
   for key in ("autoattack", "autoattack_apgd_subset"):
     if key in acc and "pgd20" in acc and acc["pgd20"] - acc[key] > aa_gap:
-      flags.append({"check": "d", "attack": key,
-                    "reason": f"{NAMES[key]} accuracy {pct(acc[key])} is {100 * (acc['pgd20'] - acc[key]):.1f} "
-                              f"points below PGD-20's {pct(acc['pgd20'])} (more than {100 * aa_gap:g}): PGD "
-                              f"overestimates robustness"})
+      flags.append(
+        {
+          "check": "d",
+          "attack": key,
+          "reason": f"{NAMES[key]} accuracy {pct(acc[key])} is {100 * (acc['pgd20'] - acc[key]):.1f} "
+          f"points below PGD-20's {pct(acc['pgd20'])} (more than {100 * aa_gap:g}): PGD "
+          f"overestimates robustness",
+        }
+      )
   return flags

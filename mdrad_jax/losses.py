@@ -21,6 +21,7 @@ Everything here is a pure, jit-able function of arrays.  Conventions:
 * Method losses take keyword arguments only and return ``(scalar_loss, metrics)`` where ``metrics`` maps each
   term's name to a 0-d float32 array.  Teacher logits/features are treated as constants (``stop_gradient``).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Sequence
@@ -52,8 +53,7 @@ def _f32(x):
 
 def _check_logits(name: str, z, ndim: int = 2) -> None:
   if z.ndim != ndim:
-    raise ValueError(f"{name} must have {ndim} dims ({'[N, C]' if ndim == 2 else '[K, N, C]'}), "
-                     f"got shape {z.shape}")
+    raise ValueError(f"{name} must have {ndim} dims ({'[N, C]' if ndim == 2 else '[K, N, C]'}), got shape {z.shape}")
 
 
 def _check_same(name_a: str, a, name_b: str, b) -> None:
@@ -124,8 +124,15 @@ def kl_div(target_probs, student_log_probs, *, reduction: str = "batchmean", rsl
   return reduce_per_sample(jnp.sum(pointwise, axis=-1), num_classes=p.shape[-1], reduction=reduction)
 
 
-def kl_from_logits(teacher_logits, student_logits, *, temperature=1.0, student_temperature=None,
-                   reduction: str = "batchmean", rslad_eps: bool = False):
+def kl_from_logits(
+  teacher_logits,
+  student_logits,
+  *,
+  temperature=1.0,
+  student_temperature=None,
+  reduction: str = "batchmean",
+  rslad_eps: bool = False,
+):
   """KL(softmax(t/τ) ‖ softmax(s/τ_s)) with τ_s = τ unless ``student_temperature`` is given.
 
   No τ² factor here (methods apply their own).  Gradients flow into both arguments; callers
@@ -154,8 +161,7 @@ def kl_from_log_probs(target_log_probs, student_log_probs, *, reduction: str = "
   _check_choice("KL reduction", reduction, REDUCTIONS)
   log_p, log_q = _f32(target_log_probs), _f32(student_log_probs)
   p = jnp.exp(log_p)
-  return reduce_per_sample(jnp.sum(p * (log_p - log_q), axis=-1), num_classes=log_p.shape[-1],
-                           reduction=reduction)
+  return reduce_per_sample(jnp.sum(p * (log_p - log_q), axis=-1), num_classes=log_p.shape[-1], reduction=reduction)
 
 
 def cross_entropy(logits, labels, *, reduction: str = "mean"):
@@ -202,7 +208,7 @@ def rectify_swap(logits, labels):
   z = jnp.asarray(logits)
   num_classes = z.shape[-1]
   _check_labels(labels, z.shape[-2])
-  m = jnp.argmax(z, axis=-1)                                  # [..., N]
+  m = jnp.argmax(z, axis=-1)  # [..., N]
   y = jnp.broadcast_to(labels.astype(jnp.int32), m.shape)
   oh_m = jax.nn.one_hot(m, num_classes, dtype=bool)
   oh_y = jax.nn.one_hot(y, num_classes, dtype=bool)
@@ -248,8 +254,9 @@ def dynamic_trust(student_adv_logits, labels, *, beta=1.0):
   return sg(jnp.power(jnp.clip(1.0 - p_y, 0.0, 1.0), beta))
 
 
-def rectify_dynamic(p_hat, student_adv_logits, labels, *, student_clean_logits=None, target="student",
-                    temperature=1.0, beta=1.0):
+def rectify_dynamic(
+  p_hat, student_adv_logits, labels, *, student_clean_logits=None, target="student", temperature=1.0, beta=1.0
+):
   """Dynamic rectification (INFERRED): p̃_i = λ_i·p̂_i + (1 − λ_i)·q_i with λ_i = :func:`dynamic_trust`.
 
   ``p_hat`` [N, C] is the fused (swap-rectified) teacher target; the fallback q_i is the student's own clean
@@ -310,21 +317,20 @@ def fusion_weights(kind: str, teacher_logits, labels):
     return jnp.full((k, n), 1.0 / k, jnp.float32)
   logp = jax.nn.log_softmax(z, axis=-1)
   y = jnp.broadcast_to(labels.astype(jnp.int32)[None, :, None], (k, n, 1))
-  logp_y = jnp.take_along_axis(logp, y, axis=-1)[..., 0]      # [K, N]
+  logp_y = jnp.take_along_axis(logp, y, axis=-1)[..., 0]  # [K, N]
   if kind == "camkd":
     w = (1.0 - jax.nn.softmax(-logp_y, axis=0)) / (k - 1)
   elif kind == "ptrue":
     w = jax.nn.softmax(logp_y, axis=0)
   else:
-    ent = -jnp.sum(jnp.exp(logp) * logp, axis=-1)               # [K, N]
+    ent = -jnp.sum(jnp.exp(logp) * logp, axis=-1)  # [K, N]
     total = jnp.sum(ent, axis=0, keepdims=True)
     safe = jnp.where(total > 0, total, 1.0)
     w = jnp.where(total > 0, (1.0 - ent / safe) / (k - 1), 1.0 / k)
   return sg(w)
 
 
-def fused_soft_target(teacher_logits, labels, *, rectifier="swap", fusion="camkd", temperature=4.0,
-                      adr_lambda=0.9):
+def fused_soft_target(teacher_logits, labels, *, rectifier="swap", fusion="camkd", temperature=4.0, adr_lambda=0.9):
   """SA-MDRAD target: p̂_i = Σ_k w_ki·p̃_ki, with p̃ = rectify(rectifier, z, y, τ) and w = fusion_weights(z).
 
   Fusion weights are computed from the UNRECTIFIED logits, so a teacher that had to be rectified is
@@ -377,11 +383,26 @@ def _metrics(**terms):
   return {k: _f32(v) for k, v in terms.items()}
 
 
-def sa_mdrad_loss(*, student_adv_logits, teacher_nat_logits, labels, student_nat_logits=None,
-                  teacher_adv_logits=None, projected_features=None, teacher_features=None,
-                  rectifier="swap", fusion="camkd", temperature=4.0, alpha=5.0 / 6.0,
-                  feature_weight=1.0, ce_weight=0.0, adr_lambda=0.9, reduction="batchmean",
-                  dynamic_target="student", dynamic_beta=1.0):
+def sa_mdrad_loss(
+  *,
+  student_adv_logits,
+  teacher_nat_logits,
+  labels,
+  student_nat_logits=None,
+  teacher_adv_logits=None,
+  projected_features=None,
+  teacher_features=None,
+  rectifier="swap",
+  fusion="camkd",
+  temperature=4.0,
+  alpha=5.0 / 6.0,
+  feature_weight=1.0,
+  ce_weight=0.0,
+  adr_lambda=0.9,
+  reduction="batchmean",
+  dynamic_target="student",
+  dynamic_beta=1.0,
+):
   """SA-MDRAD outer loss (multi-teacher, sample-aware rectification, adaptive fusion, logits + features).
 
   RECONSTRUCTION (INFERRED): the paper's full text and code are unavailable; this implements the configurable
@@ -419,8 +440,7 @@ def sa_mdrad_loss(*, student_adv_logits, teacher_nat_logits, labels, student_nat
     raise ValueError("sa_mdrad_loss: student_nat_logits is required unless alpha == 1")
   use_features = projected_features is not None and teacher_features is not None
   if not use_features and not _is_static(feature_weight, 0.0):
-    raise ValueError("sa_mdrad_loss: projected_features and teacher_features are required unless "
-                     "feature_weight == 0")
+    raise ValueError("sa_mdrad_loss: projected_features and teacher_features are required unless feature_weight == 0")
   s_adv = _f32(student_adv_logits)
   _check_logits("student_adv_logits", s_adv)
   _check_labels(labels, s_adv.shape[0])
@@ -438,16 +458,16 @@ def sa_mdrad_loss(*, student_adv_logits, teacher_nat_logits, labels, student_nat
   dyn_lambda = None
   if rectifier == "dynamic":
     if dynamic_target == "student" and student_nat_logits is None:
-      raise ValueError("sa_mdrad_loss: rectifier='dynamic' with dynamic_target='student' needs "
-                       "student_nat_logits")
-    dyn_kw = dict(student_clean_logits=student_nat_logits, target=dynamic_target, temperature=temperature,
-                  beta=dynamic_beta)
+      raise ValueError("sa_mdrad_loss: rectifier='dynamic' with dynamic_target='student' needs student_nat_logits")
+    dyn_kw = dict(
+      student_clean_logits=student_nat_logits, target=dynamic_target, temperature=temperature, beta=dynamic_beta
+    )
     p_adv, dyn_lambda = rectify_dynamic(p_adv, s_adv, labels, **dyn_kw)
     p_nat, _ = rectify_dynamic(p_nat, s_adv, labels, **dyn_kw)
 
   def tempered_kl(p, s):
     log_q = jax.nn.log_softmax(s / temperature, axis=-1)
-    return temperature ** 2 * kl_div(p, log_q, reduction=reduction)
+    return temperature**2 * kl_div(p, log_q, reduction=reduction)
 
   kl_adv = tempered_kl(p_adv, s_adv)
   if student_nat_logits is None:
@@ -468,13 +488,18 @@ def sa_mdrad_loss(*, student_adv_logits, teacher_nat_logits, labels, student_nat
   y = jnp.broadcast_to(labels[None], t_nat.shape[:2])
   teacher_correct = jnp.argmax(t_nat, axis=-1) == y
   extra = {} if dyn_lambda is None else {"dynamic_trust": jnp.mean(dyn_lambda)}
-  return loss, _metrics(kl_adv=kl_adv, kl_nat=kl_nat, feature=feat, ce=ce,
-                        teacher_acc=jnp.mean(teacher_correct),
-                        fusion_max_weight=jnp.mean(jnp.max(w_nat, axis=0)), **extra)
+  return loss, _metrics(
+    kl_adv=kl_adv,
+    kl_nat=kl_nat,
+    feature=feat,
+    ce=ce,
+    teacher_acc=jnp.mean(teacher_correct),
+    fusion_max_weight=jnp.mean(jnp.max(w_nat, axis=0)),
+    **extra,
+  )
 
 
-def kd_loss(*, student_logits, teacher_logits, labels=None, temperature=4.0, alpha=0.9,
-            reduction="batchmean"):
+def kd_loss(*, student_logits, teacher_logits, labels=None, temperature=4.0, alpha=0.9, reduction="batchmean"):
   """Clean Hinton KD: L = α·τ²·KL(softmax(T(x)/τ) ‖ softmax(S(x)/τ)) + (1 − α)·CE(S(x), y).
 
   ``teacher_logits`` [N, C], or [K, N, C] to average the KL over K teachers.  ``labels`` are required unless α is
@@ -485,9 +510,11 @@ def kd_loss(*, student_logits, teacher_logits, labels=None, temperature=4.0, alp
   t = sg(_stack_teachers("teacher_logits", teacher_logits))
   if t.shape[1:] != s.shape:
     raise ValueError(f"teacher_logits {t.shape} do not match student_logits {s.shape}")
-  kl = jnp.mean(jnp.stack([kl_from_logits(t[k], s, temperature=temperature, reduction=reduction)
-                           for k in range(t.shape[0])]), axis=0)
-  kl = temperature ** 2 * kl
+  kl = jnp.mean(
+    jnp.stack([kl_from_logits(t[k], s, temperature=temperature, reduction=reduction) for k in range(t.shape[0])]),
+    axis=0,
+  )
+  kl = temperature**2 * kl
   if labels is None:
     if not _is_static(alpha, 1.0):
       raise ValueError("kd_loss: labels are required unless alpha == 1")
@@ -515,8 +542,16 @@ def trades_loss(*, student_nat_logits, student_adv_logits, labels, beta=6.0, red
   return ce + beta * kl, _metrics(ce_nat=ce, kl_robust=kl)
 
 
-def ard_loss(*, student_adv_logits, teacher_nat_logits, student_nat_logits=None, labels=None,
-             temperature=30.0, alpha=1.0, reduction="elem_mean"):
+def ard_loss(
+  *,
+  student_adv_logits,
+  teacher_nat_logits,
+  student_nat_logits=None,
+  labels=None,
+  temperature=30.0,
+  alpha=1.0,
+  reduction="elem_mean",
+):
   """ARD: L = α·τ²·KL(softmax(T(x)/τ) ‖ softmax(S(x')/τ)) + (1 − α)·CE(S(x), y).
 
   Official defaults: τ = 30, α = 1 (so no CE term), KL ``nn.KLDivLoss()`` = 'elem_mean' on every dataset.
@@ -524,7 +559,7 @@ def ard_loss(*, student_adv_logits, teacher_nat_logits, student_nat_logits=None,
   """
   s_adv = _f32(student_adv_logits)
   t = sg(_single_teacher("teacher_nat_logits", teacher_nat_logits))
-  kl = temperature ** 2 * kl_from_logits(t, s_adv, temperature=temperature, reduction=reduction)
+  kl = temperature**2 * kl_from_logits(t, s_adv, temperature=temperature, reduction=reduction)
   if student_nat_logits is None or labels is None:
     if not _is_static(alpha, 1.0):
       raise ValueError("ard_loss: student_nat_logits and labels are required unless alpha == 1")
@@ -534,8 +569,16 @@ def ard_loss(*, student_adv_logits, teacher_nat_logits, student_nat_logits=None,
   return alpha * kl + (1.0 - alpha) * ce, _metrics(kl_adv=kl, ce_nat=ce)
 
 
-def rslad_loss(*, student_adv_logits, student_nat_logits, teacher_nat_logits, alpha=5.0 / 6.0,
-               reduction="elem_mean", kl_scale=1.0, rslad_eps=True):
+def rslad_loss(
+  *,
+  student_adv_logits,
+  student_nat_logits,
+  teacher_nat_logits,
+  alpha=5.0 / 6.0,
+  reduction="elem_mean",
+  kl_scale=1.0,
+  rslad_eps=True,
+):
   """RSLAD: L = s·[α·KL(T(x) ‖ S(x')) + (1 − α)·KL(T(x) ‖ S(x))], τ = 1.
 
   Official code: custom pointwise KL −p·log q + p·log(p + 1e-5) (``rslad_eps=True``), ``torch.mean`` over all
@@ -550,8 +593,15 @@ def rslad_loss(*, student_adv_logits, student_nat_logits, teacher_nat_logits, al
   return alpha * kl_adv + (1.0 - alpha) * kl_nat, _metrics(kl_adv=kl_adv, kl_nat=kl_nat)
 
 
-def adaad_loss(*, student_adv_logits, teacher_adv_logits, student_nat_logits=None, teacher_nat_logits=None,
-               alpha=1.0, reduction="elem_mean"):
+def adaad_loss(
+  *,
+  student_adv_logits,
+  teacher_adv_logits,
+  student_nat_logits=None,
+  teacher_nat_logits=None,
+  alpha=1.0,
+  reduction="elem_mean",
+):
   """AdaAD: L = α·KL(T(x') ‖ S(x')) + (1 − α)·KL(T(x) ‖ S(x)), τ = 1.
 
   Official code: 'elem_mean' (``nn.KLDivLoss()``) on CIFAR-10, 'batchmean' on CIFAR-100; default α = 1 (only the
@@ -575,12 +625,23 @@ def introspection_trust(teacher_adv_logits, labels, *, beta=0.1):
   t = sg(_single_teacher("teacher_adv_logits", teacher_adv_logits))
   _check_labels(labels, t.shape[0])
   p_y = jnp.take_along_axis(jax.nn.softmax(t, axis=-1), labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
-  return sg(p_y ** beta)
+  return sg(p_y**beta)
 
 
-def iad1_loss(*, student_adv_logits, student_nat_logits, teacher_nat_logits, teacher_adv_logits, labels,
-              introspection_on, temperature=1.0, alpha=1.0, beta=0.1, detach_self_target=False,
-              reduction="batchmean"):
+def iad1_loss(
+  *,
+  student_adv_logits,
+  student_nat_logits,
+  teacher_nat_logits,
+  teacher_adv_logits,
+  labels,
+  introspection_on,
+  temperature=1.0,
+  alpha=1.0,
+  beta=0.1,
+  detach_self_target=False,
+  reduction="batchmean",
+):
   """IAD-I (on ARD).  With a_i = P_T(y_i | x'_i)^β (stop-gradient) and on ∈ {0, 1}:
 
     L = α·τ²·KL(T(x)/τ ‖ S(x')/τ) + on·α·(1/N) Σ_i (1 − a_i)·KL(S(x_i) ‖ S(x'_i)) + (1 − α)·CE(S(x), y)
@@ -596,19 +657,30 @@ def iad1_loss(*, student_adv_logits, student_nat_logits, teacher_nat_logits, tea
   on = _f32(introspection_on)
   a = introspection_trust(teacher_adv_logits, labels, beta=beta)
   num_classes = s_adv.shape[-1]
-  kl_teacher = temperature ** 2 * kl_from_logits(t_nat, s_adv, temperature=temperature, reduction=reduction)
+  kl_teacher = temperature**2 * kl_from_logits(t_nat, s_adv, temperature=temperature, reduction=reduction)
   self_target = sg(s_nat) if detach_self_target else s_nat
   kl_self_i = kl_from_logits(self_target, s_adv, reduction="none")
   kl_self = reduce_per_sample((1.0 - a) * kl_self_i, num_classes=num_classes, reduction=reduction)
   ce = cross_entropy(s_nat, labels)
   loss = alpha * kl_teacher + on * alpha * kl_self + (1.0 - alpha) * ce
-  return loss, _metrics(kl_teacher=kl_teacher, kl_self=kl_self, ce_nat=ce, trust=jnp.mean(a),
-                        introspection_on=on)
+  return loss, _metrics(kl_teacher=kl_teacher, kl_self=kl_self, ce_nat=ce, trust=jnp.mean(a), introspection_on=on)
 
 
-def iad2_loss(*, student_adv_logits, student_nat_logits, teacher_at_adv_logits, teacher_st_adv_logits, labels,
-              introspection_on, temperature=1.0, alpha1=0.5, alpha2=0.25, beta=0.1, detach_self_target=False,
-              reduction="batchmean"):
+def iad2_loss(
+  *,
+  student_adv_logits,
+  student_nat_logits,
+  teacher_at_adv_logits,
+  teacher_st_adv_logits,
+  labels,
+  introspection_on,
+  temperature=1.0,
+  alpha1=0.5,
+  alpha2=0.25,
+  beta=0.1,
+  detach_self_target=False,
+  reduction="batchmean",
+):
   """IAD-II (on AKD2: adversarially-trained teacher T_at + standard teacher T_st, both queried on x').
 
   With a_i = P_{T_at}(y_i | x'_i)^β (stop-gradient) and on ∈ {0, 1}, ā_i = on·a_i + (1 − on):
@@ -628,7 +700,7 @@ def iad2_loss(*, student_adv_logits, student_nat_logits, teacher_at_adv_logits, 
   on = _f32(introspection_on)
   a = introspection_trust(t_at, labels, beta=beta)
   num_classes = s_adv.shape[-1]
-  tau2 = temperature ** 2
+  tau2 = temperature**2
   red = lambda v: reduce_per_sample(v, num_classes=num_classes, reduction=reduction)  # noqa: E731
   kl_at_i = kl_from_logits(t_at, s_adv, temperature=temperature, reduction="none")
   kl_at = tau2 * red((on * a + (1.0 - on)) * kl_at_i)
@@ -637,8 +709,7 @@ def iad2_loss(*, student_adv_logits, student_nat_logits, teacher_at_adv_logits, 
   kl_st = tau2 * kl_from_logits(t_st, s_adv, temperature=temperature, reduction=reduction)
   ce = cross_entropy(s_adv, labels)
   loss = (1.0 - alpha1 - alpha2) * ce + alpha1 * (kl_at + kl_self) + alpha2 * kl_st
-  return loss, _metrics(ce_adv=ce, kl_at=kl_at, kl_self=kl_self, kl_st=kl_st, trust=jnp.mean(a),
-                        introspection_on=on)
+  return loss, _metrics(ce_adv=ce, kl_at=kl_at, kl_self=kl_self, kl_st=kl_st, trust=jnp.mean(a), introspection_on=on)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -647,6 +718,7 @@ def iad2_loss(*, student_adv_logits, student_nat_logits, teacher_at_adv_logits, 
 class MTARDState(NamedTuple):
   """Adaptive quantities of MTARD / B-MTARD (0-d arrays; a pytree, so it lives in and checkpoints with the
   train state)."""
+
   w_adv: jax.Array
   w_nat: jax.Array
   tau_adv: jax.Array
@@ -659,13 +731,31 @@ class MTARDState(NamedTuple):
 def mtard_init_state() -> MTARDState:
   """w_adv = w_nat = 1/2, τ_adv = τ_nat = 1, initial losses unset (recorded by the first update)."""
   half, one = jnp.full((), 0.5, jnp.float32), jnp.ones((), jnp.float32)
-  return MTARDState(w_adv=half, w_nat=half, tau_adv=one, tau_nat=one, init_loss_adv=one,
-                    init_loss_nat=one, initialized=jnp.zeros((), bool))
+  return MTARDState(
+    w_adv=half,
+    w_nat=half,
+    tau_adv=one,
+    tau_nat=one,
+    init_loss_adv=one,
+    init_loss_nat=one,
+    initialized=jnp.zeros((), bool),
+  )
 
 
-def mtard_update_state(state: MTARDState, loss_adv, loss_nat, *, lr_w=0.025, beta=1.0, balanced=False,
-                       entropy_adv=None, entropy_nat=None, lr_tau=0.001, tau_min=1.0,
-                       tau_max=10.0) -> MTARDState:
+def mtard_update_state(
+  state: MTARDState,
+  loss_adv,
+  loss_nat,
+  *,
+  lr_w=0.025,
+  beta=1.0,
+  balanced=False,
+  entropy_adv=None,
+  entropy_nat=None,
+  lr_tau=0.001,
+  tau_min=1.0,
+  tau_max=10.0,
+) -> MTARDState:
   """One MTARD (or B-MTARD with ``balanced``) update from the current KL losses (treated as constants).
 
   On the first call (``initialized`` false) L0 = the current losses.  Then with r_v = (L_v / L0_v)^β:
@@ -700,14 +790,32 @@ def mtard_update_state(state: MTARDState, loss_adv, loss_nat, *, lr_w=0.025, bet
       h_adv, h_nat = sg(_f32(entropy_adv)), sg(_f32(entropy_nat))
       tau_adv = jnp.clip(tau_adv - lr_tau * jnp.sign(h_adv / h_nat - 1.0), tau_min, tau_max)
       tau_nat = jnp.clip(tau_nat - lr_tau * jnp.sign(h_nat / h_adv - 1.0), tau_min, tau_max)
-  return MTARDState(w_adv=_f32(w_adv), w_nat=_f32(w_nat), tau_adv=_f32(tau_adv), tau_nat=_f32(tau_nat),
-                    init_loss_adv=_f32(l0_adv), init_loss_nat=_f32(l0_nat),
-                    initialized=jnp.ones((), bool))
+  return MTARDState(
+    w_adv=_f32(w_adv),
+    w_nat=_f32(w_nat),
+    tau_adv=_f32(tau_adv),
+    tau_nat=_f32(tau_nat),
+    init_loss_adv=_f32(l0_adv),
+    init_loss_nat=_f32(l0_nat),
+    initialized=jnp.ones((), bool),
+  )
 
 
-def mtard_loss(*, student_adv_logits, student_nat_logits, teacher_adv_logits, teacher_nat_logits,
-               state: MTARDState, lr_w=0.025, beta=1.0, balanced=False, lr_tau=0.001,
-               reduction="elem_mean", kl_scale=1.0, use_updated_weights=True):
+def mtard_loss(
+  *,
+  student_adv_logits,
+  student_nat_logits,
+  teacher_adv_logits,
+  teacher_nat_logits,
+  state: MTARDState,
+  lr_w=0.025,
+  beta=1.0,
+  balanced=False,
+  lr_tau=0.001,
+  reduction="elem_mean",
+  kl_scale=1.0,
+  use_updated_weights=True,
+):
   """MTARD (B-MTARD with ``balanced``): L = w_adv·KL(T_adv(x') ‖ S(x')) + w_nat·KL(T_nat(x) ‖ S(x)).
 
   KL: RSLAD's pointwise form with the teacher tempered by the state's τ_v (always 1 for MTARD) and the student
@@ -730,12 +838,21 @@ def mtard_loss(*, student_adv_logits, student_nat_logits, teacher_adv_logits, te
   kl_nat = kl_scale * kl_from_logits(t_nat, s_nat, temperature=state.tau_nat, **kw)
   h_adv = _neg_entropy_rslad(jax.nn.softmax(t_adv / state.tau_adv, axis=-1))
   h_nat = _neg_entropy_rslad(jax.nn.softmax(t_nat / state.tau_nat, axis=-1))
-  new = mtard_update_state(state, kl_adv, kl_nat, lr_w=lr_w, beta=beta, balanced=balanced,
-                           entropy_adv=h_adv, entropy_nat=h_nat, lr_tau=lr_tau)
+  new = mtard_update_state(
+    state, kl_adv, kl_nat, lr_w=lr_w, beta=beta, balanced=balanced, entropy_adv=h_adv, entropy_nat=h_nat, lr_tau=lr_tau
+  )
   w_adv, w_nat = (new.w_adv, new.w_nat) if use_updated_weights else (state.w_adv, state.w_nat)
   loss = w_adv * kl_adv + w_nat * kl_nat
-  return loss, _metrics(kl_adv=kl_adv, kl_nat=kl_nat, w_adv=w_adv, w_nat=w_nat, tau_adv=state.tau_adv,
-                        tau_nat=state.tau_nat, teacher_neg_entropy_adv=h_adv, teacher_neg_entropy_nat=h_nat)
+  return loss, _metrics(
+    kl_adv=kl_adv,
+    kl_nat=kl_nat,
+    w_adv=w_adv,
+    w_nat=w_nat,
+    tau_adv=state.tau_adv,
+    tau_nat=state.tau_nat,
+    teacher_neg_entropy_adv=h_adv,
+    teacher_neg_entropy_nat=h_nat,
+  )
 
 
 def bmtard_loss(**kwargs):

@@ -23,6 +23,7 @@ ceil mode (``SAME``) so that small inputs never shrink to zero size (identical t
 Global average pooling replaces the fixed ``avg_pool2d(4)``/``avg_pool2d(8)`` of the PyTorch code (the same
 operation for 32x32 inputs).
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,9 +38,20 @@ import numpy as np
 Dtype = Any
 
 __all__ = [
-    "MODELS", "get_model", "init_model", "count_params", "FeatureProjector",
-    "ResNet", "PreActResNet", "WideResNet", "MobileNetV2", "MobileNetV2Torchvision", "VGG", "SmallCNN",
-    "TinyCNN", "MLP",
+  "MODELS",
+  "get_model",
+  "init_model",
+  "count_params",
+  "FeatureProjector",
+  "ResNet",
+  "PreActResNet",
+  "WideResNet",
+  "MobileNetV2",
+  "MobileNetV2Torchvision",
+  "VGG",
+  "SmallCNN",
+  "TinyCNN",
+  "MLP",
 ]
 
 # PyTorch's kaiming_normal_(mode='fan_out', nonlinearity='relu') for convolutions (torchvision's choice;
@@ -55,21 +67,45 @@ BN_EPSILON = 1e-5
 # ---------------------------------------------------------------------------------------------
 # Shared pieces.
 # ---------------------------------------------------------------------------------------------
-def _conv(features: int, kernel: int, stride: int = 1, *, dtype: Dtype, name: str, groups: int = 1,
-          use_bias: bool = False, padding=None) -> nn.Conv:
+def _conv(
+  features: int,
+  kernel: int,
+  stride: int = 1,
+  *,
+  dtype: Dtype,
+  name: str,
+  groups: int = 1,
+  use_bias: bool = False,
+  padding=None,
+) -> nn.Conv:
   """A conv with PyTorch's symmetric zero padding ``kernel // 2`` (or the explicit ``padding`` given as
   ``((top, bottom), (left, right))``)."""
   p = kernel // 2
   if padding is None:
     padding = ((p, p), (p, p))
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
-                 feature_group_count=groups, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                 kernel_init=conv_init, name=name)
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    strides=(stride, stride),
+    padding=padding,
+    feature_group_count=groups,
+    use_bias=use_bias,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=conv_init,
+    name=name,
+  )
 
 
 def _bn(train: bool, *, dtype: Dtype, name: str) -> nn.BatchNorm:
-  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                      dtype=dtype, param_dtype=jnp.float32, name=name)
+  return nn.BatchNorm(
+    use_running_average=not train,
+    momentum=BN_MOMENTUM,
+    epsilon=BN_EPSILON,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    name=name,
+  )
 
 
 MAX_POOL_IMPLS = ("reshape", "reduce_window")
@@ -125,8 +161,7 @@ def _prepare_input(x, mean, std, dtype):
 def _classify(feat_map, num_classes: int, *, name: str = "linear"):
   """Global average pooling (float32) then a float32 linear classifier."""
   pooled = jnp.mean(feat_map.astype(jnp.float32), axis=(1, 2))
-  return nn.Dense(num_classes, dtype=jnp.float32, param_dtype=jnp.float32, kernel_init=dense_init,
-                  name=name)(pooled)
+  return nn.Dense(num_classes, dtype=jnp.float32, param_dtype=jnp.float32, kernel_init=dense_init, name=name)(pooled)
 
 
 def _output(logits, features: dict, return_features: bool):
@@ -141,6 +176,7 @@ def _output(logits, features: dict, return_features: bool):
 # ---------------------------------------------------------------------------------------------
 class BasicBlock(nn.Module):
   """conv3x3-BN-ReLU-conv3x3-BN + shortcut (1x1 conv + BN when the shape changes), then ReLU."""
+
   features: int
   stride: int = 1
   dtype: Dtype = jnp.float32
@@ -160,6 +196,7 @@ class BasicBlock(nn.Module):
 
 class Bottleneck(nn.Module):
   """1x1-3x3-1x1 bottleneck with expansion 4 (kuangliu ResNet-50 block)."""
+
   features: int
   stride: int = 1
   dtype: Dtype = jnp.float32
@@ -196,6 +233,7 @@ class ResNet(nn.Module):
   ``MaxPool2d(3, stride=2, padding=1)`` after the stem, padded with -inf, as torchvision's ResNets and
   huyvnphan/PyTorch_CIFAR10's CIFAR ResNets have).
   """
+
   num_classes: int
   dtype: Dtype = jnp.float32
   mean: tuple | None = None
@@ -234,6 +272,7 @@ class ResNet(nn.Module):
 # ---------------------------------------------------------------------------------------------
 class PreActBlock(nn.Module):
   """BN-ReLU-conv3x3-BN-ReLU-conv3x3; the projection shortcut reads the pre-activated input."""
+
   features: int
   stride: int = 1
   dtype: Dtype = jnp.float32
@@ -254,6 +293,7 @@ class PreActBlock(nn.Module):
 class PreActResNet(nn.Module):
   """Pre-activation ResNet (kuangliu layout). ``final_bn=True`` adds BN-ReLU before pooling (the variant
   of several robust-overfitting codebases, +2·512 parameters)."""
+
   num_classes: int
   dtype: Dtype = jnp.float32
   mean: tuple | None = None
@@ -287,6 +327,7 @@ class WideBasicBlock(nn.Module):
   When the channel count changes, both branches read the pre-activated input and the shortcut is a 1x1
   conv (no BN); otherwise the shortcut is the raw input.
   """
+
   features: int
   stride: int = 1
   dropout_rate: float = 0.0
@@ -327,6 +368,7 @@ class WideResNet(nn.Module):
   only, TensorFlow's ``SAME`` for even sizes; PyTorch's symmetric padding 1 otherwise).  As in DeepMind's
   code, that needs even map sizes at every stride-2 block (e.g. 32x32 inputs), where the 1x1 shortcut's
   output size matches."""
+
   num_classes: int
   dtype: Dtype = jnp.float32
   mean: tuple | None = None
@@ -334,8 +376,8 @@ class WideResNet(nn.Module):
   depth: int = 34
   widen_factor: int = 10
   dropout_rate: float = 0.0
-  activation: str = "relu"        # 'relu' | 'swish'
-  conv_padding: str = "pytorch"   # 'pytorch' | 'same'
+  activation: str = "relu"  # 'relu' | 'swish'
+  conv_padding: str = "pytorch"  # 'pytorch' | 'same'
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
@@ -355,8 +397,15 @@ class WideResNet(nn.Module):
     for i, w in enumerate((16 * k, 32 * k, 64 * k)):
       for j in range(n):
         stride = 2 if (i > 0 and j == 0) else 1
-        x = WideBasicBlock(w, stride, self.dropout_rate, dtype=self.dtype, activation=self.activation,
-                           conv_padding=self.conv_padding, name=f"block{i + 1}_{j}")(x, train)
+        x = WideBasicBlock(
+          w,
+          stride,
+          self.dropout_rate,
+          dtype=self.dtype,
+          activation=self.activation,
+          conv_padding=self.conv_padding,
+          name=f"block{i + 1}_{j}",
+        )(x, train)
       feats[f"stage{i + 1}"] = x
     x = _ACTIVATIONS[self.activation](_bn(train, dtype=self.dtype, name="bn1")(x))
     feats["last"] = x
@@ -367,13 +416,21 @@ class WideResNet(nn.Module):
 # MobileNetV2 (kuangliu CIFAR variant: stem stride 1, second stage stride 1).
 # ---------------------------------------------------------------------------------------------
 # (expansion, out_channels, num_blocks, stride)
-MOBILENETV2_CIFAR_CFG = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2),
-                         (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+MOBILENETV2_CIFAR_CFG = (
+  (1, 16, 1, 1),
+  (6, 24, 2, 1),
+  (6, 32, 3, 2),
+  (6, 64, 4, 2),
+  (6, 96, 3, 1),
+  (6, 160, 3, 2),
+  (6, 320, 1, 1),
+)
 
 
 class InvertedResidual(nn.Module):
   """1x1 expand-BN-ReLU, 3x3 depthwise-BN-ReLU, 1x1 project-BN; residual only at stride 1 (with a 1x1
   conv + BN shortcut when the channel count changes), as in kuangliu's ``Block``."""
+
   expansion: int
   features: int
   stride: int = 1
@@ -398,6 +455,7 @@ class InvertedResidual(nn.Module):
 
 class MobileNetV2(nn.Module):
   """MobileNetV2 for 32x32 inputs: 3x3 stride-1 stem (32), inverted residual stages, 1x1 conv to 1280."""
+
   num_classes: int
   dtype: Dtype = jnp.float32
   mean: tuple | None = None
@@ -422,8 +480,15 @@ class MobileNetV2(nn.Module):
 
 # torchvision's MobileNetV2 (ImageNet strides) and the CIFAR variant of chenyaofo/pytorch-cifar-models and
 # huyvnphan/PyTorch_CIFAR10 (stem stride 1, second stage stride 1), (expansion, out_channels, num_blocks, stride).
-MOBILENETV2_TORCHVISION_CFG = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
-                               (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+MOBILENETV2_TORCHVISION_CFG = (
+  (1, 16, 1, 1),
+  (6, 24, 2, 2),
+  (6, 32, 3, 2),
+  (6, 64, 4, 2),
+  (6, 96, 3, 1),
+  (6, 160, 3, 2),
+  (6, 320, 1, 1),
+)
 
 
 def make_divisible(v: float, divisor: int = 8) -> int:
@@ -437,6 +502,7 @@ def make_divisible(v: float, divisor: int = 8) -> int:
 class TorchvisionInvertedResidual(nn.Module):
   """torchvision's block: [1x1 expand-BN-ReLU6] (absent when the expansion is 1), 3x3 depthwise-BN-ReLU6,
   1x1 project-BN; identity residual when stride is 1 and the channel count is unchanged (no shortcut conv)."""
+
   expansion: int
   features: int
   stride: int = 1
@@ -466,6 +532,7 @@ class MobileNetV2Torchvision(nn.Module):
   ``stem_stride=2`` with ``MOBILENETV2_TORCHVISION_CFG`` is torchvision's ImageNet network.  Blocks are
   ``block1``..``blockN`` in order (torchvision's ``features.1``..``features.N``); the classifier's dropout is
   not built (identity in eval mode)."""
+
   num_classes: int
   dtype: Dtype = jnp.float32
   mean: tuple | None = None
@@ -489,8 +556,7 @@ class MobileNetV2Torchvision(nn.Module):
       out_ch = make_divisible(c * self.width_mult, self.round_nearest)
       for j in range(n):
         k += 1
-        x = TorchvisionInvertedResidual(e, out_ch, s if j == 0 else 1, dtype=self.dtype,
-                                        name=f"block{k}")(x, train)
+        x = TorchvisionInvertedResidual(e, out_ch, s if j == 0 else 1, dtype=self.dtype, name=f"block{k}")(x, train)
       feats[f"stage{i + 1}"] = x
     x = _conv(last, 1, dtype=self.dtype, name="head_conv")(x)
     x = nn.relu6(_bn(train, dtype=self.dtype, name="head_bn")(x))
@@ -502,11 +568,10 @@ class MobileNetV2Torchvision(nn.Module):
 # VGG with BatchNorm (kuangliu CIFAR variant: conv stack + one linear layer).
 # ---------------------------------------------------------------------------------------------
 VGG_CFGS = {
-    "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
-    "vgg13": (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
-    "vgg16": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"),
-    "vgg19": (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
-              512, 512, 512, 512, "M"),
+  "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+  "vgg13": (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+  "vgg16": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"),
+  "vgg19": (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"),
 }
 
 
@@ -518,6 +583,7 @@ class VGG(nn.Module):
   ``(512, 512)`` is chenyaofo/pytorch-cifar-models' head, ``(4096, 4096)`` huyvnphan/PyTorch_CIFAR10's.  Their
   dropout layers are not built (identity in eval mode, which is how an imported teacher runs); their flatten
   equals the global pooling here because the last map is 1x1 for 32x32 inputs."""
+
   num_classes: int
   dtype: Dtype = jnp.float32
   mean: tuple | None = None
@@ -545,10 +611,12 @@ class VGG(nn.Module):
       return _output(_classify(x, self.num_classes, name="classifier"), feats, return_features)
     h = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     for k, width in enumerate(self.classifier_hidden):
-      h = nn.relu(nn.Dense(int(width), dtype=jnp.float32, param_dtype=jnp.float32, kernel_init=dense_init,
-                           name=f"fc{k + 1}")(h))
-    logits = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32, kernel_init=dense_init,
-                      name="classifier")(h)
+      h = nn.relu(
+        nn.Dense(int(width), dtype=jnp.float32, param_dtype=jnp.float32, kernel_init=dense_init, name=f"fc{k + 1}")(h)
+      )
+    logits = nn.Dense(
+      self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32, kernel_init=dense_init, name="classifier"
+    )(h)
     return _output(logits, feats, return_features)
 
 
@@ -558,6 +626,7 @@ class VGG(nn.Module):
 class SmallCNN(nn.Module):
   """Stages of ``convs_per_stage`` x (conv3x3-BN-ReLU) with ``widths`` channels, a 2x2 max-pool between
   stages, global pooling, linear. 32x32 -> 8x8x128 features; 8x8 -> 2x2x128."""
+
   num_classes: int
   dtype: Dtype = jnp.float32
   mean: tuple | None = None
@@ -584,6 +653,7 @@ class SmallCNN(nn.Module):
 class TinyCNN(nn.Module):
   """Two conv3x3-BN-ReLU layers (the second with stride 2), global pooling, linear: compiles in seconds.
   8x8x1 digits -> 4x4x32 features."""
+
   num_classes: int
   dtype: Dtype = jnp.float32
   mean: tuple | None = None
@@ -605,6 +675,7 @@ class TinyCNN(nn.Module):
 class MLP(nn.Module):
   """Flatten, ``hidden`` Dense-ReLU layers, linear. No BatchNorm (so no ``batch_stats``); the parameter
   count depends on the input size. ``features['last']`` is the last hidden layer as ``[N, 1, 1, D]``."""
+
   num_classes: int
   dtype: Dtype = jnp.float32
   mean: tuple | None = None
@@ -616,8 +687,7 @@ class MLP(nn.Module):
     x = _prepare_input(x, self.mean, self.std, self.dtype)
     x = x.reshape(x.shape[0], -1)
     for i, h in enumerate(self.hidden):
-      x = nn.relu(nn.Dense(h, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=dense_init,
-                           name=f"fc{i + 1}")(x))
+      x = nn.relu(nn.Dense(h, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=dense_init, name=f"fc{i + 1}")(x))
     feat = x[:, None, None, :]
     logits = _classify(feat, self.num_classes, name="out")
     return _output(logits, {"last": feat}, return_features)
@@ -636,6 +706,7 @@ class FeatureProjector(nn.Module):
   non-integer factor). Then 1x1 conv (no bias) -> BatchNorm -> ReLU, as CA-MKD's ``Embed``.
   Output is float32.
   """
+
   out_channels: int
   out_hw: tuple[int, int]
   dtype: Dtype = jnp.float32
@@ -655,8 +726,15 @@ class FeatureProjector(nn.Module):
       else:
         f = jax.image.resize(f, (n, th, tw, c), method="bilinear", antialias=True)
     f = f.astype(self.dtype)
-    f = nn.Conv(self.out_channels, (1, 1), use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                kernel_init=conv_init, name="conv")(f)
+    f = nn.Conv(
+      self.out_channels,
+      (1, 1),
+      use_bias=False,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      kernel_init=conv_init,
+      name="conv",
+    )(f)
     f = nn.relu(_bn(train, dtype=self.dtype, name="bn")(f))
     return f.astype(jnp.float32)
 
@@ -665,33 +743,32 @@ class FeatureProjector(nn.Module):
 # Registry.
 # ---------------------------------------------------------------------------------------------
 MODELS: dict[str, Callable[..., nn.Module]] = {
-    "resnet18": functools.partial(ResNet, stage_sizes=(2, 2, 2, 2)),
-    "resnet34": functools.partial(ResNet, stage_sizes=(3, 4, 6, 3)),
-    "resnet50": functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block="bottleneck"),
-    "resnet20": functools.partial(ResNet, stage_sizes=(3, 3, 3), widths=(16, 32, 64)),
-    "resnet32": functools.partial(ResNet, stage_sizes=(5, 5, 5), widths=(16, 32, 64)),
-    "resnet44": functools.partial(ResNet, stage_sizes=(7, 7, 7), widths=(16, 32, 64)),
-    "resnet56": functools.partial(ResNet, stage_sizes=(9, 9, 9), widths=(16, 32, 64)),
-    "resnet110": functools.partial(ResNet, stage_sizes=(18, 18, 18), widths=(16, 32, 64)),
-    "preact_resnet18": functools.partial(PreActResNet, stage_sizes=(2, 2, 2, 2)),
-    "wide_resnet": WideResNet,
-    "wrn28_10": functools.partial(WideResNet, depth=28, widen_factor=10),
-    "wrn34_10": functools.partial(WideResNet, depth=34, widen_factor=10),
-    "wrn34_20": functools.partial(WideResNet, depth=34, widen_factor=20),
-    "mobilenet_v2": MobileNetV2,
-    "mobilenetv2_x0_5": functools.partial(MobileNetV2Torchvision, width_mult=0.5),
-    "mobilenetv2_x0_75": functools.partial(MobileNetV2Torchvision, width_mult=0.75),
-    "mobilenetv2_x1_0": functools.partial(MobileNetV2Torchvision, width_mult=1.0),
-    "mobilenetv2_x1_4": functools.partial(MobileNetV2Torchvision, width_mult=1.4),
-    "mobilenet_v2_torchvision": functools.partial(MobileNetV2Torchvision, stem_stride=2,
-                                                  cfg=MOBILENETV2_TORCHVISION_CFG),
-    "vgg11_bn": functools.partial(VGG, cfg=VGG_CFGS["vgg11"]),
-    "vgg13_bn": functools.partial(VGG, cfg=VGG_CFGS["vgg13"]),
-    "vgg16_bn": functools.partial(VGG, cfg=VGG_CFGS["vgg16"]),
-    "vgg19_bn": functools.partial(VGG, cfg=VGG_CFGS["vgg19"]),
-    "small_cnn": SmallCNN,
-    "tiny_cnn": TinyCNN,
-    "mlp": MLP,
+  "resnet18": functools.partial(ResNet, stage_sizes=(2, 2, 2, 2)),
+  "resnet34": functools.partial(ResNet, stage_sizes=(3, 4, 6, 3)),
+  "resnet50": functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block="bottleneck"),
+  "resnet20": functools.partial(ResNet, stage_sizes=(3, 3, 3), widths=(16, 32, 64)),
+  "resnet32": functools.partial(ResNet, stage_sizes=(5, 5, 5), widths=(16, 32, 64)),
+  "resnet44": functools.partial(ResNet, stage_sizes=(7, 7, 7), widths=(16, 32, 64)),
+  "resnet56": functools.partial(ResNet, stage_sizes=(9, 9, 9), widths=(16, 32, 64)),
+  "resnet110": functools.partial(ResNet, stage_sizes=(18, 18, 18), widths=(16, 32, 64)),
+  "preact_resnet18": functools.partial(PreActResNet, stage_sizes=(2, 2, 2, 2)),
+  "wide_resnet": WideResNet,
+  "wrn28_10": functools.partial(WideResNet, depth=28, widen_factor=10),
+  "wrn34_10": functools.partial(WideResNet, depth=34, widen_factor=10),
+  "wrn34_20": functools.partial(WideResNet, depth=34, widen_factor=20),
+  "mobilenet_v2": MobileNetV2,
+  "mobilenetv2_x0_5": functools.partial(MobileNetV2Torchvision, width_mult=0.5),
+  "mobilenetv2_x0_75": functools.partial(MobileNetV2Torchvision, width_mult=0.75),
+  "mobilenetv2_x1_0": functools.partial(MobileNetV2Torchvision, width_mult=1.0),
+  "mobilenetv2_x1_4": functools.partial(MobileNetV2Torchvision, width_mult=1.4),
+  "mobilenet_v2_torchvision": functools.partial(MobileNetV2Torchvision, stem_stride=2, cfg=MOBILENETV2_TORCHVISION_CFG),
+  "vgg11_bn": functools.partial(VGG, cfg=VGG_CFGS["vgg11"]),
+  "vgg13_bn": functools.partial(VGG, cfg=VGG_CFGS["vgg13"]),
+  "vgg16_bn": functools.partial(VGG, cfg=VGG_CFGS["vgg16"]),
+  "vgg19_bn": functools.partial(VGG, cfg=VGG_CFGS["vgg19"]),
+  "small_cnn": SmallCNN,
+  "tiny_cnn": TinyCNN,
+  "mlp": MLP,
 }
 
 

@@ -14,6 +14,7 @@ Schedules are given in epochs in the config and converted to steps here:
 * ``cosine``: cosine decay from ``lr`` to 0 over the run, with an optional linear warm-up.
 * ``constant``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -24,14 +25,14 @@ SCHEDULES = ("piecewise", "ard_faithful", "cosine", "constant")
 
 
 def learning_rate_schedule(
-    *,
-    name: str,
-    base_lr: float,
-    steps_per_epoch: int,
-    num_epochs: int,
-    boundaries: Sequence[float] = (),
-    factor: float = 0.1,
-    warmup_epochs: float = 0.0,
+  *,
+  name: str,
+  base_lr: float,
+  steps_per_epoch: int,
+  num_epochs: int,
+  boundaries: Sequence[float] = (),
+  factor: float = 0.1,
+  warmup_epochs: float = 0.0,
 ) -> optax.Schedule:
   """Builds the learning-rate schedule; boundaries and warm-up are in epochs (may be fractional)."""
   if steps_per_epoch <= 0:
@@ -50,8 +51,7 @@ def learning_rate_schedule(
   else:
     raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {name!r}")
   if warmup > 0:
-    sched = optax.join_schedules(
-        [optax.linear_schedule(0.0, base_lr, warmup), sched], [warmup])
+    sched = optax.join_schedules([optax.linear_schedule(0.0, base_lr, warmup), sched], [warmup])
   return sched
 
 
@@ -62,13 +62,13 @@ def create_optimizer(optim_config, *, steps_per_epoch: int, num_epochs: int):
   ``boundaries`` (epochs), ``factor``, ``warmup_epochs``, ``grad_clip_norm`` (0 = off).
   """
   sched = learning_rate_schedule(
-      name=optim_config.schedule,
-      base_lr=optim_config.lr,
-      steps_per_epoch=steps_per_epoch,
-      num_epochs=num_epochs,
-      boundaries=tuple(optim_config.boundaries),
-      factor=optim_config.factor,
-      warmup_epochs=optim_config.warmup_epochs,
+    name=optim_config.schedule,
+    base_lr=optim_config.lr,
+    steps_per_epoch=steps_per_epoch,
+    num_epochs=num_epochs,
+    boundaries=tuple(optim_config.boundaries),
+    factor=optim_config.factor,
+    warmup_epochs=optim_config.warmup_epochs,
   )
   parts = []
   if optim_config.grad_clip_norm:
@@ -76,8 +76,7 @@ def create_optimizer(optim_config, *, steps_per_epoch: int, num_epochs: int):
   if optim_config.weight_decay:
     parts.append(optax.add_decayed_weights(optim_config.weight_decay))
   if optim_config.name == "sgd":
-    parts.append(optax.sgd(sched, momentum=optim_config.momentum or None,
-                           nesterov=bool(optim_config.nesterov)))
+    parts.append(optax.sgd(sched, momentum=optim_config.momentum or None, nesterov=bool(optim_config.nesterov)))
   elif optim_config.name == "adam":
     parts.append(optax.adam(sched))
   else:

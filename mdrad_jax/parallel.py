@@ -7,6 +7,7 @@ multi-GPU host and on a TPU pod slice.  Frozen teacher variables are replicated 
 ``teacher_sharding='fsdp'``, split over the same axis (each large array along one dimension) and gathered by
 XLA where the step uses them.  See docs/scaling.md.
 """
+
 from __future__ import annotations
 
 import os
@@ -48,8 +49,7 @@ def initialize_distributed(dist_config=None) -> bool:
     return False
   enabled = str(dist_config.enabled).strip().lower()
   if enabled not in DISTRIBUTED_MODES:
-    raise UserError(f"config.distributed.enabled must be one of {DISTRIBUTED_MODES}, "
-                     f"got {dist_config.enabled!r}")
+    raise UserError(f"config.distributed.enabled must be one of {DISTRIBUTED_MODES}, got {dist_config.enabled!r}")
   if enabled == "false":
     return False
   if jax.distributed.is_initialized():
@@ -60,14 +60,19 @@ def initialize_distributed(dist_config=None) -> bool:
   method = dist_config.cluster_detection_method or None
   local_ids = parse_device_ids(dist_config.local_device_ids)
   cluster = detect_cluster()
-  given = [name for name, v in (("coordinator_address", address), ("num_processes", num),
-                                ("process_id", pid)) if v not in (None, "")]
+  given = [
+    name
+    for name, v in (("coordinator_address", address), ("num_processes", num), ("process_id", pid))
+    if v not in (None, "")
+  ]
   if enabled == "auto" and not given and method is None and cluster is None:
     return False
   if given and len(given) < 3 and cluster is None and method is None:
     missing = sorted({"coordinator_address", "num_processes", "process_id"} - set(given))
-    raise UserError(f"config.distributed: {', '.join(given)} given without {', '.join(missing)}; outside "
-                     f"SLURM/Open MPI/Cloud TPU give coordinator_address, num_processes and process_id together")
+    raise UserError(
+      f"config.distributed: {', '.join(given)} given without {', '.join(missing)}; outside "
+      f"SLURM/Open MPI/Cloud TPU give coordinator_address, num_processes and process_id together"
+    )
   if num is not None and int(num) < 1:
     raise UserError(f"config.distributed.num_processes must be >= 1, got {num}")
   if pid is not None and num is not None and not 0 <= int(pid) < int(num):
@@ -105,8 +110,7 @@ def parse_device_ids(value) -> list[int] | None:
   try:
     return [int(p) for p in parts]
   except (TypeError, ValueError):
-    raise UserError(f"config.distributed.local_device_ids must be comma-separated integers, "
-                     f"got {value!r}") from None
+    raise UserError(f"config.distributed.local_device_ids must be comma-separated integers, got {value!r}") from None
 
 
 def detect_cluster() -> str | None:
@@ -141,6 +145,7 @@ def _on_cloud_tpu_vm() -> bool:
   # Set by ``import jax`` when libtpu and TPU chips are present (without starting a backend).
   try:
     from jax._src import cloud_tpu_init
+
     return bool(cloud_tpu_init.running_in_cloud_tpu_vm)
   except (ImportError, AttributeError):
     return bool(os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("TPU_PROCESS_ADDRESSES"))
@@ -166,20 +171,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def check_batch_size(global_batch: int, mesh: Mesh, what: str = "batch_size") -> None:
   n = mesh.devices.size
   if global_batch % n:
-    raise UserError(
-        f"{what}={global_batch} must be divisible by the number of devices ({n})")
+    raise UserError(f"{what}={global_batch} must be divisible by the number of devices ({n})")
   if global_batch % jax.process_count():
-    raise UserError(
-        f"{what}={global_batch} must be divisible by the number of processes ({jax.process_count()})")
+    raise UserError(f"{what}={global_batch} must be divisible by the number of processes ({jax.process_count()})")
 
 
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
   """Turns each process's local numpy slice into one global array sharded along ``'data'``."""
   sharding = data_sharding(mesh)
-  return {
-      k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-      for k, v in batch.items()
-  }
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
 def put_global(tree, shardings):
@@ -239,11 +239,14 @@ def teacher_shardings(tree, mesh: Mesh, mode: str = "replicated", *, min_size: i
 
 def to_host(tree):
   """Fetches a pytree of replicated (or fully addressable) arrays to numpy on this process."""
+
   def get(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
       if x.is_fully_replicated:
         return np.asarray(x.addressable_data(0))
       from jax.experimental import multihost_utils
+
       x = multihost_utils.process_allgather(x, tiled=True)
     return np.asarray(x)
+
   return jax.tree.map(get, tree)

@@ -12,6 +12,7 @@ Whatever the compute dtype, the models keep their parameters float32 (``param_dt
 statistics, global pooling, the classifier and the returned logits/features in float32, and every loss is
 computed from float32 logits; gradients, parameters and optimizer state are float32 (``check_master_weights``).
 """
+
 from __future__ import annotations
 
 import jax
@@ -50,8 +51,11 @@ def with_dtype(module, name):
 
 
 def floating_dtypes(tree) -> set[str]:
-  return {np.dtype(x.dtype).name for x in jax.tree.leaves(tree)
-          if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)}
+  return {
+    np.dtype(x.dtype).name
+    for x in jax.tree.leaves(tree)
+    if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
+  }
 
 
 def check_master_weights(state) -> None:

@@ -10,6 +10,7 @@ by ``jax.distributed.initialize``) catches SIGTERM itself, tells the other proce
 every process at the same step; a SIGINT is passed on to that service as a SIGTERM so that it is agreed on the
 same way.
 """
+
 from __future__ import annotations
 
 import signal

@@ -1,4 +1,5 @@
 """Progress bars, log lines and the ``metrics.jsonl`` writer (all only on process 0)."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,16 @@ def progress_enabled() -> bool:
 
 def progress_bar(total: int, *, initial: int = 0, desc: str = "", unit: str = "step"):
   """A tqdm bar on process 0 (set ``MDRAD_PROGRESS=0`` to silence it); a no-op bar elsewhere."""
-  return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not progress_enabled(),
-              dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 10.0, file=sys.stderr)
+  return tqdm(
+    total=total,
+    initial=initial,
+    desc=desc,
+    unit=unit,
+    disable=not progress_enabled(),
+    dynamic_ncols=True,
+    mininterval=1.0 if sys.stderr.isatty() else 10.0,
+    file=sys.stderr,
+  )
 
 
 def log(msg: str) -> None:

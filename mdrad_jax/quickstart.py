@@ -8,6 +8,7 @@
 Every stage is an ordinary training run in its own sub-directory, so re-running the job on the same workdir
 resumes where it stopped and skips what is complete.
 """
+
 from __future__ import annotations
 
 import copy
@@ -27,8 +28,7 @@ from mdrad_jax import workdir as workdir_lib
 from mdrad_jax.progress import is_main_process, log
 
 
-def stage_config(config, *, model: str, method: str, teachers=(), epochs: int,
-                 lr: float) -> ml_collections.ConfigDict:
+def stage_config(config, *, model: str, method: str, teachers=(), epochs: int, lr: float) -> ml_collections.ConfigDict:
   q = config.quickstart
   c = config_lib.base_config()
   config_lib.apply_dataset_defaults(c, config.data.name)
@@ -62,19 +62,23 @@ def run(config, workdir: str) -> dict:
     tdir = os.path.join(workdir, "teachers", name)
     log(f"== teacher {name}: standard training, {q.teacher_epochs} epochs")
     train.train_and_evaluate(
-        stage_config(config, model=name, method="natural", epochs=q.teacher_epochs, lr=q.teacher_lr),
-        tdir)
+      stage_config(config, model=name, method="natural", epochs=q.teacher_epochs, lr=q.teacher_lr), tdir
+    )
     teacher_dirs.append(tdir)
 
   student_dirs = {}
   for method in q.student_methods:
     sdir = os.path.join(workdir, "students", method)
     uses_teachers = method not in ("pgd_at", "trades", "natural")
-    log(f"== student {q.student} with {method}" + (f" from {len(teacher_dirs)} teachers"
-                                                   if uses_teachers else ""))
-    scfg = stage_config(config, model=q.student, method=method,
-                        teachers=teacher_dirs if uses_teachers else (),
-                        epochs=q.student_epochs, lr=q.student_lr)
+    log(f"== student {q.student} with {method}" + (f" from {len(teacher_dirs)} teachers" if uses_teachers else ""))
+    scfg = stage_config(
+      config,
+      model=q.student,
+      method=method,
+      teachers=teacher_dirs if uses_teachers else (),
+      epochs=q.student_epochs,
+      lr=q.student_lr,
+    )
     train.train_and_evaluate(scfg, sdir)
     student_dirs[method] = sdir
 
@@ -88,22 +92,37 @@ def run(config, workdir: str) -> dict:
   for role, name, d in nets:
     trained = runs.load_trained(d, "latest", num_classes=info.num_classes)
     logits_fn = evaluation.logits_fn_from_model(trained.module, trained.variables)
-    res = evaluation.evaluate(logits_fn, images, labels, attacks=("clean", "pgd20"), eps=eps,
-                              step_size=float(config.attack.step_size), seed=config.seed,
-                              batch_size=q.eval_batch_size, progress=False)
-    rows.append({"role": role, "name": name, "model": trained.run_config["model"]["name"],
-                 "clean": res["clean"]["accuracy"], "pgd20": res["pgd20"]["accuracy"]})
+    res = evaluation.evaluate(
+      logits_fn,
+      images,
+      labels,
+      attacks=("clean", "pgd20"),
+      eps=eps,
+      step_size=float(config.attack.step_size),
+      seed=config.seed,
+      batch_size=q.eval_batch_size,
+      progress=False,
+    )
+    rows.append(
+      {
+        "role": role,
+        "name": name,
+        "model": trained.run_config["model"]["name"],
+        "clean": res["clean"]["accuracy"],
+        "pgd20": res["pgd20"]["accuracy"],
+      }
+    )
   elapsed = time.perf_counter() - t0
 
   results = {
-      "dataset": config.data.name,
-      "split": info.test_split,
-      "num_examples": int(labels.shape[0]),
-      "eps": eps,
-      "pgd20": {"steps": 20, "step_size": float(config.attack.step_size), "init": "uniform"},
-      "rows": rows,
-      "seconds": elapsed,
-      "devices": [str(d) for d in jax.devices()],
+    "dataset": config.data.name,
+    "split": info.test_split,
+    "num_examples": int(labels.shape[0]),
+    "eps": eps,
+    "pgd20": {"steps": 20, "step_size": float(config.attack.step_size), "init": "uniform"},
+    "rows": rows,
+    "seconds": elapsed,
+    "devices": [str(d) for d in jax.devices()],
   }
   table = format_table(results)
   if is_main_process():
@@ -119,17 +138,21 @@ def run(config, workdir: str) -> dict:
 
 def format_table(results: dict) -> str:
   eps = results["eps"]
-  lines = [f"Quickstart on {results['dataset']} ({results['split']} split, {results['num_examples']} "
-           f"examples), L-inf eps = {eps:.4g}, PGD-20 step {results['pgd20']['step_size']:.4g}", "",
-           "| role | name | model | clean acc | PGD-20 acc |", "|---|---|---|---:|---:|"]
+  lines = [
+    f"Quickstart on {results['dataset']} ({results['split']} split, {results['num_examples']} "
+    f"examples), L-inf eps = {eps:.4g}, PGD-20 step {results['pgd20']['step_size']:.4g}",
+    "",
+    "| role | name | model | clean acc | PGD-20 acc |",
+    "|---|---|---|---:|---:|",
+  ]
   for r in results["rows"]:
-    lines.append(f"| {r['role']} | {r['name']} | {r['model']} | {100 * r['clean']:.2f} | "
-                 f"{100 * r['pgd20']:.2f} |")
+    lines.append(f"| {r['role']} | {r['name']} | {r['model']} | {100 * r['clean']:.2f} | {100 * r['pgd20']:.2f} |")
   return "\n".join(lines)
 
 
 def plot_results(results: dict, path: str) -> None:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   import numpy as np

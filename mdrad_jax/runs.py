@@ -21,6 +21,7 @@ A path is a training workdir (``config.json`` + ``checkpoints/``), its ``checkpo
 directory ``checkpoints/<step>``.  Every problem is a one-line :class:`~mdrad_jax.errors.UserError` that starts
 with ``what``, the config field or flag the path came from.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,15 +45,15 @@ WHICH = ("best", "latest")
 
 class TrainedModel(NamedTuple):
   """A trained network read from a run's workdir."""
-  module: nn.Module        # rebuilt from config.json's ``model`` block
-  variables: dict          # {'params', 'batch_stats'} of the network alone (no projectors), host arrays
-  run_config: dict         # the parsed config.json
-  step: int                # the checkpoint's training step
-  step_dir: str            # WORKDIR/checkpoints/<step>
+
+  module: nn.Module  # rebuilt from config.json's ``model`` block
+  variables: dict  # {'params', 'batch_stats'} of the network alone (no projectors), host arrays
+  run_config: dict  # the parsed config.json
+  step: int  # the checkpoint's training step
+  step_dir: str  # WORKDIR/checkpoints/<step>
 
 
-def resolve_checkpoint(path: str, which: str = "best", *,
-                       what: str = "checkpoint") -> tuple[str, int, dict | None]:
+def resolve_checkpoint(path: str, which: str = "best", *, what: str = "checkpoint") -> tuple[str, int, dict | None]:
   """``(step directory, step, run config or None)`` of a training workdir, its ``checkpoints/`` directory or one
   step directory; ``which`` is 'best' (the run's best metric; the latest without one) or 'latest'.  The run
   config is the ``config.json`` next to ``checkpoints/`` (None when there is none)."""
@@ -68,15 +69,18 @@ def resolve_checkpoint(path: str, which: str = "best", *,
   elif os.path.isdir(os.path.join(path, "state")):
     root, step_dir = os.path.dirname(path), path
   else:
-    raise MissingFileError(f"{what} {path} is neither a training workdir (config.json + checkpoints/), a "
-                           f"checkpoints/ directory nor a checkpoint step directory (state/)")
+    raise MissingFileError(
+      f"{what} {path} is neither a training workdir (config.json + checkpoints/), a "
+      f"checkpoints/ directory nor a checkpoint step directory (state/)"
+    )
   run_config = workdir_lib.read_run_config(os.path.dirname(root))
   if step_dir is None:
     if not os.path.isdir(root):
       raise MissingFileError(f"{what} {path}: no checkpoints/ directory in {os.path.dirname(root)}")
     ck = (run_config or {}).get("checkpoint", {})
-    ckpt = checkpointing.Checkpointer(os.path.dirname(root), best_metric=ck.get("best_metric") or None,
-                                      best_mode=ck.get("best_mode", "max"))
+    ckpt = checkpointing.Checkpointer(
+      os.path.dirname(root), best_metric=ck.get("best_metric") or None, best_mode=ck.get("best_mode", "max")
+    )
     try:
       step = ckpt.best_step() if which == "best" else ckpt.latest_step()
     finally:
@@ -86,21 +90,28 @@ def resolve_checkpoint(path: str, which: str = "best", *,
     step_dir = os.path.join(root, str(step))
   base = os.path.basename(os.path.normpath(step_dir))
   if not base.isdigit():
-    raise MissingFileError(f"{what} {path}: {step_dir} is not a checkpoint step directory (expected "
-                           f"checkpoints/<step>)")
+    raise MissingFileError(
+      f"{what} {path}: {step_dir} is not a checkpoint step directory (expected checkpoints/<step>)"
+    )
   return step_dir, int(base), run_config
 
 
-def load_model_variables(path: str, *, which: str = "best",
-                         what: str = "checkpoint") -> tuple[dict, dict | None]:
+def load_model_variables(path: str, *, which: str = "best", what: str = "checkpoint") -> tuple[dict, dict | None]:
   """``(variables, run config or None)`` of the checkpoint :func:`resolve_checkpoint` finds: ``{'params',
   'batch_stats'}`` of the network alone, and the parsed ``config.json`` of the run when there is one."""
   step_dir, _, run_config = resolve_checkpoint(path, which, what=what)
   return checkpointing.restore_model_variables(step_dir), run_config
 
 
-def load_trained(path: str, which: str = "best", *, num_classes: int | None = None, image_shape=None,
-                 dtype: str | None = None, what: str = "checkpoint") -> TrainedModel:
+def load_trained(
+  path: str,
+  which: str = "best",
+  *,
+  num_classes: int | None = None,
+  image_shape=None,
+  dtype: str | None = None,
+  what: str = "checkpoint",
+) -> TrainedModel:
   """The trained network of a run: module, variables, run config and step of its ``which`` checkpoint.
 
   The module is ``models.build_model`` of config.json's ``model`` block for ``num_classes`` (default: the
@@ -109,8 +120,9 @@ def load_trained(path: str, which: str = "best", *, num_classes: int | None = No
   """
   step_dir, step, run_config = resolve_checkpoint(path, which, what=what)
   if not run_config or "model" not in run_config:
-    raise MissingFileError(f"{what} {path}: no config.json with the model next to {step_dir}; cannot tell "
-                           f"which network to build")
+    raise MissingFileError(
+      f"{what} {path}: no config.json with the model next to {step_dir}; cannot tell which network to build"
+    )
   mcfg = ml_collections.ConfigDict(run_config["model"])
   if dtype is not None:
     mcfg.dtype = dtype
@@ -125,8 +137,9 @@ def load_trained(path: str, which: str = "best", *, num_classes: int | None = No
   if image_shape is not None:
     expected = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, *image_shape), jnp.float32)))
     if jax.tree.map(jnp.shape, variables["params"]) != jax.tree.map(jnp.shape, expected["params"]):
-      raise UserError(f"{what} {path}: the parameters of step {step} do not fit model {mcfg.name!r} for "
-                      f"{tuple(image_shape)} images")
+      raise UserError(
+        f"{what} {path}: the parameters of step {step} do not fit model {mcfg.name!r} for {tuple(image_shape)} images"
+      )
   return TrainedModel(module, variables, run_config, step, step_dir)
 
 
@@ -151,10 +164,14 @@ def load_teachers(paths, *, num_classes: int, image_shape, dtype: str = "float32
       raise UserError(f"teacher {path} has {t_classes} classes, the dataset has {num_classes}")
     t_shape = run_cfg.get("image_shape")
     if t_shape is not None and tuple(t_shape) != tuple(image_shape):
-      raise UserError(f"teacher {path} was trained on {tuple(t_shape)} images, this dataset has "
-                      f"{tuple(image_shape)}")
-    trained = load_trained(step_dir, num_classes=num_classes, image_shape=image_shape,
-                           dtype=None if dtype == "float32" else dtype, what="teacher")
+      raise UserError(f"teacher {path} was trained on {tuple(t_shape)} images, this dataset has {tuple(image_shape)}")
+    trained = load_trained(
+      step_dir,
+      num_classes=num_classes,
+      image_shape=image_shape,
+      dtype=None if dtype == "float32" else dtype,
+      what="teacher",
+    )
     modules.append(trained.module)
     variables.append(jax.tree.map(jnp.asarray, trained.variables))
   return tuple(modules), tuple(variables)

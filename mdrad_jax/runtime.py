@@ -1,4 +1,5 @@
 """Job dispatch and process-level set-up for ``main.py``."""
+
 from __future__ import annotations
 
 import os
@@ -11,6 +12,7 @@ JOBS = ("train", "evaluate", "quickstart", "study", "import_teacher")
 def configure_xla() -> None:
   """XLA flags the library sets by default, before JAX initialises; a user's own XLA_FLAGS win."""
   from mdrad_jax import xla_flags
+
   xla_flags.apply_defaults()
 
 
@@ -31,6 +33,7 @@ def configure_compilation_cache() -> str:
   again, e.g. another seed of the same configuration, reads it from disk).  Returns the directory, '' = off.
   A cache directory that cannot be created turns the cache off with a warning rather than failing the run."""
   import jax
+
   path = compilation_cache_dir()
   if not path:
     return ""
@@ -52,11 +55,13 @@ def run(config, workdir: str):
   from mdrad_jax import parallel
   from mdrad_jax import validation
   from mdrad_jax import workdir as workdir_lib
+
   if not workdir:
     raise UserError("--workdir is empty: give the directory the job writes to")
   validation.validate(config, jobs=JOBS)
   parallel.initialize_distributed(config.distributed)
   import jax
+
   with workdir_lib.lock(workdir, enabled=jax.process_index() == 0):
     return run_job(config, workdir)
 
@@ -65,17 +70,22 @@ def run_job(config, workdir: str):
   """Dispatches to the job's ``run(config, workdir)`` (no validation, no lock: see ``run``)."""
   if config.job == "train":
     from mdrad_jax import train
+
     return train.train_and_evaluate(config, workdir)
   if config.job == "evaluate":
     from mdrad_jax import evaluation_job
+
     return evaluation_job.run(config, workdir)
   if config.job == "quickstart":
     from mdrad_jax import quickstart
+
     return quickstart.run(config, workdir)
   if config.job == "study":
     from mdrad_jax import study
+
     return study.run(config, workdir)
   if config.job == "import_teacher":
     from mdrad_jax.importers import job as import_job
+
     return import_job.run(config, workdir)
   raise UserError(f"config.job = {config.job!r}: expected one of {JOBS}")

@@ -25,6 +25,7 @@ same record (config, test accuracy, PGD accuracy); it is marked ``restored_from`
 checkpoint; when the full AutoAttack needs one, the cell is trained again and its clean/PGD-20/CW∞ numbers are
 compared with the restored ones (``reproduced`` in its record).
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -47,8 +48,13 @@ from mdrad_jax.progress import is_main_process, log
 CELL_FILE = "cell.json"
 TEACHER_FILE = "teacher.json"
 # The attack keys of the evaluation reports that the study tabulates, with their column titles.
-COLUMNS = (("clean", "clean"), ("pgd20", "PGD-20"), ("cw", "CW∞"),
-           ("autoattack_apgd_subset", "AA (APGD-CE+APGD-T)"), ("autoattack", "AA (standard)"))
+COLUMNS = (
+  ("clean", "clean"),
+  ("pgd20", "PGD-20"),
+  ("cw", "CW∞"),
+  ("autoattack_apgd_subset", "AA (APGD-CE+APGD-T)"),
+  ("autoattack", "AA (standard)"),
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,7 +88,7 @@ def _shared_training(c: ml_collections.ConfigDict, s: ml_collections.ConfigDict,
   c.checkpoint.keep = 1
   c.eval.num_examples = s.eval.in_training_examples
   c.eval.every_epochs = t.epochs  # in-training evaluation only at the end: the study evaluates the last checkpoint
-  c.checkpoint.best_metric = ""   # the last checkpoint, the same rule for every method
+  c.checkpoint.best_metric = ""  # the last checkpoint, the same rule for every method
 
 
 def teacher_config(s: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
@@ -100,8 +106,9 @@ def teacher_config(s: ml_collections.ConfigDict, name: str) -> ml_collections.Co
   return c
 
 
-def cell_config(s: ml_collections.ConfigDict, row_name: str, seed: int,
-                teacher_dirs: dict[str, str]) -> ml_collections.ConfigDict:
+def cell_config(
+  s: ml_collections.ConfigDict, row_name: str, seed: int, teacher_dirs: dict[str, str]
+) -> ml_collections.ConfigDict:
   r = s.rows[row_name]
   c = config_lib.load_config_file(r.method, f"dataset={s.dataset},student={s.train.student},epochs={s.train.epochs}")
   _shared_training(c, s, s.train)
@@ -153,8 +160,7 @@ def _finished(path: str, config, where: str, run_dir: str) -> dict | None:
     return None
   if _same_config(done["config"], config.to_dict()):
     return done
-  raise UserError(f"{where}: {run_dir} was made with another config; move it away or restore the study's "
-                  f"settings")
+  raise UserError(f"{where}: {run_dir} was made with another config; move it away or restore the study's settings")
 
 
 def _write_json(path: str, obj) -> None:
@@ -195,11 +201,18 @@ def run_teacher(s, name: str, workdir: str) -> dict:
     return done
   log(f"== study teacher {name}: {s.teachers[name].method} training of {s.teachers[name].model}")
   metrics, seconds = _train(cfg, tdir)
-  record = {"name": name, "dir": tdir, "model": s.teachers[name].model, "method": s.teachers[name].method,
-            "config": cfg.to_dict(), "test_accuracy": metrics.get("test/accuracy"),
-            "test_pgd_accuracy": metrics.get("test/pgd_accuracy"),
-            "test_examples": metrics.get("test/num_examples"), "seconds": round(seconds, 1),
-            "train_flops": _flops(tdir)}
+  record = {
+    "name": name,
+    "dir": tdir,
+    "model": s.teachers[name].model,
+    "method": s.teachers[name].method,
+    "config": cfg.to_dict(),
+    "test_accuracy": metrics.get("test/accuracy"),
+    "test_pgd_accuracy": metrics.get("test/pgd_accuracy"),
+    "test_examples": metrics.get("test/num_examples"),
+    "seconds": round(seconds, 1),
+    "train_flops": _flops(tdir),
+  }
   _write_json(path, record)
   return record
 
@@ -216,8 +229,10 @@ def _evaluate(s, cell_dir: str, kind: str) -> dict:
 
 
 def _attack_numbers(report: dict) -> dict[str, dict]:
-  return {k: {"accuracy": v["accuracy"], "correct": v["correct"], "n": v["n"], "label": v.get("label")}
-          for k, v in report["attacks"].items()}
+  return {
+    k: {"accuracy": v["accuracy"], "correct": v["correct"], "n": v["n"], "label": v.get("label")}
+    for k, v in report["attacks"].items()
+  }
 
 
 TEACHER_RECORD_FIELDS = ("config", "test_accuracy", "test_pgd_accuracy", "test_examples")
@@ -235,8 +250,9 @@ def load_snapshot(path: str) -> dict | None:
   return snap
 
 
-def _restorable(snapshot: dict | None, row_name: str, seed: int, cfg, teachers: dict[str, dict],
-                names: list[str]) -> dict | None:
+def _restorable(
+  snapshot: dict | None, row_name: str, seed: int, cfg, teachers: dict[str, dict], names: list[str]
+) -> dict | None:
   """The snapshot's record of this cell when it may be taken over (same config, same teacher records)."""
   if snapshot is None:
     return None
@@ -248,14 +264,16 @@ def _restorable(snapshot: dict | None, row_name: str, seed: int, cfg, teachers: 
     return None
   for name in names:
     before = snapshot["teachers"].get(name)
-    if before is None or any(not _same_config({"v": before.get(k)}, {"v": teachers[name].get(k)})
-                             for k in TEACHER_RECORD_FIELDS):
+    if before is None or any(
+      not _same_config({"v": before.get(k)}, {"v": teachers[name].get(k)}) for k in TEACHER_RECORD_FIELDS
+    ):
       return None
   return old
 
 
-def run_cell(s, row_name: str, seed: int, workdir: str, teachers: dict[str, dict],
-             snapshot: dict | None = None) -> dict:
+def run_cell(
+  s, row_name: str, seed: int, workdir: str, teachers: dict[str, dict], snapshot: dict | None = None
+) -> dict:
   cell_dir = os.path.join(workdir, "runs", row_name, f"seed{seed}")
   cfg = cell_config(s, row_name, seed, {k: v["dir"] for k, v in teachers.items()})
   path = os.path.join(cell_dir, CELL_FILE)
@@ -287,13 +305,22 @@ def run_cell(s, row_name: str, seed: int, workdir: str, teachers: dict[str, dict
     raise RuntimeError(f"{cell_dir}: the two evaluations read different checkpoints")
   teacher_flops = [teachers[t].get("train_flops") for t in r.teachers]
   record = {
-      "row": row_name, "seed": seed, "method": r.method, "table": r.table, "label": r.label or row_name,
-      "teachers": [teachers[t]["name"] for t in r.teachers], "dir": cell_dir, "config": cfg.to_dict(), "checkpoint_step": step,
-      "attacks": attacks, "in_training": metrics,
-      "masking_flags": [f["reason"] for rep in reports.values() for f in rep["masking_check"]["flags"]],
-      "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1),
-      "train_flops": _flops(cell_dir),
-      "teacher_flops": None if any(f is None for f in teacher_flops) else float(sum(teacher_flops)),
+    "row": row_name,
+    "seed": seed,
+    "method": r.method,
+    "table": r.table,
+    "label": r.label or row_name,
+    "teachers": [teachers[t]["name"] for t in r.teachers],
+    "dir": cell_dir,
+    "config": cfg.to_dict(),
+    "checkpoint_step": step,
+    "attacks": attacks,
+    "in_training": metrics,
+    "masking_flags": [f["reason"] for rep in reports.values() for f in rep["masking_check"]["flags"]],
+    "train_seconds": round(train_seconds, 1),
+    "eval_seconds": round(eval_seconds, 1),
+    "train_flops": _flops(cell_dir),
+    "teacher_flops": None if any(f is None for f in teacher_flops) else float(sum(teacher_flops)),
   }
   _write_json(path, record)
   return record
@@ -309,9 +336,10 @@ def retrain_restored(s, cell: dict, teachers: dict[str, dict]) -> dict:
   new = _attack_numbers(report)
   same = all(new[k]["correct"] == cell["attacks"][k]["correct"] for k in new if k in cell["attacks"])
   if not same:
-    log(f"warning: {cell['row']}/seed{cell['seed']} retrained to other numbers than its restored record: "
-        + ", ".join(f"{k} {cell['attacks'][k]['correct']} -> {new[k]['correct']}" for k in new
-                    if k in cell["attacks"]))
+    log(
+      f"warning: {cell['row']}/seed{cell['seed']} retrained to other numbers than its restored record: "
+      + ", ".join(f"{k} {cell['attacks'][k]['correct']} -> {new[k]['correct']}" for k in new if k in cell["attacks"])
+    )
   return dict(cell, attacks=dict(cell["attacks"], **new), reproduced=same, retrain_seconds=round(seconds, 1))
 
 
@@ -362,14 +390,13 @@ RANK_PREFIX = "best"
 
 
 def _is_rank(name: str) -> bool:
-  return name.startswith(RANK_PREFIX) and name[len(RANK_PREFIX):].isdigit()
+  return name.startswith(RANK_PREFIX) and name[len(RANK_PREFIX) :].isdigit()
 
 
 def resolve_teachers(s, teachers: dict[str, dict]) -> dict[str, dict]:
   """Adds the rank names ``best1``, ``best2``, ... : the standard teachers of ``study.ranked_teachers`` by
   test accuracy, best first (so that 'single-teacher methods take the strongest' needs no guess)."""
-  ranked = sorted((teachers[n] for n in s.ranked_teachers if n in teachers),
-                  key=lambda t: -t["test_accuracy"])
+  ranked = sorted((teachers[n] for n in s.ranked_teachers if n in teachers), key=lambda t: -t["test_accuracy"])
   out = dict(teachers)
   for k, t in enumerate(ranked, start=1):
     out[f"{RANK_PREFIX}{k}"] = t
@@ -391,9 +418,16 @@ def aggregate(s, cells: list[dict]) -> list[dict]:
     if not mine:
       continue
     r = s.rows[row]
-    entry = {"row": row, "label": r.label or row, "method": r.method, "table": r.table,
-             "also_in": list(r.also_in), "teachers": mine[0]["teachers"], "seeds": [c["seed"] for c in mine],
-             "n_seeds": len(mine)}
+    entry = {
+      "row": row,
+      "label": r.label or row,
+      "method": r.method,
+      "table": r.table,
+      "also_in": list(r.also_in),
+      "teachers": mine[0]["teachers"],
+      "seeds": [c["seed"] for c in mine],
+      "n_seeds": len(mine),
+    }
     for key, _ in COLUMNS:
       vals = [c["attacks"][key]["accuracy"] for c in mine if key in c["attacks"]]
       m, sd = _mean_std(vals)
@@ -430,40 +464,58 @@ def _fmt(entry: dict | None) -> str:
 
 def format_markdown(study: dict) -> str:
   s = study["settings"]
-  lines = [f"# Study `{study['name']}`", "",
-           f"- data: `{s['dataset']}`, {s['train']['num_train_examples']} training examples (-1 = all), "
-           f"student `{s['train']['student']}`, {s['train']['epochs']} epochs, batch {s['train']['batch_size']}, "
-           f"lr {s['train']['lr']} ({s['train']['schedule']}), PGD-{s['train']['pgd_steps']} in training",
-           f"- evaluation of the last checkpoint of every cell: clean, PGD-20, CW∞ on {s['eval']['num_examples']} "
-           f"test points; APGD-CE + APGD-T on {s['eval']['aa_examples']}; standard AutoAttack on "
-           f"{s['eval']['full_aa_examples']} for the best rows; seed {s['eval']['seed']}",
-           "- accuracies in %, mean ± sample std over seeds; compute from XLA's cost analysis of each train step",
-           "", "## Teachers", "", "| teacher | model | training | test accuracy (%) | PGD-10 (%) | TFLOPs | minutes |",
-           "|---|---|---|---:|---:|---:|---:|"]
+  lines = [
+    f"# Study `{study['name']}`",
+    "",
+    f"- data: `{s['dataset']}`, {s['train']['num_train_examples']} training examples (-1 = all), "
+    f"student `{s['train']['student']}`, {s['train']['epochs']} epochs, batch {s['train']['batch_size']}, "
+    f"lr {s['train']['lr']} ({s['train']['schedule']}), PGD-{s['train']['pgd_steps']} in training",
+    f"- evaluation of the last checkpoint of every cell: clean, PGD-20, CW∞ on {s['eval']['num_examples']} "
+    f"test points; APGD-CE + APGD-T on {s['eval']['aa_examples']}; standard AutoAttack on "
+    f"{s['eval']['full_aa_examples']} for the best rows; seed {s['eval']['seed']}",
+    "- accuracies in %, mean ± sample std over seeds; compute from XLA's cost analysis of each train step",
+    "",
+    "## Teachers",
+    "",
+    "| teacher | model | training | test accuracy (%) | PGD-10 (%) | TFLOPs | minutes |",
+    "|---|---|---|---:|---:|---:|---:|",
+  ]
   for t in study["teachers"].values():
     pgd = "–" if t.get("test_pgd_accuracy") is None else f"{100 * t['test_pgd_accuracy']:.2f}"
     tf = "–" if t.get("train_flops") is None else f"{t['train_flops'] / 1e12:.3g}"
-    lines.append(f"| {t['name']} | `{t['model']}` | {t['method']} | {100 * t['test_accuracy']:.2f} "
-                 f"(n = {int(t['test_examples'])}) | {pgd} | {tf} | {t['seconds'] / 60:.1f} |")
+    lines.append(
+      f"| {t['name']} | `{t['model']}` | {t['method']} | {100 * t['test_accuracy']:.2f} "
+      f"(n = {int(t['test_examples'])}) | {pgd} | {tf} | {t['seconds'] / 60:.1f} |"
+    )
   present = [(k, title) for k, title in COLUMNS if any(r[k]["n"] for r in study["rows"])]
   for table in sorted({r["table"] for r in study["rows"]}):
     title = study["table_titles"].get(table, "")
-    lines += ["", f"## Table {table}" + (f": {title}" if title else ""), "",
-              "| row | method | teachers | seeds | " + " | ".join(t for _, t in present)
-              + " | minutes / cell | total TFLOPs | masking flags |",
-              "|---|---|---|---:|" + "---:|" * len(present) + "---:|---:|---:|"]
+    lines += [
+      "",
+      f"## Table {table}" + (f": {title}" if title else ""),
+      "",
+      "| row | method | teachers | seeds | "
+      + " | ".join(t for _, t in present)
+      + " | minutes / cell | total TFLOPs | masking flags |",
+      "|---|---|---|---:|" + "---:|" * len(present) + "---:|---:|---:|",
+    ]
     for r in [r for r in study["rows"] if r["table"] == table or table in r.get("also_in", ())]:
       tf = "–" if r["total_flops"] is None else f"{r['total_flops'] / 1e12:.3g}"
-      lines.append(f"| {r['label']} | {r['method']} | {', '.join(r['teachers']) or '–'} | {r['n_seeds']} | "
-                   + " | ".join(_fmt(r[k]) for k, _ in present)
-                   + f" | {r['minutes']:.1f} | {tf} | {r['masking_flags']} |")
-  lines += ["", f"Cells finished: {len(study['cells'])} of {study['num_cells_selected']} selected. "
-            f"Command: `{study['command']}`"]
+      lines.append(
+        f"| {r['label']} | {r['method']} | {', '.join(r['teachers']) or '–'} | {r['n_seeds']} | "
+        + " | ".join(_fmt(r[k]) for k, _ in present)
+        + f" | {r['minutes']:.1f} | {tf} | {r['masking_flags']} |"
+      )
+  lines += [
+    "",
+    f"Cells finished: {len(study['cells'])} of {study['num_cells_selected']} selected. Command: `{study['command']}`",
+  ]
   return "\n".join(lines) + "\n"
 
 
 def plot(study: dict, workdir: str) -> list[str]:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -476,8 +528,15 @@ def plot(study: dict, workdir: str) -> list[str]:
   def figure(points, xlabel, title, name, log_x=False):
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for r, x, xerr in points:
-      ax.errorbar(x, 100 * r[key]["mean"], xerr=xerr, yerr=100 * (r[key]["std"] or 0.0),
-                  fmt=markers[r["table"]], capsize=3, label=f"{r['label']} (table {r['table']})")
+      ax.errorbar(
+        x,
+        100 * r[key]["mean"],
+        xerr=xerr,
+        yerr=100 * (r[key]["std"] or 0.0),
+        fmt=markers[r["table"]],
+        capsize=3,
+        label=f"{r['label']} (table {r['table']})",
+      )
     if log_x:
       ax.set_xscale("log")
     ax.set_xlabel(xlabel)
@@ -490,13 +549,21 @@ def plot(study: dict, workdir: str) -> list[str]:
     written.append(path)
 
   done = [r for r in rows if r[key]["mean"] is not None]
-  figure([(r, 100 * r["clean"]["mean"], 100 * (r["clean"]["std"] or 0.0)) for r in done], "clean accuracy (%)",
-         "robust vs clean accuracy (mean ± std over seeds)", "study_robust_vs_clean.png")
+  figure(
+    [(r, 100 * r["clean"]["mean"], 100 * (r["clean"]["std"] or 0.0)) for r in done],
+    "clean accuracy (%)",
+    "robust vs clean accuracy (mean ± std over seeds)",
+    "study_robust_vs_clean.png",
+  )
   with_flops = [r for r in done if r["total_flops"]]
   if with_flops:
-    figure([(r, r["total_flops"] / 1e12, None) for r in with_flops],
-           "total compute, teacher training + this run's training (TFLOPs, log scale)",
-           "robust accuracy vs total compute", "study_robust_vs_compute.png", log_x=True)
+    figure(
+      [(r, r["total_flops"] / 1e12, None) for r in with_flops],
+      "total compute, teacher training + this run's training (TFLOPs, log scale)",
+      "robust accuracy vs total compute",
+      "study_robust_vs_compute.png",
+      log_x=True,
+    )
   return written
 
 
@@ -506,9 +573,16 @@ def _settings(s) -> dict:
 
 def write_outputs(s, workdir: str, teachers: dict, cells: list[dict], num_selected: int) -> dict:
   rows = aggregate(s, cells)
-  study = {"name": s.name, "settings": _settings(s), "teachers": teachers, "rows": rows,
-           "cells": sorted(cells, key=lambda c: (c["row"], c["seed"])), "num_cells_selected": num_selected,
-           "table_titles": dict(s.table_titles), "command": s.command or "python main.py --config=configs/study.py"}
+  study = {
+    "name": s.name,
+    "settings": _settings(s),
+    "teachers": teachers,
+    "rows": rows,
+    "cells": sorted(cells, key=lambda c: (c["row"], c["seed"])),
+    "num_cells_selected": num_selected,
+    "table_titles": dict(s.table_titles),
+    "command": s.command or "python main.py --config=configs/study.py",
+  }
   if is_main_process():
     _write_json(os.path.join(workdir, "study.json"), study)
     evaluation_report.atomic_write_text(os.path.join(workdir, "study.md"), format_markdown(study))
@@ -520,11 +594,16 @@ def run(config, workdir: str) -> dict:
   s = config.study
   os.makedirs(workdir, exist_ok=True)
   for name, r in s.rows.items():
-    missing = [t for t in r.teachers if t not in s.teachers and not
-               (_is_rank(t) and int(t[len(RANK_PREFIX):]) <= len(s.ranked_teachers))]
+    missing = [
+      t
+      for t in r.teachers
+      if t not in s.teachers and not (_is_rank(t) and int(t[len(RANK_PREFIX) :]) <= len(s.ranked_teachers))
+    ]
     if missing:
-      raise UserError(f"study.rows.{name}.teachers: unknown teacher(s) {missing}; defined: {sorted(s.teachers)} "
-                      f"and best1..best{len(s.ranked_teachers)} (ranked by test accuracy)")
+      raise UserError(
+        f"study.rows.{name}.teachers: unknown teacher(s) {missing}; defined: {sorted(s.teachers)} "
+        f"and best1..best{len(s.ranked_teachers)} (ranked by test accuracy)"
+      )
   row_names, cells_todo = selected(s)
   wanted = {t for r in row_names for t in s.rows[r].teachers}
   if any(_is_rank(t) for t in wanted):
@@ -540,8 +619,10 @@ def run(config, workdir: str) -> dict:
   for i, (row, seed) in enumerate(cells_todo):
     cells.append(run_cell(s, row, seed, workdir, by_name, snapshot))
     c = cells[-1]
-    log(f"[{i + 1}/{len(cells_todo)}] {row}/seed{seed}: " + ", ".join(
-        f"{title} {100 * c['attacks'][k]['accuracy']:.2f}" for k, title in COLUMNS if k in c["attacks"]))
+    log(
+      f"[{i + 1}/{len(cells_todo)}] {row}/seed{seed}: "
+      + ", ".join(f"{title} {100 * c['attacks'][k]['accuracy']:.2f}" for k, title in COLUMNS if k in c["attacks"])
+    )
     write_outputs(s, workdir, teachers, cells, len(cells_todo))
   if s.eval.full_aa_rows > 0:
     best = set(best_rows(s, aggregate(s, cells), int(s.eval.full_aa_rows)))

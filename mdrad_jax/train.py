@@ -7,6 +7,7 @@ state, resumes from ``workdir/checkpoints`` when a checkpoint is there, and jits
 ``config.json`` once the checkpoint is restored.  The loop appends metrics to ``metrics.jsonl``, writes
 ``cost.json`` and the checkpoints, and shows a progress bar with loss, accuracy and throughput.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,6 +34,7 @@ from mdrad_jax import train_step as step_lib
 from mdrad_jax import validation
 from mdrad_jax import workdir as workdir_lib
 from mdrad_jax.errors import Interrupted, UserError
+
 # The in-training evaluation (pad_batch: kept here for compatibility).
 from mdrad_jax.evaluation import evaluate_model, pad_batch  # noqa: F401
 from mdrad_jax.preemption import StopOnSignal
@@ -59,10 +61,15 @@ COST_FILE = runs.COST_FILE
 def resolve_attack(config, method: methods_lib.Method) -> step_lib.AttackConfig:
   a = config.attack
   return step_lib.AttackConfig(
-      eps=float(a.eps), step_size=float(a.step_size), num_steps=int(a.num_steps),
-      init=a.init or method.attack_init, bn_mode=a.bn_mode or method.attack_bn,
-      unroll=bool(a.unroll), dtype=a.dtype or "",
-      clip_start=_clip_start(a.clip_start, method))
+    eps=float(a.eps),
+    step_size=float(a.step_size),
+    num_steps=int(a.num_steps),
+    init=a.init or method.attack_init,
+    bn_mode=a.bn_mode or method.attack_bn,
+    unroll=bool(a.unroll),
+    dtype=a.dtype or "",
+    clip_start=_clip_start(a.clip_start, method),
+  )
 
 
 def _clip_start(value, method) -> bool:
@@ -73,8 +80,9 @@ def _clip_start(value, method) -> bool:
   return str(value).lower() == "true"
 
 
-def create_state(config, *, model, image_shape, teacher_modules, teacher_vars, method, steps_per_epoch,
-                 init=models_lib.init_model):
+def create_state(
+  config, *, model, image_shape, teacher_modules, teacher_vars, method, steps_per_epoch, init=models_lib.init_model
+):
   """Initial ``TrainState`` (host arrays), the feature projectors and the learning-rate schedule: student (and
   projectors) initialised from ``config.seed`` by ``init(module, rng, input_shape)`` (``models.init_model``;
   the benchmark gives a faster one that draws from the same distributions)."""
@@ -91,8 +99,7 @@ def create_state(config, *, model, image_shape, teacher_modules, teacher_vars, m
     _, s_feats = jax.eval_shape(lambda: model.apply(variables, dummy, train=False, return_features=True))
     projectors = []
     for k, (tm, tv) in enumerate(zip(teacher_modules, teacher_vars)):
-      _, t_feats = jax.eval_shape(lambda tm=tm, tv=tv: tm.apply(tv, dummy, train=False,
-                                                               return_features=True))
+      _, t_feats = jax.eval_shape(lambda tm=tm, tv=tv: tm.apply(tv, dummy, train=False, return_features=True))
       tshape = t_feats["last"].shape
       proj = models_lib.FeatureProjector(out_channels=tshape[-1], out_hw=tuple(tshape[1:3]))
       pv = init(proj, jax.random.fold_in(proj_rng, k), s_feats["last"].shape)
@@ -100,12 +107,15 @@ def create_state(config, *, model, image_shape, teacher_modules, teacher_vars, m
       stats["projectors"][str(k)] = pv.get("batch_stats", {})
       projectors.append(proj)
     projectors = tuple(projectors)
-  tx, schedule = optim.create_optimizer(config.optim, steps_per_epoch=steps_per_epoch,
-                                        num_epochs=config.num_epochs)
-  state = TrainState.create(params=params, batch_stats=stats, tx=tx,
-                            rng=jax.random.key_data(state_rng),
-                            # host copies: distinct device buffers per leaf (the step donates them)
-                            method_state=jax.tree.map(np.array, method.init_state(dict(config.method))))
+  tx, schedule = optim.create_optimizer(config.optim, steps_per_epoch=steps_per_epoch, num_epochs=config.num_epochs)
+  state = TrainState.create(
+    params=params,
+    batch_stats=stats,
+    tx=tx,
+    rng=jax.random.key_data(state_rng),
+    # host copies: distinct device buffers per leaf (the step donates them)
+    method_state=jax.tree.map(np.array, method.init_state(dict(config.method))),
+  )
   return state, projectors, schedule
 
 
@@ -127,9 +137,13 @@ def write_cost(workdir: str, *, flops_per_step: float | None, total_steps: int, 
   """``cost.json``: the train step's FLOPs (XLA cost analysis, all devices together) and the run's total."""
   if jax.process_index() != 0:
     return
-  d = {"train_step_flops": flops_per_step, "total_steps": int(total_steps), "batch_size": int(batch_size),
-       "train_flops": None if flops_per_step is None else flops_per_step * total_steps,
-       "source": "XLA cost analysis of the lowered train step; evaluation not included"}
+  d = {
+    "train_step_flops": flops_per_step,
+    "total_steps": int(total_steps),
+    "batch_size": int(batch_size),
+    "train_flops": None if flops_per_step is None else flops_per_step * total_steps,
+    "source": "XLA cost analysis of the lowered train step; evaluation not included",
+  }
   path = os.path.join(workdir, COST_FILE)
   with open(path + ".tmp", "w") as f:
     json.dump(d, f, indent=2)
@@ -141,26 +155,50 @@ def write_cost(workdir: str, *, flops_per_step: float | None, total_steps: int, 
 # ---------------------------------------------------------------------------------------------
 class TrainStep(NamedTuple):
   """The train step of a config and the state it starts from (:func:`build_train_step`)."""
-  state: TrainState        # initial state, host arrays
-  step: Callable           # step(state, teacher_vars, batch) -> (state, metrics), not jitted
-  projectors: tuple        # the feature projectors the state holds parameters of (SA-MDRAD), else ()
-  schedule: Callable       # learning rate of step i
+
+  state: TrainState  # initial state, host arrays
+  step: Callable  # step(state, teacher_vars, batch) -> (state, metrics), not jitted
+  projectors: tuple  # the feature projectors the state holds parameters of (SA-MDRAD), else ()
+  schedule: Callable  # learning rate of step i
   attack: step_lib.AttackConfig
 
 
-def build_train_step(config, *, model, method, image_shape, teacher_modules=(), teacher_vars=(),
-                     steps_per_epoch: int, init=models_lib.init_model) -> TrainStep:
+def build_train_step(
+  config,
+  *,
+  model,
+  method,
+  image_shape,
+  teacher_modules=(),
+  teacher_vars=(),
+  steps_per_epoch: int,
+  init=models_lib.init_model,
+) -> TrainStep:
   """The initial state (:func:`create_state`) and the un-jitted train step of ``config`` for ``model`` and the
   given frozen teachers; jit it with ``train_step.jit_train_step``.  The training loop builds its step here,
   and so do the benchmark and the tests."""
   state, projectors, schedule = create_state(
-      config, model=model, image_shape=image_shape, teacher_modules=teacher_modules, teacher_vars=teacher_vars,
-      method=method, steps_per_epoch=steps_per_epoch, init=init)
+    config,
+    model=model,
+    image_shape=image_shape,
+    teacher_modules=teacher_modules,
+    teacher_vars=teacher_vars,
+    method=method,
+    steps_per_epoch=steps_per_epoch,
+    init=init,
+  )
   attack = resolve_attack(config, method)
   step = step_lib.make_train_step(
-      model=model, method=method, hparams=dict(config.method), attack=attack, teacher_models=teacher_modules,
-      projectors=projectors, steps_per_epoch=steps_per_epoch, lr_schedule=schedule,
-      base_lr=float(config.optim.lr))
+    model=model,
+    method=method,
+    hparams=dict(config.method),
+    attack=attack,
+    teacher_models=teacher_modules,
+    projectors=projectors,
+    steps_per_epoch=steps_per_epoch,
+    lr_schedule=schedule,
+    base_lr=float(config.optim.lr),
+  )
   return TrainStep(state, step, projectors, schedule, attack)
 
 
@@ -173,6 +211,7 @@ class Experiment:
   ``state``), ``parallel.shard_batch(next(train_iter), mesh)`` its next batch.  :meth:`close` closes the
   checkpointer and the metrics writer.
   """
+
   config: ml_collections.ConfigDict
   workdir: str
   mesh: jax.sharding.Mesh
@@ -181,11 +220,11 @@ class Experiment:
   model: Any
   steps_per_epoch: int
   total_steps: int
-  eval_size: int            # test examples of each evaluation
+  eval_size: int  # test examples of each evaluation
   state: TrainState
-  teacher_vars: tuple       # on the mesh, laid out as config.teacher_sharding says
+  teacher_vars: tuple  # on the mesh, laid out as config.teacher_sharding says
   train_step: Callable
-  eval_step: Callable       # jitted: (variables, batch, key) -> sums of correct (and robust) predictions
+  eval_step: Callable  # jitted: (variables, batch, key) -> sums of correct (and robust) predictions
   schedule: Callable
   train_iter: Any
   checkpointer: checkpointing.Checkpointer
@@ -197,13 +236,25 @@ class Experiment:
     config, info = self.config, self.info
     test_size = info.split_sizes[info.test_split]
     loader = data_lib.create_loader(
-        config.data.name, info.test_split, batch_size=config.eval_batch_size, train=False,
-        seed=0, drop_remainder=False,
-        num_examples=(self.eval_size if self.eval_size < test_size else None), **data_lib.data_kwargs(config))
+      config.data.name,
+      info.test_split,
+      batch_size=config.eval_batch_size,
+      train=False,
+      seed=0,
+      drop_remainder=False,
+      num_examples=(self.eval_size if self.eval_size < test_size else None),
+      **data_lib.data_kwargs(config),
+    )
     per_process = -(-self.eval_size // jax.process_count())
-    res = evaluate_model(self.eval_step, state.model_variables(), loader, self.mesh,
-                         batch_size=config.eval_batch_size, key=jax.random.key(config.seed + 1),
-                         num_batches=-(-per_process // (config.eval_batch_size // jax.process_count())))
+    res = evaluate_model(
+      self.eval_step,
+      state.model_variables(),
+      loader,
+      self.mesh,
+      batch_size=config.eval_batch_size,
+      key=jax.random.key(config.seed + 1),
+      num_batches=-(-per_process // (config.eval_batch_size // jax.process_count())),
+    )
     return {f"test/{k}": v for k, v in res.items()}
 
   def close(self) -> None:
@@ -227,24 +278,29 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str) -> Experim
   precision.check_config(config)
   teacher_sharding = config.teacher_sharding
   if teacher_sharding not in parallel.TEACHER_SHARDINGS:
-    raise UserError(f"config.teacher_sharding must be one of {parallel.TEACHER_SHARDINGS}, "
-                    f"got {teacher_sharding!r}")
+    raise UserError(f"config.teacher_sharding must be one of {parallel.TEACHER_SHARDINGS}, got {teacher_sharding!r}")
 
   info = data_lib.dataset_info(config.data.name, **data_lib.data_kwargs(config))
   method = methods_lib.get_method(config.method.name)
   method.check_teachers(len(config.teachers))
   model = models_lib.build_model(config.model, info.num_classes)
   teacher_modules, teacher_vars = runs.load_teachers(
-      config.teachers, num_classes=info.num_classes, image_shape=info.image_shape,
-      dtype=config.teacher_dtype, dataset=config.data.name)
+    config.teachers,
+    num_classes=info.num_classes,
+    image_shape=info.image_shape,
+    dtype=config.teacher_dtype,
+    dataset=config.data.name,
+  )
 
   train_size = info.split_sizes[info.train_split]
   if config.num_train_examples > 0:
     train_size = min(train_size, config.num_train_examples)
   steps_per_epoch = train_size // config.batch_size
   if steps_per_epoch == 0:
-    raise UserError(f"config.batch_size = {config.batch_size} is larger than the training split "
-                    f"({train_size} examples of {config.data.name}/{info.train_split})")
+    raise UserError(
+      f"config.batch_size = {config.batch_size} is larger than the training split "
+      f"({train_size} examples of {config.data.name}/{info.train_split})"
+    )
   total_steps = int(math.ceil(config.num_epochs * steps_per_epoch))
   test_size = info.split_sizes[info.test_split]
   ev = config.eval
@@ -252,24 +308,40 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str) -> Experim
   run_facts = {"num_classes": info.num_classes, "image_shape": list(info.image_shape)}
   workdir_lib.check_same_run(config, workdir, run_facts)
 
-  parts = build_train_step(config, model=model, method=method, image_shape=info.image_shape,
-                           teacher_modules=teacher_modules, teacher_vars=teacher_vars,
-                           steps_per_epoch=steps_per_epoch)
+  parts = build_train_step(
+    config,
+    model=model,
+    method=method,
+    image_shape=info.image_shape,
+    teacher_modules=teacher_modules,
+    teacher_vars=teacher_vars,
+    steps_per_epoch=steps_per_epoch,
+  )
   precision.check_master_weights(parts.state)
   # On the mesh before restoring: the checkpoint is read straight into this run's shardings, whatever the
   # device and process count of the run that wrote it.
   state = parallel.replicate(parts.state, mesh)
 
   train_loader = data_lib.create_loader(
-      config.data.name, info.train_split, batch_size=config.batch_size, train=True,
-      seed=config.seed, augment=config.data.augment, crop_padding=config.data.crop_padding,
-      num_examples=(train_size if train_size < info.split_sizes[info.train_split] else None),
-      worker_count=config.data.worker_count, **data_lib.data_kwargs(config))
+    config.data.name,
+    info.train_split,
+    batch_size=config.batch_size,
+    train=True,
+    seed=config.seed,
+    augment=config.data.augment,
+    crop_padding=config.data.crop_padding,
+    num_examples=(train_size if train_size < info.split_sizes[info.train_split] else None),
+    worker_count=config.data.worker_count,
+    **data_lib.data_kwargs(config),
+  )
   train_iter = iter(train_loader)
 
-  ckpt = checkpointing.Checkpointer(workdir, keep=config.checkpoint.keep,
-                                    best_metric=config.checkpoint.best_metric or None,
-                                    best_mode=config.checkpoint.best_mode)
+  ckpt = checkpointing.Checkpointer(
+    workdir,
+    keep=config.checkpoint.keep,
+    best_metric=config.checkpoint.best_metric or None,
+    best_mode=config.checkpoint.best_mode,
+  )
   try:
     restored = ckpt.restore_newest(state, data_iterator=train_iter)
     if restored is not None:
@@ -282,8 +354,9 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str) -> Experim
     p_train_step = step_lib.jit_train_step(parts.step, mesh, teacher_sharding=t_shardings)
     eval_pgd = None
     if ev.pgd_steps > 0:
-      eval_pgd = step_lib.AttackConfig(eps=float(config.attack.eps), step_size=float(ev.pgd_step_size),
-                                       num_steps=int(ev.pgd_steps), init="uniform")
+      eval_pgd = step_lib.AttackConfig(
+        eps=float(config.attack.eps), step_size=float(ev.pgd_step_size), num_steps=int(ev.pgd_steps), init="uniform"
+      )
     p_eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(model, pgd=eval_pgd), mesh)
 
     start_step = int(parallel.to_host(state.step))
@@ -291,16 +364,33 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str) -> Experim
     if jax.process_index() == 0:
       dropped = drop_replayed_metrics(metrics_path, start_step)
       if dropped:
-        log(f"metrics.jsonl: dropped {dropped} line(s) after step {start_step}, written before the run "
-            f"stopped and trained again from the checkpoint")
+        log(
+          f"metrics.jsonl: dropped {dropped} line(s) after step {start_step}, written before the run "
+          f"stopped and trained again from the checkpoint"
+        )
     writer = MetricsWriter(metrics_path)
   except BaseException:
     ckpt.close()
     raise
-  return Experiment(config=config, workdir=workdir, mesh=mesh, info=info, method=method, model=model,
-                    steps_per_epoch=steps_per_epoch, total_steps=total_steps, eval_size=eval_size, state=state,
-                    teacher_vars=teacher_vars, train_step=p_train_step, eval_step=p_eval_step,
-                    schedule=parts.schedule, train_iter=train_iter, checkpointer=ckpt, writer=writer)
+  return Experiment(
+    config=config,
+    workdir=workdir,
+    mesh=mesh,
+    info=info,
+    method=method,
+    model=model,
+    steps_per_epoch=steps_per_epoch,
+    total_steps=total_steps,
+    eval_size=eval_size,
+    state=state,
+    teacher_vars=teacher_vars,
+    train_step=p_train_step,
+    eval_step=p_eval_step,
+    schedule=parts.schedule,
+    train_iter=train_iter,
+    checkpointer=ckpt,
+    writer=writer,
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,8 +424,12 @@ def train_loop(exp: Experiment) -> dict:
       while step < total_steps:
         batch = parallel.shard_batch(next(train_iter), mesh)
         if step == start_step and not os.path.isfile(os.path.join(workdir, COST_FILE)):
-          write_cost(workdir, flops_per_step=step_flops(exp.train_step, state, exp.teacher_vars, batch),
-                     total_steps=total_steps, batch_size=config.batch_size)
+          write_cost(
+            workdir,
+            flops_per_step=step_flops(exp.train_step, state, exp.teacher_vars, batch),
+            total_steps=total_steps,
+            batch_size=config.batch_size,
+          )
         state, metrics = exp.train_step(state, exp.teacher_vars, batch)
         exp.state = state
         step += 1
@@ -348,26 +442,28 @@ def train_loop(exp: Experiment) -> dict:
           mean = {k: float(np.mean([h[k] for h in host])) for k in host[0]}
           if not np.isfinite(mean["loss"]):
             raise NonFiniteLossError(
-                f"loss became {mean['loss']} at step {step}; stopped without saving this state (the last "
-                f"good checkpoint is kept in {ckpt.directory}); a lower optim.lr usually helps")
+              f"loss became {mean['loss']} at step {step}; stopped without saving this state (the last "
+              f"good checkpoint is kept in {ckpt.directory}); a lower optim.lr usually helps"
+            )
           dt = time.perf_counter() - t_window
           mean["images_per_sec"] = n_window * config.batch_size / max(dt, 1e-9)
           mean["lr"] = float(exp.schedule(step - 1))
-          writer.write(step=step, epoch=step / steps_per_epoch,
-                       **{f"train/{k}": v for k, v in mean.items()})
-          bar.set_postfix(loss=f"{mean['loss']:.4f}", acc=f"{mean['accuracy']:.3f}",
-                          img_s=f"{mean['images_per_sec']:.1f}")
+          writer.write(step=step, epoch=step / steps_per_epoch, **{f"train/{k}": v for k, v in mean.items()})
+          bar.set_postfix(
+            loss=f"{mean['loss']:.4f}", acc=f"{mean['accuracy']:.3f}", img_s=f"{mean['images_per_sec']:.1f}"
+          )
           acc_metrics, t_window, n_window = [], time.perf_counter(), 0
         saved = False
         if end_of_epoch:
           epoch = step // steps_per_epoch if step % steps_per_epoch == 0 else step / steps_per_epoch
-          do_eval = (step == total_steps or
-                     (ev.every_epochs > 0 and (step // steps_per_epoch) % ev.every_epochs == 0))
+          do_eval = step == total_steps or (ev.every_epochs > 0 and (step // steps_per_epoch) % ev.every_epochs == 0)
           if do_eval:
             last_eval = exp.evaluate(state)
             writer.write(step=step, epoch=epoch, **last_eval)
-            bar.write(f"epoch {epoch}: " + ", ".join(
-                f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in last_eval.items()))
+            bar.write(
+              f"epoch {epoch}: "
+              + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in last_eval.items())
+            )
           if (step // steps_per_epoch) % config.checkpoint.every_epochs == 0 or step == total_steps:
             ckpt.save(state, data_iterator=train_iter, metrics=last_eval if do_eval else None)
             saved = True
@@ -375,8 +471,11 @@ def train_loop(exp: Experiment) -> dict:
           if not saved:
             ckpt.save(state, data_iterator=train_iter, force=True)
           ckpt.wait()
-          raise Interrupted(f"{stop.signal_name} at step {step} of {total_steps}: checkpoint of step {step} "
-                            f"saved in {ckpt.directory}; run the same command again to resume", stop.signum)
+          raise Interrupted(
+            f"{stop.signal_name} at step {step} of {total_steps}: checkpoint of step {step} "
+            f"saved in {ckpt.directory}; run the same command again to resume",
+            stop.signum,
+          )
   finally:
     bar.close()
   if not last_eval:

@@ -6,6 +6,7 @@ The optimizer updates both; ``model_variables`` returns the network alone, which
 distillation runs load.  ``method_state`` holds a method's adaptive quantities as arrays (MTARD's weights, B-MTARD's
 temperatures...), so they are compiled, sharded and checkpointed with the rest.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -29,13 +30,13 @@ class TrainState:
   @classmethod
   def create(cls, *, params, batch_stats, tx, rng, method_state=None):
     return cls(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        batch_stats=batch_stats,
-        opt_state=tx.init(params),
-        method_state={} if method_state is None else method_state,
-        rng=rng,
-        tx=tx,
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=batch_stats,
+      opt_state=tx.init(params),
+      method_state={} if method_state is None else method_state,
+      rng=rng,
+      tx=tx,
     )
 
   def apply_gradients(self, grads, **changes):

@@ -15,6 +15,7 @@ built here does, inside a single ``jax.jit``:
    the method's loss; gradients reach the student and projectors only;
 5. the optimizer update, the method-state update (MTARD weights, temperatures...), metrics.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Sequence
@@ -45,19 +46,19 @@ class AttackConfig(NamedTuple):
 class StepOutputs(NamedTuple):
   """What a method's outer loss sees.  Teacher entries are per teacher (``None`` where the method's plan
   did not ask for that view) and constant; student logits are float32."""
+
   labels: jax.Array
-  student_adv: jax.Array | None = None      # S(x') logits, train mode
-  student_clean: jax.Array | None = None    # S(x) logits, train mode
-  projected: tuple | None = None            # P_k(f_S(x')) for each teacher k
-  teacher_clean: tuple | None = None        # T_k(x) logits [N, C] per teacher
-  teacher_adv: tuple | None = None          # T_k(x') logits [N, C] per teacher
+  student_adv: jax.Array | None = None  # S(x') logits, train mode
+  student_clean: jax.Array | None = None  # S(x) logits, train mode
+  projected: tuple | None = None  # P_k(f_S(x')) for each teacher k
+  teacher_clean: tuple | None = None  # T_k(x) logits [N, C] per teacher
+  teacher_adv: tuple | None = None  # T_k(x') logits [N, C] per teacher
   teacher_clean_features: tuple | None = None  # f_{T_k}(x) per teacher
-  epoch: jax.Array | None = None            # current (fractional) epoch, for warm-up switches
-  lr_scale: jax.Array | float = 1.0         # current lr / base lr (MTARD decays its own rates with it)
+  epoch: jax.Array | None = None  # current (fractional) epoch, for warm-up switches
+  lr_scale: jax.Array | float = 1.0  # current lr / base lr (MTARD decays its own rates with it)
 
 
-def _apply(model: nn.Module, params, batch_stats, x, *, train: bool, features: bool = False,
-           update_stats: bool = True):
+def _apply(model: nn.Module, params, batch_stats, x, *, train: bool, features: bool = False, update_stats: bool = True):
   """Runs ``model``; returns ``(out, new_batch_stats)`` where out is logits or (logits, features)."""
   variables = {"params": params}
   if batch_stats:
@@ -69,8 +70,14 @@ def _apply(model: nn.Module, params, batch_stats, x, *, train: bool, features: b
   return model.apply(variables, x, train=train, **kwargs), batch_stats
 
 
-def teacher_forward(teacher_models: Sequence[nn.Module], teacher_vars: Sequence[dict], x, *,
-                    which: Sequence[bool] | None = None, features: bool = False):
+def teacher_forward(
+  teacher_models: Sequence[nn.Module],
+  teacher_vars: Sequence[dict],
+  x,
+  *,
+  which: Sequence[bool] | None = None,
+  features: bool = False,
+):
   """Teachers in eval mode on ``x``: a tuple of logits [N, C] (``None`` for teachers not in ``which``) and,
   with ``features``, a tuple of their ``'last'`` feature maps.  Outputs are ``stop_gradient``ed."""
   logits, feats = [], []
@@ -88,9 +95,18 @@ def teacher_forward(teacher_models: Sequence[nn.Module], teacher_vars: Sequence[
   return tuple(logits), (tuple(feats) if features else None)
 
 
-def make_train_step(*, model: nn.Module, method: Method, hparams: dict, attack: AttackConfig,
-                    teacher_models: Sequence[nn.Module] = (), projectors: Sequence[nn.Module] = (),
-                    steps_per_epoch: int = 1, lr_schedule=None, base_lr: float = 1.0):
+def make_train_step(
+  *,
+  model: nn.Module,
+  method: Method,
+  hparams: dict,
+  attack: AttackConfig,
+  teacher_models: Sequence[nn.Module] = (),
+  projectors: Sequence[nn.Module] = (),
+  steps_per_epoch: int = 1,
+  lr_schedule=None,
+  base_lr: float = 1.0,
+):
   """Builds the pure step ``(state, teacher_vars, batch) -> (state, metrics)`` (not yet jitted)."""
   if attack.bn_mode not in BN_MODES:
     raise ValueError(f"attack.bn_mode must be one of {BN_MODES}, got {attack.bn_mode!r}")
@@ -99,6 +115,7 @@ def make_train_step(*, model: nn.Module, method: Method, hparams: dict, attack: 
   attack_model = model
   if attack.dtype:
     from mdrad_jax import precision
+
     attack_model = precision.with_dtype(model, attack.dtype)
   plan = method.plan(hparams, len(teacher_models))
   t_clean_on = [("clean" in v) or plan.teacher_features for v in plan.teacher_views]
@@ -117,8 +134,9 @@ def make_train_step(*, model: nn.Module, method: Method, hparams: dict, attack: 
 
     t_clean, t_feats = (None,) * len(teacher_models), None
     if any(t_clean_on):
-      t_clean, t_feats = teacher_forward(teacher_models, teacher_vars, x, which=t_clean_on,
-                                         features=plan.teacher_features)
+      t_clean, t_feats = teacher_forward(
+        teacher_models, teacher_vars, x, which=t_clean_on, features=plan.teacher_features
+      )
 
     # -- inner maximisation ----------------------------------------------------------------
     x_adv = None
@@ -137,14 +155,26 @@ def make_train_step(*, model: nn.Module, method: Method, hparams: dict, attack: 
         return lambda xa: teacher_models[k].apply(teacher_vars[k], xa, train=False).astype(jnp.float32)
 
       objective = method.make_objective(
-          student_logits=student_logits,
-          teacher_logits=[teacher_logits_fn(k) for k in range(len(teacher_models))],
-          x=x, labels=y, teacher_clean=t_clean, hparams=hparams)
+        student_logits=student_logits,
+        teacher_logits=[teacher_logits_fn(k) for k in range(len(teacher_models))],
+        x=x,
+        labels=y,
+        teacher_clean=t_clean,
+        hparams=hparams,
+      )
       aux0 = model_stats if attack.bn_mode == "train_update" else None
       x_adv, aux = attacks.pgd_linf(
-          objective, x, key, eps=attack.eps, step_size=attack.step_size,
-          num_steps=attack.num_steps, init=attack.init, aux=aux0, unroll=attack.unroll,
-          clip_start=attack.clip_start)
+        objective,
+        x,
+        key,
+        eps=attack.eps,
+        step_size=attack.step_size,
+        num_steps=attack.num_steps,
+        init=attack.init,
+        aux=aux0,
+        unroll=attack.unroll,
+        clip_start=attack.clip_start,
+      )
       if attack.bn_mode == "train_update":
         model_stats = aux
 
@@ -182,9 +212,17 @@ def make_train_step(*, model: nn.Module, method: Method, hparams: dict, attack: 
           s_adv = out.astype(jnp.float32)
         else:
           s_clean = out.astype(jnp.float32)
-      outputs = StepOutputs(labels=y, student_adv=s_adv, student_clean=s_clean, projected=projected,
-                            teacher_clean=t_clean, teacher_adv=t_adv, teacher_clean_features=t_feats,
-                            epoch=epoch, lr_scale=lr_scale)
+      outputs = StepOutputs(
+        labels=y,
+        student_adv=s_adv,
+        student_clean=s_clean,
+        projected=projected,
+        teacher_clean=t_clean,
+        teacher_adv=t_adv,
+        teacher_clean_features=t_feats,
+        epoch=epoch,
+        lr_scale=lr_scale,
+      )
       loss, metrics = method.loss(outputs, state.method_state, hparams)
       new_stats = {"model": cur, "projectors": proj_stats}
       return loss, (metrics, new_stats, outputs)
@@ -199,8 +237,7 @@ def make_train_step(*, model: nn.Module, method: Method, hparams: dict, attack: 
     metrics["accuracy"] = jnp.mean(jnp.argmax(main_logits, -1) == y)
     if outputs.student_clean is not None and outputs.student_adv is not None:
       metrics["clean_accuracy"] = jnp.mean(jnp.argmax(outputs.student_clean, -1) == y)
-    metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(g.astype(jnp.float32) ** 2)
-                                        for g in jax.tree.leaves(grads["model"])))
+    metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(g.astype(jnp.float32) ** 2) for g in jax.tree.leaves(grads["model"])))
     return new_state, metrics
 
   return step
@@ -226,8 +263,9 @@ def make_eval_step(model: nn.Module, *, pgd: AttackConfig | None = None):
     correct = evaluation.batch_correct(evaluation.BY_NAME["clean"], logits_fn, x, y, mask, None)
     out = {"correct": jnp.sum(correct), "count": jnp.sum(mask)}
     if attack is not None:
-      robust = evaluation.batch_correct(attack, logits_fn, x, y, mask, key, eps=pgd.eps, step_size=pgd.step_size,
-                                        unroll=pgd.unroll)
+      robust = evaluation.batch_correct(
+        attack, logits_fn, x, y, mask, key, eps=pgd.eps, step_size=pgd.step_size, unroll=pgd.unroll
+      )
       out["robust"] = jnp.sum(robust)
     return out
 
@@ -237,15 +275,19 @@ def make_eval_step(model: nn.Module, *, pgd: AttackConfig | None = None):
 def jit_train_step(step, mesh, *, donate: bool = True, teacher_sharding=None):
   """``jax.jit`` with the batch sharded over the mesh's data axis and state/teachers replicated."""
   from mdrad_jax import parallel
+
   rep = parallel.replicated(mesh)
   data = parallel.data_sharding(mesh)
-  return jax.jit(step,
-                 in_shardings=(rep, teacher_sharding if teacher_sharding is not None else rep, data),
-                 out_shardings=(rep, rep),
-                 donate_argnums=(0,) if donate else ())
+  return jax.jit(
+    step,
+    in_shardings=(rep, teacher_sharding if teacher_sharding is not None else rep, data),
+    out_shardings=(rep, rep),
+    donate_argnums=(0,) if donate else (),
+  )
 
 
 def jit_eval_step(step, mesh):
   from mdrad_jax import parallel
+
   rep = parallel.replicated(mesh)
   return jax.jit(step, in_shardings=(rep, parallel.data_sharding(mesh), rep), out_shardings=rep)

@@ -10,6 +10,7 @@ The checks are per block and read only the fields a config has, so a job with a 
 ``config_lib.base_config`` or not) is checked on the blocks it shares, plus its own block when
 ``JOB_CHECKS`` has one.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,8 +45,9 @@ def fail(path: str, value, expected: str):
   raise UserError(f"config.{path} = {value!r}: expected {expected}")
 
 
-def integer(config, path: str, *, lo: int | None = None, hi: int | None = None, allow: tuple = (),
-            expected: str | None = None) -> None:
+def integer(
+  config, path: str, *, lo: int | None = None, hi: int | None = None, allow: tuple = (), expected: str | None = None
+) -> None:
   """``config.<path>`` (when present) is an int in [lo, hi] or one of ``allow``."""
   v = _get(config, path)
   if v is _MISSING or v in allow and _is_int(v):
@@ -53,14 +55,25 @@ def integer(config, path: str, *, lo: int | None = None, hi: int | None = None, 
   ok = _is_int(v) and (lo is None or v >= lo) and (hi is None or v <= hi)
   if not ok:
     if expected is None:
-      rng = (f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]") if lo is not None \
-          else f"an integer <= {hi}"
+      rng = (
+        (f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]")
+        if lo is not None
+        else f"an integer <= {hi}"
+      )
       expected = rng + (f" (or {' or '.join(map(str, allow))})" if allow else "")
     fail(path, v, expected)
 
 
-def number(config, path: str, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
-           allow: tuple = (), expected: str | None = None) -> None:
+def number(
+  config,
+  path: str,
+  *,
+  lo: float | None = None,
+  hi: float | None = None,
+  lo_open: bool = False,
+  allow: tuple = (),
+  expected: str | None = None,
+) -> None:
   """``config.<path>`` (when present) is a finite number in the interval, or exactly one of ``allow``."""
   v = _get(config, path)
   if v is _MISSING:
@@ -87,8 +100,9 @@ def number(config, path: str, *, lo: float | None = None, hi: float | None = Non
 
 
 def missing_path(path: str, value) -> None:
-  raise MissingFileError(f"config.{path} = {value!r}: expected an existing training workdir or checkpoint "
-                         f"directory (no such path)")
+  raise MissingFileError(
+    f"config.{path} = {value!r}: expected an existing training workdir or checkpoint directory (no such path)"
+  )
 
 
 def choice(config, path: str, choices) -> None:
@@ -165,8 +179,9 @@ def check_training(config) -> None:
   integer(config, "batch_size", lo=1)
   integer(config, "eval_batch_size", lo=1)
   integer(config, "log_every_steps", lo=1)
-  integer(config, "num_train_examples", lo=1, allow=(-1, 0),
-          expected="a positive integer, or -1 (the whole training split)")
+  integer(
+    config, "num_train_examples", lo=1, allow=(-1, 0), expected="a positive integer, or -1 (the whole training split)"
+  )
   choice(config, "optim.name", ("sgd", "adam"))
   number(config, "optim.lr", lo=0.0, lo_open=True)
   number(config, "optim.momentum", lo=0.0, hi=1.0)
@@ -213,8 +228,10 @@ def check_evaluate(config) -> None:
 
   missing = [f for f in config_lib.EVALUATE_JOB_FIELDS if _get(config, f"evaluate.{f}") is _MISSING]
   if missing:
-    raise UserError(f"config.evaluate has no field {', '.join(missing)}: an evaluation job's config is built by "
-                    f"configs/evaluate.py (config_lib.evaluate_config(job=True))")
+    raise UserError(
+      f"config.evaluate has no field {', '.join(missing)}: an evaluation job's config is built by "
+      f"configs/evaluate.py (config_lib.evaluate_config(job=True))"
+    )
   _eps(config, "evaluate.eps", allow=(-1,))
   number(config, "evaluate.step_size", lo=0.0, lo_open=True, allow=(-1,))
   integer(config, "evaluate.batch_size", lo=1)
@@ -255,8 +272,13 @@ def check_quickstart(config) -> None:
   methods = tuple(_get(config, "quickstart.student_methods", ()))
   if not methods or any(m not in methods_lib.METHODS for m in methods):
     fail("quickstart.student_methods", methods, f"one or more of {sorted(methods_lib.METHODS)}")
-  for path in ("quickstart.teacher_epochs", "quickstart.student_epochs", "quickstart.batch_size",
-               "quickstart.eval_batch_size", "quickstart.log_every_steps"):
+  for path in (
+    "quickstart.teacher_epochs",
+    "quickstart.student_epochs",
+    "quickstart.batch_size",
+    "quickstart.eval_batch_size",
+    "quickstart.log_every_steps",
+  ):
     integer(config, path, lo=1)
   integer(config, "quickstart.eval_every_epochs", lo=0)
   for path in ("quickstart.teacher_lr", "quickstart.student_lr"):
@@ -265,9 +287,9 @@ def check_quickstart(config) -> None:
 
 # Per-job checks on top of ``check_common``; a job without an entry gets the common checks only.
 JOB_CHECKS: dict[str, tuple[Callable[[Any], None], ...]] = {
-    "train": (check_training,),
-    "evaluate": (check_evaluate,),
-    "quickstart": (check_quickstart,),
+  "train": (check_training,),
+  "evaluate": (check_evaluate,),
+  "quickstart": (check_quickstart,),
 }
 
 

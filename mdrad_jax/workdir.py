@@ -9,6 +9,7 @@
   already in the workdir is refused with the differing fields listed.  :mod:`mdrad_jax.runs` reads a trained
   run's workdir back (its best or latest checkpoint and the network in it).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,9 +29,26 @@ CONFIG_FILE = "config.json"
 # The fields of a training config that decide what is trained: changing any of them on a workdir that holds
 # a run would mix two runs in one (its checkpoints, metrics and config.json).  Any other field (evaluation
 # cadence, logging, checkpoint retention, data location, devices) may change between a run and its resume.
-RUN_FIELDS = ("seed", "data.name", "data.source_dir", "data.augment", "data.crop_padding", "num_train_examples",
-              "model", "teachers", "teacher_dtype", "method", "attack", "optim", "num_epochs", "batch_size",
-              "checkpoint.best_metric", "checkpoint.best_mode", "quickstart", "job")
+RUN_FIELDS = (
+  "seed",
+  "data.name",
+  "data.source_dir",
+  "data.augment",
+  "data.crop_padding",
+  "num_train_examples",
+  "model",
+  "teachers",
+  "teacher_dtype",
+  "method",
+  "attack",
+  "optim",
+  "num_epochs",
+  "batch_size",
+  "checkpoint.best_metric",
+  "checkpoint.best_mode",
+  "quickstart",
+  "job",
+)
 
 
 @contextlib.contextmanager
@@ -55,8 +73,10 @@ def lock(workdir: str, *, enabled: bool = True) -> Iterator[str | None]:
       if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
         raise
       holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
-      raise UserError(f"workdir {os.path.abspath(workdir)} is in use by process {holder} (lock {path}); "
-                      f"wait for it to finish or use another --workdir") from None
+      raise UserError(
+        f"workdir {os.path.abspath(workdir)} is in use by process {holder} (lock {path}); "
+        f"wait for it to finish or use another --workdir"
+      ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     yield path
@@ -74,8 +94,10 @@ def read_json(path: str, what: str | None = None) -> Any:
     with open(path) as f:
       return json.load(f)
   except json.JSONDecodeError as e:
-    raise UserError(f"{what or 'file'} {path} is not valid JSON (line {e.lineno} column {e.colno}: {e.msg}); "
-                    f"restore it or move the run aside") from None
+    raise UserError(
+      f"{what or 'file'} {path} is not valid JSON (line {e.lineno} column {e.colno}: {e.msg}); "
+      f"restore it or move the run aside"
+    ) from None
   except UnicodeDecodeError:
     raise UserError(f"{what or 'file'} {path} is not valid JSON (not UTF-8 text)") from None
   except OSError as e:
@@ -154,8 +176,10 @@ def check_same_run(config, workdir: str, extra: dict | None = None) -> dict | No
   if diff:
     shown = ", ".join(f"{k} ({_pick_flat(old, k)!r} -> {_pick_flat(new, k)!r})" for k in diff[:6])
     more = f" and {len(diff) - 6} more" if len(diff) > 6 else ""
-    raise UserError(f"workdir {workdir} holds another run: this config differs from its config.json in "
-                    f"{shown}{more}; use another --workdir (or the run's own config) to keep both")
+    raise UserError(
+      f"workdir {workdir} holds another run: this config differs from its config.json in "
+      f"{shown}{more}; use another --workdir (or the run's own config) to keep both"
+    )
   return old
 
 

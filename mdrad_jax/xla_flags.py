@@ -14,6 +14,7 @@ put in ``XLA_FLAGS`` is never changed (whatever its value); ``MDRAD_NO_DEFAULT_X
 aborts the process on a flag it does not know, so defaults are added only for the jaxlib versions they were
 checked with (``TESTED_JAXLIB``).
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -21,7 +22,7 @@ import os
 
 # platform -> {flag name: value}.  'cpu' applies when JAX_PLATFORMS is unset or names cpu first.
 DEFAULT_FLAGS: dict[str, dict[str, str]] = {
-    "cpu": {"--xla_cpu_experimental_ynn_fusion_type": "-individual_convolution"},
+  "cpu": {"--xla_cpu_experimental_ynn_fusion_type": "-individual_convolution"},
 }
 # jaxlib versions whose XLA knows every default flag (an unknown flag in XLA_FLAGS is a fatal error).
 TESTED_JAXLIB = ("0.10.2",)

@@ -1,4 +1,5 @@
 """Test-wide JAX settings: compile time dominates on CPU, so most XLA optimisations are off."""
+
 import os
 
 os.environ.setdefault("XLA_FLAGS", "")

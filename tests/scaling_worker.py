@@ -12,6 +12,7 @@
     run assembles from its shards, so that a one-process run sees the same data.  Writes the returned
     metrics and the files this process opened for writing outside ``WORKDIR/checkpoints``.
 """
+
 from __future__ import annotations
 
 import builtins
@@ -38,9 +39,11 @@ GLOBAL_BATCH = 16
 # ---------------------------------------------------------------------------------------------
 def _setup(name, num_teachers):
   from mdrad_jax import config_lib, methods, models, train
+
   names = ("tiny_cnn", "mlp", "tiny_cnn")[:num_teachers]
-  tmods = tuple(models.get_model(n, num_classes=C, **({"widths": (8, 16)} if n == "tiny_cnn" else
-                                                      {"hidden": (32,)})) for n in names)
+  tmods = tuple(
+    models.get_model(n, num_classes=C, **({"widths": (8, 16)} if n == "tiny_cnn" else {"hidden": (32,)})) for n in names
+  )
   tvars = tuple(models.init_model(m, jax.random.key(10 + i), SHAPE) for i, m in enumerate(tmods))
   cfg = config_lib.base_config()
   cfg.method = config_lib.method_config(name)
@@ -51,8 +54,9 @@ def _setup(name, num_teachers):
   cfg.attack.num_steps = 1
   method = methods.get_method(name)
   model = models.get_model("tiny_cnn", num_classes=C, widths=(8, 16))
-  state, step = train.build_train_step(cfg, model=model, method=method, image_shape=SHAPE, teacher_modules=tmods,
-                                       teacher_vars=tvars, steps_per_epoch=10)[:2]
+  state, step = train.build_train_step(
+    cfg, model=model, method=method, image_shape=SHAPE, teacher_modules=tmods, teacher_vars=tvars, steps_per_epoch=10
+  )[:2]
   return step, state, tvars
 
 
@@ -63,7 +67,7 @@ def _batches():
     labels = rng.integers(0, C, GLOBAL_BATCH).astype(np.int32)
     images = rng.uniform(0, 0.3, size=(GLOBAL_BATCH, *SHAPE)).astype(np.float32)
     for i, y in enumerate(labels):
-      images[i, 2 * y:2 * y + 2, :, 0] += 0.6
+      images[i, 2 * y : 2 * y + 2, :, 0] += 0.6
     out.append({"image": images, "label": labels})
   return out
 
@@ -71,6 +75,7 @@ def _batches():
 def _run(step, state, tvars, mesh, teacher_mode="replicated"):
   from mdrad_jax import parallel
   from mdrad_jax import train_step as ts
+
   host_state = jax.tree.map(np.asarray, state)
   shardings = parallel.teacher_shardings(tvars, mesh, teacher_mode)
   f = ts.jit_train_step(step, mesh, teacher_sharding=shardings)
@@ -80,33 +85,39 @@ def _run(step, state, tvars, mesh, teacher_mode="replicated"):
   for b in _batches():
     st, m = f(st, tv, parallel.shard_batch(b, mesh))
     losses.append(float(m["loss"]))
-  return losses, parallel.to_host({"params": st.params, "batch_stats": st.batch_stats,
-                                    "opt_state": st.opt_state}), tv
+  return losses, parallel.to_host({"params": st.params, "batch_stats": st.batch_stats, "opt_state": st.opt_state}), tv
 
 
 def _max_diff(a, b):
-  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)), initial=0.0))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  return max(
+    float(np.max(np.abs(np.asarray(x) - np.asarray(y)), initial=0.0))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
 
 
 def _norm_rel_diff(a, b):
   """||a − b|| / ||b|| over every floating-point leaf together (L2)."""
-  pairs = [(np.asarray(x, np.float64), np.asarray(y, np.float64)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
-           if np.issubdtype(np.asarray(y).dtype, np.floating)]
+  pairs = [
+    (np.asarray(x, np.float64), np.asarray(y, np.float64))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    if np.issubdtype(np.asarray(y).dtype, np.floating)
+  ]
   num = sum(float(np.sum((x - y) ** 2)) for x, y in pairs)
-  den = sum(float(np.sum(y ** 2)) for _, y in pairs)
-  return (num / den) ** 0.5 if den else num ** 0.5
+  den = sum(float(np.sum(y**2)) for _, y in pairs)
+  return (num / den) ** 0.5 if den else num**0.5
 
 
 def _max_rel_diff(a, b):
-  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)) / (np.abs(np.asarray(y)) + 1e-3),
-                          initial=0.0))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  return max(
+    float(np.max(np.abs(np.asarray(x) - np.asarray(y)) / (np.abs(np.asarray(y)) + 1e-3), initial=0.0))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
 
 
 def devices_main(out_path):
   from jax.sharding import Mesh
   from mdrad_jax import parallel
+
   devs = jax.devices()
   assert len(devs) == 8, devs
   mesh8, mesh1 = parallel.create_mesh(), Mesh(np.asarray(devs[:1]), (parallel.DATA_AXIS,))
@@ -115,14 +126,17 @@ def devices_main(out_path):
     step, state, tvars = _setup(name, k)
     l1, t1, _ = _run(step, state, tvars, mesh1)
     l8, t8, _ = _run(step, state, tvars, mesh8)
-    r = {"losses_1": l1, "losses_8": l8,
-         "loss_diff": max(abs(a - b) for a, b in zip(l1, l8)),
-         "param_diff": _max_diff(t1["params"], t8["params"]),
-         "param_rel_diff": _max_rel_diff(t1["params"], t8["params"]),
-         "stats_diff": _max_diff(t1["batch_stats"], t8["batch_stats"]),
-         "opt_diff": _max_diff(t1["opt_state"], t8["opt_state"]),
-         "opt_norm_rel_diff": _norm_rel_diff(t1["opt_state"], t8["opt_state"]),
-         "param_change": _max_diff(jax.tree.map(np.asarray, state.params), t1["params"])}
+    r = {
+      "losses_1": l1,
+      "losses_8": l8,
+      "loss_diff": max(abs(a - b) for a, b in zip(l1, l8)),
+      "param_diff": _max_diff(t1["params"], t8["params"]),
+      "param_rel_diff": _max_rel_diff(t1["params"], t8["params"]),
+      "stats_diff": _max_diff(t1["batch_stats"], t8["batch_stats"]),
+      "opt_diff": _max_diff(t1["opt_state"], t8["opt_state"]),
+      "opt_norm_rel_diff": _norm_rel_diff(t1["opt_state"], t8["opt_state"]),
+      "param_change": _max_diff(jax.tree.map(np.asarray, state.params), t1["params"]),
+    }
     if name == "sa_mdrad":
       lf, tf, tv = _run(step, state, tvars, mesh8, teacher_mode="fsdp")
       r["fsdp_loss_diff"] = max(abs(a - b) for a, b in zip(l8, lf))
@@ -130,10 +144,15 @@ def devices_main(out_path):
       r["fsdp_vs_1_param_diff"] = _max_diff(t1["params"], tf["params"])
       leaves = jax.tree_util.tree_leaves_with_path(tv)
       r["teacher_leaves"] = [
-          {"path": jax.tree_util.keystr(p), "shape": list(x.shape), "spec": str(x.sharding.spec),
-           "shard_shape": list(x.addressable_shards[0].data.shape),
-           "distinct_shards": len({str(s.index) for s in x.addressable_shards}) if x.shape else 1}
-          for p, x in leaves]
+        {
+          "path": jax.tree_util.keystr(p),
+          "shape": list(x.shape),
+          "spec": str(x.sharding.spec),
+          "shard_shape": list(x.addressable_shards[0].data.shape),
+          "distinct_shards": len({str(s.index) for s in x.addressable_shards}) if x.shape else 1,
+        }
+        for p, x in leaves
+      ]
     result[name] = r
   with open(out_path, "w") as f:
     json.dump(result, f, indent=1)
@@ -145,14 +164,19 @@ def devices_main(out_path):
 def train_main(argv):
   import argparse
   from mdrad_jax import errors, parallel, train
+
   ap = argparse.ArgumentParser()
   ap.add_argument("config")
   ap.add_argument("workdir")
   ap.add_argument("out")
   ap.add_argument("--process", default="", help="PROCESS_ID/NUM_PROCESSES")
   ap.add_argument("--port", type=int, default=0)
-  ap.add_argument("--batches_of", type=int, default=0,
-                  help="feed the global batches that this many processes would assemble from their shards")
+  ap.add_argument(
+    "--batches_of",
+    type=int,
+    default=0,
+    help="feed the global batches that this many processes would assemble from their shards",
+  )
   args = ap.parse_args(argv)
   with open(args.config) as f:
     cfg = config_from(json.load(f))
@@ -172,8 +196,7 @@ def train_main(argv):
 
   def recording_open(file, mode="r", *a, **kw):
     path = os.path.abspath(os.fspath(file)) if isinstance(file, (str, os.PathLike)) else ""
-    if (any(c in mode for c in "wax+") and path.startswith(workdir + os.sep)
-        and not path.startswith(ckpt_dir + os.sep)):
+    if any(c in mode for c in "wax+") and path.startswith(workdir + os.sep) and not path.startswith(ckpt_dir + os.sep):
       writes.append(os.path.relpath(path, workdir))
     return real_open(file, mode, *a, **kw)
 
@@ -187,9 +210,14 @@ def train_main(argv):
     sys.exit(e.exit_code)
   finally:
     builtins.open = real_open
-  info = {"metrics": {k: float(v) for k, v in metrics.items()}, "writes": sorted(set(writes)),
-          "process_index": jax.process_index(), "process_count": jax.process_count(),
-          "num_devices": jax.device_count(), "local_devices": jax.local_device_count()}
+  info = {
+    "metrics": {k: float(v) for k, v in metrics.items()},
+    "writes": sorted(set(writes)),
+    "process_index": jax.process_index(),
+    "process_count": jax.process_count(),
+    "num_devices": jax.device_count(),
+    "local_devices": jax.local_device_count(),
+  }
   with open(args.out, "w") as f:
     json.dump(info, f)
   if args.process:
@@ -203,6 +231,7 @@ def batches_of(cfg, workdir, num_shards):
   in ``workdir`` has already consumed."""
   from mdrad_jax import checkpointing, parallel
   from mdrad_jax import data as data_lib
+
   assert jax.process_count() == 1
   info = data_lib.dataset_info(cfg.data.name, **data_lib.data_kwargs(cfg))
   ckpt = checkpointing.Checkpointer(workdir)
@@ -210,11 +239,22 @@ def batches_of(cfg, workdir, num_shards):
   ckpt.close()
   iters = []
   for i in range(num_shards):
-    it = iter(data_lib.create_loader(
-        cfg.data.name, info.train_split, batch_size=cfg.batch_size, train=True, seed=cfg.seed,
-        augment=cfg.data.augment, crop_padding=cfg.data.crop_padding,
+    it = iter(
+      data_lib.create_loader(
+        cfg.data.name,
+        info.train_split,
+        batch_size=cfg.batch_size,
+        train=True,
+        seed=cfg.seed,
+        augment=cfg.data.augment,
+        crop_padding=cfg.data.crop_padding,
         num_examples=cfg.num_train_examples if cfg.num_train_examples > 0 else None,
-        process_index=i, process_count=num_shards, read_threads=0, **data_lib.data_kwargs(cfg)))
+        process_index=i,
+        process_count=num_shards,
+        read_threads=0,
+        **data_lib.data_kwargs(cfg),
+      )
+    )
     for _ in range(start):
       next(it)
     iters.append(it)
@@ -231,6 +271,7 @@ def batches_of(cfg, workdir, num_shards):
 
 def config_from(overrides: dict):
   from mdrad_jax import config_lib
+
   cfg = config_lib.base_config()
   cfg.update_from_flattened_dict(_flatten(overrides))
   return cfg

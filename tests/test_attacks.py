@@ -1,4 +1,5 @@
 """L∞ PGD properties and the attack objectives against float64 NumPy references."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,7 +48,7 @@ def np_kl_rows(log_p, log_q):
 
 def in_ball_and_box(x_adv, x, eps, tol=1e-6):
   x_adv, x = np.asarray(x_adv), np.asarray(x)
-  return (np.abs(x_adv - x).max() <= eps + tol and x_adv.min() >= 0.0 and x_adv.max() <= 1.0)
+  return np.abs(x_adv - x).max() <= eps + tol and x_adv.min() >= 0.0 and x_adv.max() <= 1.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,7 +99,7 @@ def test_start_distributions():
   assert abs(d_n.std() - 0.01) < 0.0005 and abs(d_n.mean()) < 0.0005
   d_u = np.asarray(A.random_start(x, jax.random.key(0), init="uniform", eps=0.1)) - 0.5
   assert np.abs(d_u).max() <= 0.1 + 1e-7
-  assert abs(np.abs(d_u).mean() - 0.05) < 0.002           # E|U(−ε, ε)| = ε/2
+  assert abs(np.abs(d_u).mean() - 0.05) < 0.002  # E|U(−ε, ε)| = ε/2
   d_0 = np.asarray(A.random_start(x, None, init="none", eps=0.1)) - 0.5
   assert not d_0.any()
 
@@ -107,7 +108,7 @@ def test_one_step_matches_numpy(setup):
   """FGSM from x: x' = clip(x + ε·sign(∇_x Σ CE), box), the CE gradient of a linear model by hand."""
   x, w, b, y = (np.asarray(setup[k]) for k in ("x", "w", "b", "y"))
   z = np_logits(x, w, b)
-  grad = (np.exp(np_log_softmax(z)) - np.eye(C)[y]) @ np.asarray(w, np.float64).T    # [N, D]
+  grad = (np.exp(np_log_softmax(z)) - np.eye(C)[y]) @ np.asarray(w, np.float64).T  # [N, D]
   want = np.clip(x + EPS * np.sign(grad).reshape(x.shape), 0, 1)
   obj = A.ce_objective(linear(setup["w"], setup["b"]), setup["y"])
   got, _ = A.fgsm(obj, setup["x"], eps=EPS)
@@ -116,8 +117,17 @@ def test_one_step_matches_numpy(setup):
 
 def test_deterministic_and_key_dependent(setup):
   obj = A.ce_objective(linear(setup["w"], setup["b"]), setup["y"])
-  run = lambda k: np.asarray(A.pgd_linf(obj, setup["x"], jax.random.key(k), eps=EPS, step_size=STEP,  # noqa: E731
-                                        num_steps=2, init="uniform")[0])
+  run = lambda k: np.asarray(
+    A.pgd_linf(
+      obj,
+      setup["x"],
+      jax.random.key(k),
+      eps=EPS,
+      step_size=STEP,  # noqa: E731
+      num_steps=2,
+      init="uniform",
+    )[0]
+  )
   np.testing.assert_array_equal(run(7), run(7))
   assert not np.array_equal(run(7), run(8))
 
@@ -125,7 +135,7 @@ def test_deterministic_and_key_dependent(setup):
 def test_unroll_matches_rolled_and_threads_aux(setup):
   w, b, y = setup["w"], setup["b"], setup["y"]
 
-  def counting(x, count):                      # aux = number of forward passes so far
+  def counting(x, count):  # aux = number of forward passes so far
     return linear(w, b)(x, None)[0], count + 1
 
   obj = A.ce_objective(counting, y)
@@ -145,7 +155,7 @@ def test_result_carries_no_gradient(setup):
   def f(w, xx):
     obj = A.ce_objective(linear(w, setup["b"]), y)
     x_adv, _ = A.pgd_linf(obj, xx, None, eps=EPS, step_size=STEP, num_steps=2, init="none")
-    return jnp.sum(x_adv ** 2)
+    return jnp.sum(x_adv**2)
 
   g_w, g_x = jax.grad(f, argnums=(0, 1))(setup["w"], x)
   assert not np.asarray(g_w).any() and not np.asarray(g_x).any()
@@ -184,15 +194,14 @@ def test_kl_and_trades_objectives(setup):
   rng = setup["rng"]
   t = rng.standard_normal((N, C))
   p = np.exp(np_log_softmax(t))
-  p[0] = np.eye(C)[1]                                   # a one-hot target row (0·log 0 = 0)
+  p[0] = np.eye(C)[1]  # a one-hot target row (0·log 0 = 0)
   kl, _ = A.kl_objective(linear(w, b), jnp.asarray(p, jnp.float32), temperature=2.0)(x, None)
   log_q = np_log_softmax(z / 2.0)
   want = (np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0) - p * log_q).sum(-1)
   np.testing.assert_allclose(np.asarray(kl), want, rtol=1e-5, atol=1e-6)
   clean = jnp.asarray(t, jnp.float32)
   tr, _ = A.trades_objective(linear(w, b), clean)(x, None)
-  np.testing.assert_allclose(np.asarray(tr), np_kl_rows(np_log_softmax(t), np_log_softmax(z)), rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(np.asarray(tr), np_kl_rows(np_log_softmax(t), np_log_softmax(z)), rtol=1e-5, atol=1e-6)
 
 
 def test_adaad_objective(setup):
@@ -206,18 +215,19 @@ def test_adaad_objective(setup):
 
   got, _ = A.adaad_objective(linear(w, b), t_fns, weights=weights)(x, None)
   np.testing.assert_allclose(np.asarray(got), (weights * kls).sum(0), rtol=1e-5, atol=1e-6)
-  got_u, _ = A.adaad_objective(linear(w, b), t_fns)(x, None)                 # uniform 1/K
+  got_u, _ = A.adaad_objective(linear(w, b), t_fns)(x, None)  # uniform 1/K
   np.testing.assert_allclose(np.asarray(got_u), kls.mean(0), rtol=1e-5, atol=1e-6)
-  stacked = lambda xx: jnp.stack([f(xx) for f in t_fns])                     # noqa: E731
+  stacked = lambda xx: jnp.stack([f(xx) for f in t_fns])  # noqa: E731
   got_s, _ = A.adaad_objective(linear(w, b), stacked, weights=weights)(x, None)
   np.testing.assert_allclose(np.asarray(got_s), np.asarray(got), rtol=1e-6)
-  got_1, _ = A.adaad_objective(linear(w, b), t_fns[0])(x, None)              # one teacher: plain KL
+  got_1, _ = A.adaad_objective(linear(w, b), t_fns[0])(x, None)  # one teacher: plain KL
   np.testing.assert_allclose(np.asarray(got_1), kls[0], rtol=1e-5, atol=1e-6)
 
   # The gradient w.r.t. x' flows through the teacher as well as the student.
   def total(xx, detach):
     fn = (lambda v: jax.lax.stop_gradient(t_fns[0](v))) if detach else t_fns[0]
     return jnp.sum(A.adaad_objective(linear(w, b), fn)(xx, None)[0])
+
   grad = jax.jit(jax.grad(total), static_argnums=1)
   g_full, g_student_only = grad(x, False), grad(x, True)
   assert float(jnp.abs(g_full - g_student_only).max()) > 1e-4

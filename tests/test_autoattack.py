@@ -4,6 +4,7 @@ For f(x) = W x + b and a point with label y = argmax f(x), the smallest L∞ per
 changes the prediction is min_{j≠y} (z_y − z_j) / ‖w_y − w_j‖₁.  Points are kept well inside [0, 1] so that the
 box does not bind at that radius.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -131,21 +132,33 @@ def test_step_size_condition_on_crafted_loss_histories():
   n_iter, rho = 10, 0.75
   # columns: 3 increases of 4 (= k·ρ: halve), 4 of 4 (keep), 2 of 4 (halve), 4 of 4 but no improvement
   # since a checkpoint that did not halve (halve), 4 of 4 after a checkpoint that halved (keep)
-  hist = np.array([[0, 0, 0, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 0],
-                   [1, 1, 1, 1, 1], [2, 2, 0, 2, 2], [1, 3, 1, 3, 3], [2, 4, 0, 4, 4]], np.float32)
+  hist = np.array(
+    [
+      [0, 0, 0, 0, 0],
+      [0, 0, 0, 0, 0],
+      [0, 0, 0, 0, 0],
+      [1, 1, 1, 1, 1],
+      [2, 2, 0, 2, 2],
+      [1, 3, 1, 3, 3],
+      [2, 4, 0, 4, 4],
+    ],
+    np.float32,
+  )
   steps = np.zeros((n_iter, 5), np.float32)
   steps[:7] = hist
   loss_best = np.array([5, 5, 5, 4, 4], np.float32)
   loss_best_last = np.array([0, 0, 0, 4, 4], np.float32)
   reduced_last = np.array([True, True, True, False, True])
-  out = aa._step_size_check(jnp.asarray(steps), 6, 4, rho, jnp.asarray(loss_best), jnp.asarray(loss_best_last),
-                            jnp.asarray(reduced_last))
+  out = aa._step_size_check(
+    jnp.asarray(steps), 6, 4, rho, jnp.asarray(loss_best), jnp.asarray(loss_best_last), jnp.asarray(reduced_last)
+  )
   np.testing.assert_array_equal(np.asarray(out), [True, False, True, True, False])
   # first checkpoint (window starts at step 0): step 0 is compared with the last, still-zero row
   first = np.zeros((n_iter, 2), np.float32)
   first[:2] = [[0.5, -0.5], [0.6, -0.4]]
-  out = aa._step_size_check(jnp.asarray(first), 1, 2, 0.75, jnp.asarray([1.0, 1.0]), jnp.asarray([0.0, 0.0]),
-                            jnp.asarray([True, True]))
+  out = aa._step_size_check(
+    jnp.asarray(first), 1, 2, 0.75, jnp.asarray([1.0, 1.0]), jnp.asarray([0.0, 0.0]), jnp.asarray([True, True])
+  )
   np.testing.assert_array_equal(np.asarray(out), [False, True])  # 2 of 2 increases vs 1 of 2
 
 
@@ -161,7 +174,7 @@ def _reference_apgd_ce_mlp(params, x, y, t, eps, n_iter, rho=0.75):
     z = h @ w2.T + b2
     z = z - z.max(1, keepdims=True)
     prob = np.exp(z) / np.exp(z).sum(1, keepdims=True)
-    g = (((prob - onehot) @ w2) * (1 - h ** 2)) @ w1
+    g = (((prob - onehot) @ w2) * (1 - h**2)) @ w1
     return -np.log(prob[np.arange(n), y]), g, z.argmax(1) == y
 
   proj = lambda v: np.clip(np.clip(v, x - eps, x + eps), 0.0, 1.0)
@@ -209,8 +222,9 @@ def test_apgd_run_matches_the_reference_loop_step_by_step():
   eps, n_iter = 0.05, 100
   t = np.asarray(jax.random.uniform(key, x.shape, jnp.float32, -1.0, 1.0))
   ref_x_best, ref_loss, ref_step, ref_acc = _reference_apgd_ce_mlp(params, x, y, t, eps, n_iter)
-  st = jax.jit(lambda xx, yy: aa._apgd_single_run(fn, xx, yy, None, key, eps=eps, n_iter=n_iter, loss="ce",
-                                                  rho=0.75))(x, y)
+  st = jax.jit(lambda xx, yy: aa._apgd_single_run(fn, xx, yy, None, key, eps=eps, n_iter=n_iter, loss="ce", rho=0.75))(
+    x, y
+  )
   assert len(set(np.round(ref_step / eps, 6))) > 1  # the schedule halved some step sizes and not others
   np.testing.assert_allclose(np.asarray(st["step"]), ref_step, rtol=1e-6)
   np.testing.assert_allclose(np.asarray(st["loss_best"]), ref_loss, rtol=1e-4)
@@ -233,8 +247,7 @@ def test_projection_linf_is_the_closed_form_minimum():
   np.testing.assert_allclose(np.abs(delta).max(1), r, rtol=1e-4)
   # a hyperplane the box cannot reach: the point goes to the nearest corner
   t1, w1 = np.full((1, 4), 0.5), np.ones((1, 4))
-  d1 = np.asarray(proj(jnp.asarray(t1, jnp.float32), jnp.asarray(w1, jnp.float32),
-                       jnp.asarray([10.0], jnp.float32)))
+  d1 = np.asarray(proj(jnp.asarray(t1, jnp.float32), jnp.asarray(w1, jnp.float32), jnp.asarray([10.0], jnp.float32)))
   np.testing.assert_allclose(t1 + d1, np.ones((1, 4)), atol=1e-6)
 
 
@@ -281,8 +294,9 @@ def test_fab_finds_nearly_the_minimal_perturbation_multiclass():
   fn = linear_fn(wmat, bias)
   r = min_flip(wmat, bias, x, y)
   assert r.max() < 0.3  # the box does not bind at the minimal perturbation
-  x_adv = np.asarray(aa.fab_targeted(fn, x, y, jax.random.PRNGKey(0), eps=1.0, n_iter=30,
-                                     n_target_classes=wmat.shape[0] - 1))
+  x_adv = np.asarray(
+    aa.fab_targeted(fn, x, y, jax.random.PRNGKey(0), eps=1.0, n_iter=30, n_target_classes=wmat.shape[0] - 1)
+  )
   assert fooled(fn, x_adv, y).all()
   found = np.abs(x_adv - x).reshape(len(x), -1).max(1)
   assert (found >= r * (1 - 1e-4)).all()  # cannot beat the minimum
@@ -307,10 +321,12 @@ def test_attacks_respect_the_box_with_points_on_its_faces(binary_like):
   y = np.asarray(jnp.argmax(fn(jnp.asarray(x)), 1)).astype(np.int32)
   key = jax.random.PRNGKey(2)
   # same parameters as the tests above, so the compiled kernels are reused
-  outs = (aa.apgd(fn, x, y, key, eps=EPS, n_iter=10, loss="ce"),
-          aa.apgd_targeted(fn, x, y, key, eps=EPS, n_iter=10, n_target_classes=3),
-          aa.fab_targeted(fn, x, y, key, eps=EPS, n_iter=20, n_target_classes=3),
-          aa.square(fn, x, y, key, eps=EPS, n_queries=300))
+  outs = (
+    aa.apgd(fn, x, y, key, eps=EPS, n_iter=10, loss="ce"),
+    aa.apgd_targeted(fn, x, y, key, eps=EPS, n_iter=10, n_target_classes=3),
+    aa.fab_targeted(fn, x, y, key, eps=EPS, n_iter=20, n_target_classes=3),
+    aa.square(fn, x, y, key, eps=EPS, n_queries=300),
+  )
   assert any(fooled(fn, o, y).any() for o in outs)
   for x_adv in outs:
     assert_in_ball_and_box(x_adv, x, EPS)
@@ -345,8 +361,7 @@ def test_bad_inputs_raise_clear_errors(binary_like):
 # Driver
 
 
-SMALL = {"apgd-ce": {"n_iter": 10}, "apgd-t": {"n_iter": 10}, "fab-t": {"n_iter": 10},
-         "square": {"n_queries": 100}}
+SMALL = {"apgd-ce": {"n_iter": 10}, "apgd-t": {"n_iter": 10}, "fab-t": {"n_iter": 10}, "square": {"n_queries": 100}}
 
 
 def test_autoattack_standard_chain(binary_like):
@@ -379,8 +394,16 @@ def test_autoattack_standard_chain(binary_like):
 
 def test_autoattack_apgd_subset_is_labelled(binary_like):
   fn, x, y = binary_like
-  res = aa.autoattack(fn, x, y, eps=EPS, version="apgd", batch_size=16, progress=False,
-                      overrides={"apgd-ce": {"n_iter": 10}, "apgd-t": {"n_iter": 10}})
+  res = aa.autoattack(
+    fn,
+    x,
+    y,
+    eps=EPS,
+    version="apgd",
+    batch_size=16,
+    progress=False,
+    overrides={"apgd-ce": {"n_iter": 10}, "apgd-t": {"n_iter": 10}},
+  )
   assert res.label.startswith("AutoAttack (APGD-CE + APGD-T subset)")
   assert list(res.robust_after) == ["clean", "apgd-ce", "apgd-t"]
   assert "fab-t" not in res.params and "square" not in res.params
@@ -418,10 +441,12 @@ def test_padding_rows_do_not_change_the_real_rows(binary_like, kind):
   """The driver pads a batch to a size that depends on how many points are left: the real rows' results must
   not depend on it (random draws included)."""
   fn, x, y = binary_like
-  params = {"apgd": dict(loss="ce", n_iter=10, n_restarts=1, rho=0.75, target_rank=None),
-            "apgd-t": dict(n_iter=10, n_target_classes=3, n_restarts=1, rho=0.75),
-            "fab-t": dict(n_iter=20, n_target_classes=3, alpha_max=0.1, eta=1.05, beta=0.9),
-            "square": dict(n_queries=300, p_init=0.8)}[kind]
+  params = {
+    "apgd": dict(loss="ce", n_iter=10, n_restarts=1, rho=0.75, target_rank=None),
+    "apgd-t": dict(n_iter=10, n_target_classes=3, n_restarts=1, rho=0.75),
+    "fab-t": dict(n_iter=20, n_target_classes=3, alpha_max=0.1, eta=1.05, beta=0.9),
+    "square": dict(n_queries=300, p_init=0.8),
+  }[kind]
   f = aa.batch_kernel(kind, fn, eps=EPS, **params)
   key = jax.random.PRNGKey(5)
   m = 7

@@ -1,4 +1,5 @@
 """The one pad-and-mask helper of every evaluator, and the batch-size rule."""
+
 import numpy as np
 import pytest
 

@@ -1,4 +1,5 @@
 """The train-step benchmark keeps running: a tiny configuration end to end in a subprocess (no timing checks)."""
+
 import json
 import os
 import subprocess
@@ -11,11 +12,33 @@ SCRIPT = os.path.join(REPO, "benchmarks", "bench_train_step.py")
 def test_benchmark_tiny_configuration(tmp_path):
   out = tmp_path / "bench.json"
   env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="true")  # compile time dominates a tiny run
-  cmd = [sys.executable, SCRIPT, "--methods", "sa_mdrad", "--configs", "tiny_cnn:4", "--image-size", "8",
-         "--steps", "1", "--warmup", "0", "--pgd-steps", "1", "--matmul-size", "128", "--torch", "off",
-         "--jax-dtypes", "float32,bfloat16", "--json", str(out)]
-  proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                        timeout=600)
+  cmd = [
+    sys.executable,
+    SCRIPT,
+    "--methods",
+    "sa_mdrad",
+    "--configs",
+    "tiny_cnn:4",
+    "--image-size",
+    "8",
+    "--steps",
+    "1",
+    "--warmup",
+    "0",
+    "--pgd-steps",
+    "1",
+    "--matmul-size",
+    "128",
+    "--torch",
+    "off",
+    "--jax-dtypes",
+    "float32,bfloat16",
+    "--json",
+    str(out),
+  ]
+  proc = subprocess.run(
+    cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600
+  )
   assert proc.returncode == 0, proc.stdout[-3000:]
   assert "PyTorch reference: skipped (--torch off)" in proc.stdout
   assert "command:" in proc.stdout and "versions:" in proc.stdout and "load average" in proc.stdout
@@ -48,14 +71,22 @@ def test_benchmark_tiny_configuration(tmp_path):
 def _run_python(code, env_updates=(), drop=()):
   env = {k: v for k, v in os.environ.items() if k not in drop}
   env.update(dict(env_updates))
-  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                        stderr=subprocess.STDOUT, text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, "-c", code],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stdout[-3000:]
   return proc.stdout
 
 
 def test_default_xla_flags_user_wins_and_can_be_disabled(monkeypatch):
   from mdrad_jax import xla_flags
+
   # whatever the shipped defaults are, check the rules with two made-up ones
   monkeypatch.setitem(xla_flags.DEFAULT_FLAGS, "cpu", {"--xla_a": "1", "--xla_b": "2"})
   for var in ("XLA_FLAGS", "MDRAD_NO_DEFAULT_XLA_FLAGS", "JAX_PLATFORMS"):
@@ -78,33 +109,55 @@ def test_main_applies_defaults_before_jax_starts_and_xla_accepts_them():
   # main.py imports nothing that starts JAX before runtime.configure_xla(); XLA aborts the process on a flag it
   # does not know, so running a convolution with the defaults checks that this jaxlib accepts them.
   code = (
-      "import sys; sys.argv = ['main.py']\n"
-      "import main\n"
-      "assert 'jax' not in sys.modules, 'main imports jax before configure_xla'\n"
-      "from mdrad_jax import runtime, xla_flags\n"
-      "runtime.configure_xla()\n"
-      "import os, jax, jax.numpy as jnp\n"
-      "want = xla_flags.default_flags()\n"
-      "assert all(f'{k}={v}' in os.environ.get('XLA_FLAGS', '').split() for k, v in want.items())\n"
-      "x = jnp.ones((2, 8, 8, 3)); w = jnp.ones((3, 3, 3, 4))\n"
-      "y = jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))\n"
-      "print(float(y.sum()), os.environ.get('XLA_FLAGS', ''))\n")
+    "import sys; sys.argv = ['main.py']\n"
+    "import main\n"
+    "assert 'jax' not in sys.modules, 'main imports jax before configure_xla'\n"
+    "from mdrad_jax import runtime, xla_flags\n"
+    "runtime.configure_xla()\n"
+    "import os, jax, jax.numpy as jnp\n"
+    "want = xla_flags.default_flags()\n"
+    "assert all(f'{k}={v}' in os.environ.get('XLA_FLAGS', '').split() for k, v in want.items())\n"
+    "x = jnp.ones((2, 8, 8, 3)); w = jnp.ones((3, 3, 3, 4))\n"
+    "y = jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))\n"
+    "print(float(y.sum()), os.environ.get('XLA_FLAGS', ''))\n"
+  )
   out = _run_python(code, drop=("XLA_FLAGS", "MDRAD_NO_DEFAULT_XLA_FLAGS", "JAX_PLATFORMS"))
   assert float(out.split()[0]) > 0
 
 
 def test_conv_kernel_benchmark_tiny(tmp_path):
   out = tmp_path / "conv.json"
-  cmd = [sys.executable, os.path.join(REPO, "benchmarks", "bench_conv.py"), "--layers", "small_cnn conv3",
-         "--frameworks", "jax", "--dtypes", "float32,bfloat16", "--reps", "1", "--warmup", "0", "--json", str(out)]
+  cmd = [
+    sys.executable,
+    os.path.join(REPO, "benchmarks", "bench_conv.py"),
+    "--layers",
+    "small_cnn conv3",
+    "--frameworks",
+    "jax",
+    "--dtypes",
+    "float32,bfloat16",
+    "--reps",
+    "1",
+    "--warmup",
+    "0",
+    "--json",
+    str(out),
+  ]
   proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout[-3000:]
   rows = json.loads(out.read_text())["rows"]
   assert {(r["dtype"], r["kernel"]) for r in rows} == {
-      (d, k) for d in ("float32", "bfloat16") for k in ("forward", "input_grad", "weight_grad")}
+    (d, k) for d in ("float32", "bfloat16") for k in ("forward", "input_grad", "weight_grad")
+  }
   assert all(r["layer"] == "small_cnn conv3" and r["xla_s"] > 0 and r["torch_s"] is None for r in rows)
-  bad = subprocess.run(cmd[:2] + ["--layers", "no_such_layer"], cwd=REPO, stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, text=True, timeout=300)
+  bad = subprocess.run(
+    cmd[:2] + ["--layers", "no_such_layer"],
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    timeout=300,
+  )
   assert bad.returncode != 0 and "no_such_layer" in bad.stdout
 
 
@@ -112,17 +165,35 @@ def test_autoattack_benchmark_tiny_configuration(tmp_path):
   """The AutoAttack benchmark end to end on a random tiny network, against the reference when it is installed
   (a benchmark extra); the PyTorch copy of the network is checked against the JAX one inside the script."""
   import importlib.util
-  with_reference = (importlib.util.find_spec("pyautoattack") is not None
-                    and importlib.util.find_spec("torch") is not None)
+
+  with_reference = (
+    importlib.util.find_spec("pyautoattack") is not None and importlib.util.find_spec("torch") is not None
+  )
   out = tmp_path / "aa.json"
   env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="true", MDRAD_PROGRESS="0")
-  cmd = [sys.executable, os.path.join(REPO, "benchmarks", "bench_autoattack.py"), "--model", "tiny_cnn",
-         "--num-examples", "6", "--batch-size", "4", "--eps", "0.3", "--repeats", "2",
-         "--reference", "on" if with_reference else "off",
-         "--overrides", "apgd-ce.n_iter=3,apgd-t.n_iter=3,fab-t.n_iter=3,square.n_queries=20",
-         "--json", str(out)]
-  proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                        timeout=600)
+  cmd = [
+    sys.executable,
+    os.path.join(REPO, "benchmarks", "bench_autoattack.py"),
+    "--model",
+    "tiny_cnn",
+    "--num-examples",
+    "6",
+    "--batch-size",
+    "4",
+    "--eps",
+    "0.3",
+    "--repeats",
+    "2",
+    "--reference",
+    "on" if with_reference else "off",
+    "--overrides",
+    "apgd-ce.n_iter=3,apgd-t.n_iter=3,fab-t.n_iter=3,square.n_queries=20",
+    "--json",
+    str(out),
+  ]
+  proc = subprocess.run(
+    cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600
+  )
   assert proc.returncode == 0, proc.stdout[-3000:]
   res = json.loads(out.read_text())
   lib = [r for r in res["runs"] if r["impl"] == "library"]
@@ -140,17 +211,41 @@ def test_autoattack_benchmark_tiny_configuration(tmp_path):
 def test_autoattack_cost_on_paper(capsys):
   """Passes per point follow the standard parameters (hand count), and the totals follow from them."""
   import importlib.util
+
   spec = importlib.util.spec_from_file_location("aa_cost", os.path.join(REPO, "benchmarks", "autoattack_cost.py"))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   # 10 classes: APGD-CE 100 steps + its start, APGD-T 9 targets x (100 + 1), FAB-T 9 x 100, Square 5000 queries
-  assert mod.passes_per_point(10) == {"apgd-ce": ("grad", 101), "apgd-t": ("grad", 909),
-                                      "fab-t": ("grad", 900), "square": ("fwd", 5000)}
+  assert mod.passes_per_point(10) == {
+    "apgd-ce": ("grad", 101),
+    "apgd-t": ("grad", 909),
+    "fab-t": ("grad", 900),
+    "square": ("fwd", 5000),
+  }
   assert mod.passes_per_point(5)["apgd-t"] == ("grad", 4 * 101)  # all classes but the true one
   f, g = mod.model_flops("tiny_cnn", num_classes=10, image_shape=(8, 8, 3), batch=2)
   assert 0 < f < g < 4 * f  # an input gradient costs about one more forward
-  assert mod.main(["--models", "tiny_cnn", "--image-shape", "8,8,3", "--batch", "2", "--points", "100",
-                   "--clean", "1", "--robust", "1", "--tflops", "1"]) == 0
+  assert (
+    mod.main(
+      [
+        "--models",
+        "tiny_cnn",
+        "--image-shape",
+        "8,8,3",
+        "--batch",
+        "2",
+        "--points",
+        "100",
+        "--clean",
+        "1",
+        "--robust",
+        "1",
+        "--tflops",
+        "1",
+      ]
+    )
+    == 0
+  )
   row = [x for x in capsys.readouterr().out.splitlines() if x.startswith("| tiny_cnn |")][0].split("|")
   worst, typical = float(row[4]), float(row[5])
   assert worst == typical  # every point robust: the assumed case is the worst case

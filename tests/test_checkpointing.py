@@ -1,4 +1,5 @@
 """Checkpoints: latest + best kept, exact restore, non-finite states refused, teacher loading."""
+
 import json
 import os
 
@@ -16,8 +17,9 @@ from mdrad_jax.train_state import TrainState
 def _state():
   params = {"model": {"w": jnp.ones((3,))}, "projectors": {"0": {"p": jnp.zeros((2,))}}}
   stats = {"model": {"mean": jnp.zeros((3,))}, "projectors": {}}
-  return TrainState.create(params=params, batch_stats=stats, tx=optax.sgd(0.1, momentum=0.9),
-                           rng=jax.random.key_data(jax.random.key(0)))
+  return TrainState.create(
+    params=params, batch_stats=stats, tx=optax.sgd(0.1, momentum=0.9), rng=jax.random.key_data(jax.random.key(0))
+  )
 
 
 def _grad(i):
@@ -59,8 +61,7 @@ def test_non_finite_state_is_refused_and_good_checkpoint_kept(tmp_path):
   st = _state().apply_gradients(_grad(1))
   ck.save(st)
   ck.wait()
-  bad = st.replace(step=st.step + 1,
-                   params={**st.params, "model": {"w": jnp.array([jnp.nan, 1.0, 1.0])}})
+  bad = st.replace(step=st.step + 1, params={**st.params, "model": {"w": jnp.array([jnp.nan, 1.0, 1.0])}})
   with pytest.raises(NonFiniteStateError, match="NaN"):
     ck.save(bad)
   assert ck.all_steps() == [1]

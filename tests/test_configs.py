@@ -1,4 +1,5 @@
 """Every config file loads for every dataset variant, and fields are overridable and locked."""
+
 import glob
 import importlib.util
 import os
@@ -24,8 +25,9 @@ def test_every_method_has_a_config_file():
 
 
 @pytest.mark.parametrize("name", METHOD_CONFIGS)
-@pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "tiny_imagenet", "fashion_mnist,small",
-                                     "cifar10_jpeg,small"])
+@pytest.mark.parametrize(
+  "dataset", ["cifar10", "cifar100", "tiny_imagenet", "fashion_mnist,small", "cifar10_jpeg,small"]
+)
 def test_method_configs_load(name, dataset):
   c = _load(name).get_config(f"dataset={dataset}")
   assert c.method.name == name

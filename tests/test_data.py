@@ -3,6 +3,7 @@
 Small archives are written here in the official formats; images and labels must survive preparation and
 loading exactly. The real CIFAR-10 JPEG copy and Fashion-MNIST files are read when present.
 """
+
 from __future__ import annotations
 
 import collections
@@ -51,25 +52,41 @@ def rows_to_images(rows: np.ndarray) -> np.ndarray:
   for n in range(rows.shape[0]):
     for ch in range(3):
       for r in range(32):
-        out[n, r, :, ch] = rows[n, ch * 1024 + r * 32: ch * 1024 + r * 32 + 32]
+        out[n, r, :, ch] = rows[n, ch * 1024 + r * 32 : ch * 1024 + r * 32 + 32]
   return out
 
 
 def write_cifar10(path, rng, per_batch=4, n_test=6, skip_member=None):
   """cifar-10-python.tar.gz: cifar-10-batches-py/{batches.meta,data_batch_1..5,test_batch} (protocol-2 pickles)."""
-  batches = {f"data_batch_{i}": (_cifar_rows(rng, per_batch), rng.integers(0, 10, per_batch).tolist())
-             for i in range(1, 6)}
+  batches = {
+    f"data_batch_{i}": (_cifar_rows(rng, per_batch), rng.integers(0, 10, per_batch).tolist()) for i in range(1, 6)
+  }
   batches["test_batch"] = (_cifar_rows(rng, n_test), rng.integers(0, 10, n_test).tolist())
   with tarfile.open(path, "w:gz") as tar:
-    _add_bytes(tar, "cifar-10-batches-py/batches.meta", pickle.dumps(
-        {b"label_names": [n.encode() for n in CIFAR10_NAMES], b"num_cases_per_batch": per_batch,
-         b"num_vis": 3072}, protocol=2))
+    _add_bytes(
+      tar,
+      "cifar-10-batches-py/batches.meta",
+      pickle.dumps(
+        {b"label_names": [n.encode() for n in CIFAR10_NAMES], b"num_cases_per_batch": per_batch, b"num_vis": 3072},
+        protocol=2,
+      ),
+    )
     for name, (rows, labels) in batches.items():
       if name == skip_member:
         continue
-      _add_bytes(tar, f"cifar-10-batches-py/{name}", pickle.dumps(
-          {b"batch_label": name.encode(), b"labels": labels, b"data": rows,
-           b"filenames": [f"{name}_{i}.png".encode() for i in range(len(labels))]}, protocol=2))
+      _add_bytes(
+        tar,
+        f"cifar-10-batches-py/{name}",
+        pickle.dumps(
+          {
+            b"batch_label": name.encode(),
+            b"labels": labels,
+            b"data": rows,
+            b"filenames": [f"{name}_{i}.png".encode() for i in range(len(labels))],
+          },
+          protocol=2,
+        ),
+      )
   train_rows = np.concatenate([batches[f"data_batch_{i}"][0] for i in range(1, 6)])
   train_labels = np.concatenate([batches[f"data_batch_{i}"][1] for i in range(1, 6)])
   return {"train": (train_rows, train_labels), "test": (batches["test_batch"][0], np.asarray(batches["test_batch"][1]))}
@@ -80,16 +97,35 @@ def write_cifar100(path, rng, n_train=10, n_test=5):
   coarse_names = [f"coarse{i:02d}" for i in range(20)]
   out = {}
   with tarfile.open(path, "w:gz") as tar:
-    _add_bytes(tar, "cifar-100-python/meta", pickle.dumps(
-        {b"fine_label_names": [n.encode() for n in fine_names],
-         b"coarse_label_names": [n.encode() for n in coarse_names]}, protocol=2))
+    _add_bytes(
+      tar,
+      "cifar-100-python/meta",
+      pickle.dumps(
+        {
+          b"fine_label_names": [n.encode() for n in fine_names],
+          b"coarse_label_names": [n.encode() for n in coarse_names],
+        },
+        protocol=2,
+      ),
+    )
     for split, n in (("train", n_train), ("test", n_test)):
       rows = _cifar_rows(rng, n)
       fine = rng.integers(0, 100, n).tolist()
       coarse = rng.integers(0, 20, n).tolist()
-      _add_bytes(tar, f"cifar-100-python/{split}", pickle.dumps(
-          {b"filenames": [b"x.png"] * n, b"batch_label": split.encode(), b"fine_labels": fine,
-           b"coarse_labels": coarse, b"data": rows}, protocol=2))
+      _add_bytes(
+        tar,
+        f"cifar-100-python/{split}",
+        pickle.dumps(
+          {
+            b"filenames": [b"x.png"] * n,
+            b"batch_label": split.encode(),
+            b"fine_labels": fine,
+            b"coarse_labels": coarse,
+            b"data": rows,
+          },
+          protocol=2,
+        ),
+      )
       out[split] = (rows, np.asarray(fine), np.asarray(coarse))
   return out, fine_names
 
@@ -238,7 +274,7 @@ def test_cifar10_round_trip(cifar10):
   rows, labels = expected["train"]
   for ex in (ds[i] for i in range(len(ds))):
     n = int(ex["id"].decode().split("_")[1])
-    np.testing.assert_array_equal(ex["image"], rows_to_images(rows[n:n + 1])[0])
+    np.testing.assert_array_equal(ex["image"], rows_to_images(rows[n : n + 1])[0])
     assert ex["label"] == labels[n]
 
 
@@ -269,7 +305,7 @@ def test_tiny_imagenet_round_trip(tmp_path):
   kw = dict(data_dir=str(tmp_path / "data"), source_dir=str(tmp_path))
   info = data.dataset_info("tiny_imagenet", **kw)
   assert (info.num_classes, info.image_shape) == (3, (64, 64, 3))
-  assert list(info.class_names) == wnids            # wnids.txt order, not sorted
+  assert list(info.class_names) == wnids  # wnids.txt order, not sorted
   assert (info.train_split, info.test_split) == ("train", "validation")
   assert info.split_sizes == {"train": 6, "validation": 4}
   for split, exp in expected.items():
@@ -279,8 +315,10 @@ def test_tiny_imagenet_round_trip(tmp_path):
 
 def test_fashion_mnist_round_trip(tmp_path):
   rng = np.random.default_rng(3)
-  arrays = {"train": (rng.integers(0, 256, (7, 28, 28), dtype=np.uint8), rng.integers(0, 10, 7).astype(np.uint8)),
-            "test": (rng.integers(0, 256, (3, 28, 28), dtype=np.uint8), rng.integers(0, 10, 3).astype(np.uint8))}
+  arrays = {
+    "train": (rng.integers(0, 256, (7, 28, 28), dtype=np.uint8), rng.integers(0, 10, 7).astype(np.uint8)),
+    "test": (rng.integers(0, 256, (3, 28, 28), dtype=np.uint8), rng.integers(0, 10, 3).astype(np.uint8)),
+  }
   write_fashion_mnist(tmp_path / "src", arrays)
   kw = dict(data_dir=str(tmp_path / "data"), source_dir=str(tmp_path / "src"))
   info = data.dataset_info("fashion_mnist", **kw)
@@ -290,8 +328,10 @@ def test_fashion_mnist_round_trip(tmp_path):
     assert_same_examples(images, labels, list(zip(imgs[..., None], labs)))
 
 
-@pytest.mark.skipif(not os.path.isfile(os.path.join(FASHION_DIR, "t10k-images-idx3-ubyte.gz")),
-                    reason="Fashion-MNIST files not installed (apt-get install dataset-fashion-mnist)")
+@pytest.mark.skipif(
+  not os.path.isfile(os.path.join(FASHION_DIR, "t10k-images-idx3-ubyte.gz")),
+  reason="Fashion-MNIST files not installed (apt-get install dataset-fashion-mnist)",
+)
 def test_real_fashion_mnist(tmp_path):
   train_x, train_y = sources.read_fashion_mnist(FASHION_DIR, "train")
   test_x, test_y = sources.read_fashion_mnist(FASHION_DIR, "test")
@@ -336,8 +376,9 @@ def test_image_folder_grayscale(tmp_path):
 @pytest.mark.skipif(not os.path.isfile(JPEG_COPY), reason="CIFAR-10 JPEG copy not present")
 def test_cifar10_jpeg_copy_subset(tmp_path):
   # The archive lists test/ then train/, class by class: the first two classes keep the scan short.
-  wanted = {(split, cls, f"{k:04d}.jpg") for split in ("train", "test") for cls in ("airplane", "automobile")
-            for k in range(4)}
+  wanted = {
+    (split, cls, f"{k:04d}.jpg") for split in ("train", "test") for cls in ("airplane", "automobile") for k in range(4)
+  }
   root = tmp_path / "cifar10-jpeg"
   found = {}
   with tarfile.open(JPEG_COPY, "r:gz") as tar:
@@ -367,7 +408,7 @@ def test_digits_split_is_the_documented_one(digits):
   d = load_digits()
   seen = collections.Counter()
   test_idx = []
-  for i, y in enumerate(d.target):       # every 5th example of each class, counting from 1, is a test example
+  for i, y in enumerate(d.target):  # every 5th example of each class, counting from 1, is a test example
     seen[y] += 1
     if seen[y] % 5 == 0:
       test_idx.append(i)
@@ -378,8 +419,9 @@ def test_digits_split_is_the_documented_one(digits):
   for split, idx in (("train", train_idx), ("test", test_idx)):
     images, labels = data.load_arrays("digits", split, **digits)
     got = collections.Counter((im.tobytes(), int(lab)) for im, lab in zip(images, labels))
-    want = collections.Counter(((d.images[i].astype(np.float32) / 16)[..., None].tobytes(), int(d.target[i]))
-                               for i in idx)
+    want = collections.Counter(
+      ((d.images[i].astype(np.float32) / 16)[..., None].tobytes(), int(d.target[i])) for i in idx
+    )
     assert got == want
     assert images.min() == 0.0 and images.max() == 1.0
 
@@ -405,8 +447,11 @@ def test_official_copy_of_another_version_is_used_as_is(cifar10, tmp_path):
 # ---------------------------------------------------------------------------------------------
 def test_missing_sources_name_the_expected_file(tmp_path):
   kw = dict(data_dir=str(tmp_path / "data"), source_dir=str(tmp_path / "src"))
-  with pytest.raises(data.SourceError, match=r"src/cifar-10-python\.tar\.gz.*https://www\.cs\.toronto\.edu/~kriz/"
-                                             r"cifar-10-python\.tar\.gz"):
+  with pytest.raises(
+    data.SourceError,
+    match=r"src/cifar-10-python\.tar\.gz.*https://www\.cs\.toronto\.edu/~kriz/"
+    r"cifar-10-python\.tar\.gz",
+  ):
     data.dataset_info("cifar10", **kw)
   with pytest.raises(data.SourceError, match=r"src/cifar-100-python\.tar\.gz.*kriz/cifar-100-python\.tar\.gz"):
     data.dataset_info("cifar100", **kw)
@@ -421,8 +466,7 @@ def test_missing_sources_name_the_expected_file(tmp_path):
     data.dataset_info("cifar10", data_dir=kw["data_dir"])
   # A member missing inside the archive is named too.
   os.makedirs(tmp_path / "src")
-  write_cifar10(str(tmp_path / "src" / "cifar-10-python.tar.gz"), np.random.default_rng(0),
-                skip_member="data_batch_3")
+  write_cifar10(str(tmp_path / "src" / "cifar-10-python.tar.gz"), np.random.default_rng(0), skip_member="data_batch_3")
   with pytest.raises(data.SourceError, match="cifar-10-batches-py/data_batch_3"):
     data.dataset_info("cifar10", **kw)
   assert not os.path.exists(tmp_path / "data" / "cifar10" / "3.0.2")
@@ -436,8 +480,7 @@ def test_bad_arguments_are_named(digits):
   with pytest.raises(ValueError, match="data.augment must be one of"):
     data.create_loader("digits", "train", batch_size=8, train=True, seed=0, augment="cutout", **digits)
   with pytest.raises(ValueError, match="batch_size must be a positive multiple of process_count=3, got 8"):
-    data.create_loader("digits", "train", batch_size=8, train=True, seed=0, process_index=0, process_count=3,
-                       **digits)
+    data.create_loader("digits", "train", batch_size=8, train=True, seed=0, process_index=0, process_count=3, **digits)
   with pytest.raises(ValueError, match="seed must be an integer"):
     data.create_loader("digits", "train", batch_size=8, train=True, seed=-1, **digits)
 
@@ -494,22 +537,25 @@ def test_batches_shapes_types_and_range(cifar10, digits):
 
 def test_eval_loader_is_ordered_and_keeps_the_last_partial_batch(digits):
   images, labels = data.load_arrays("digits", "test", **digits)
-  loader = data.create_loader("digits", "test", batch_size=100, train=False, seed=0, drop_remainder=False,
-                              **digits)
+  loader = data.create_loader("digits", "test", batch_size=100, train=False, seed=0, drop_remainder=False, **digits)
   batches = list(loader)
   assert [b["label"].shape[0] for b in batches] == [100, 100, 100, 55]
   np.testing.assert_array_equal(np.concatenate([b["image"] for b in batches]), images)
   np.testing.assert_array_equal(np.concatenate([b["label"] for b in batches]), labels)
   # num_examples keeps the first N of the same order.
-  first = list(data.create_loader("digits", "test", batch_size=10, train=False, seed=0, num_examples=25,
-                                  drop_remainder=False, **digits))
+  first = list(
+    data.create_loader(
+      "digits", "test", batch_size=10, train=False, seed=0, num_examples=25, drop_remainder=False, **digits
+    )
+  )
   np.testing.assert_array_equal(np.concatenate([b["label"] for b in first]), labels[:25])
 
 
 def test_shuffle_is_seeded_and_reshuffles_each_epoch(digits):
   def labels_of(seed, n):
-    loader = data.create_loader("digits", "train", batch_size=8, train=True, seed=seed, augment="none",
-                                num_examples=40, num_epochs=2, **digits)
+    loader = data.create_loader(
+      "digits", "train", batch_size=8, train=True, seed=seed, augment="none", num_examples=40, num_epochs=2, **digits
+    )
     batches = list(loader)
     assert len(batches) == n
     return [b for b in batches]
@@ -519,7 +565,7 @@ def test_shuffle_is_seeded_and_reshuffles_each_epoch(digits):
   assert any(not np.array_equal(x["image"], y["image"]) for x, y in zip(a, c))
   images, labels = data.load_arrays("digits", "train", num_examples=40, **digits)
   full = collections.Counter((im.tobytes(), int(lab)) for im, lab in zip(images, labels))
-  for epoch in (a[:5], a[5:]):   # each epoch is a permutation of the 40 examples
+  for epoch in (a[:5], a[5:]):  # each epoch is a permutation of the 40 examples
     got = collections.Counter((im.tobytes(), int(lab)) for bt in epoch for im, lab in zip(bt["image"], bt["label"]))
     assert got == full
   assert any(not np.array_equal(x["label"], y["label"]) for x, y in zip(a[:5], a[5:]))
@@ -532,11 +578,11 @@ def test_iterator_state_round_trips_through_orbax(cifar10, tmp_path):
     return data.create_loader("cifar10", "train", batch_size=4, train=True, seed=3, augment="crop_flip", **kw)
 
   it = iter(loader())
-  first = take(it, 3)                       # 20 examples / 4 = 5 batches per epoch: stop mid-epoch
+  first = take(it, 3)  # 20 examples / 4 = 5 batches per epoch: stop mid-epoch
   manager = ocp.CheckpointManager(str(tmp_path / "ckpt"))
   manager.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
   manager.wait_until_finished()
-  expected = take(it, 4)                    # crosses into the next epoch
+  expected = take(it, 4)  # crosses into the next epoch
   fresh = iter(loader())
   assert_batches_equal(take(fresh, 3), first)
   resumed = iter(loader())
@@ -551,12 +597,22 @@ def test_process_shards_are_disjoint_and_cover_the_split(cifar10):
   all_keys = [img.tobytes() for img in rows_to_images(rows)]
 
   def keys(process_index, train):
-    loader = data.create_loader("cifar10", "train", batch_size=6, train=train, seed=0, augment="none",
-                                num_epochs=1, drop_remainder=False, process_index=process_index,
-                                process_count=3, **kw)
+    loader = data.create_loader(
+      "cifar10",
+      "train",
+      batch_size=6,
+      train=train,
+      seed=0,
+      augment="none",
+      num_epochs=1,
+      drop_remainder=False,
+      process_index=process_index,
+      process_count=3,
+      **kw,
+    )
     out = []
     for b in loader:
-      assert b["image"].shape[0] <= 2          # the global batch of 6 is split over 3 processes
+      assert b["image"].shape[0] <= 2  # the global batch of 6 is split over 3 processes
       out += [np.round(im * 255).astype(np.uint8).tobytes() for im in b["image"]]
     return out
 
@@ -564,10 +620,10 @@ def test_process_shards_are_disjoint_and_cover_the_split(cifar10):
     shards = [keys(i, train) for i in range(3)]
     assert [len(s) for s in shards] == sizes
     union = [k for s in shards for k in s]
-    assert len(set(union)) == len(union)                    # disjoint
+    assert len(set(union)) == len(union)  # disjoint
     assert set(union) <= set(all_keys)
     if not train:
-      assert sorted(union) == sorted(all_keys)              # evaluation covers the whole split
+      assert sorted(union) == sorted(all_keys)  # evaluation covers the whole split
 
 
 # ---------------------------------------------------------------------------------------------
@@ -585,10 +641,10 @@ def reference_crop_flip(image, oy, ox, flip, p):
 
 
 def test_crop_flip_hand_worked():
-  image = np.arange(1, 10, dtype=np.float32).reshape(1, 3, 3, 1)     # [[1 2 3] [4 5 6] [7 8 9]]
-  got = data.crop_flip(image, [0], [2], [False], 1)                  # padded 5x5, window at row 0, col 2
+  image = np.arange(1, 10, dtype=np.float32).reshape(1, 3, 3, 1)  # [[1 2 3] [4 5 6] [7 8 9]]
+  got = data.crop_flip(image, [0], [2], [False], 1)  # padded 5x5, window at row 0, col 2
   np.testing.assert_array_equal(got[0, ..., 0], [[0, 0, 0], [2, 3, 0], [5, 6, 0]])
-  got = data.crop_flip(image, [2], [1], [True], 1)                   # window at row 2, col 1, then mirrored
+  got = data.crop_flip(image, [2], [1], [True], 1)  # window at row 2, col 1, then mirrored
   np.testing.assert_array_equal(got[0, ..., 0], [[6, 5, 4], [9, 8, 7], [0, 0, 0]])
 
 
@@ -612,13 +668,26 @@ def test_loader_augmentation_is_a_crop_flip_of_the_stored_image(cifar10, augment
   kw, _ = cifar10
   clean, _ = data.load_arrays("cifar10", "train", **kw)
   p = 4
-  allowed = [(oy, ox, f) for oy in (range(2 * p + 1) if "crop" in augment else [p])
-             for ox in (range(2 * p + 1) if "crop" in augment else [p])
-             for f in ((False, True) if "flip" in augment else (False,))]
+  allowed = [
+    (oy, ox, f)
+    for oy in (range(2 * p + 1) if "crop" in augment else [p])
+    for ox in (range(2 * p + 1) if "crop" in augment else [p])
+    for f in ((False, True) if "flip" in augment else (False,))
+  ]
 
   def run(seed):
-    loader = data.create_loader("cifar10", "train", batch_size=20, train=True, seed=seed, augment=augment,
-                                crop_padding=p, shuffle=False, num_epochs=1, **kw)
+    loader = data.create_loader(
+      "cifar10",
+      "train",
+      batch_size=20,
+      train=True,
+      seed=seed,
+      augment=augment,
+      crop_padding=p,
+      shuffle=False,
+      num_epochs=1,
+      **kw,
+    )
     return next(iter(loader))["image"]
 
   aug = run(5)
@@ -628,8 +697,8 @@ def test_loader_augmentation_is_a_crop_flip_of_the_stored_image(cifar10, augment
     matches = [a for a in allowed if np.array_equal(img, reference_crop_flip(orig, *a, p))]
     assert matches, "augmented image is not a padded crop/flip of the stored image"
     used.append(matches[0])
-  assert len(set(used)) > 1                                  # not all the same transform
-  np.testing.assert_array_equal(run(5), aug)                 # seeded
+  assert len(set(used)) > 1  # not all the same transform
+  np.testing.assert_array_equal(run(5), aug)  # seeded
   assert not np.array_equal(run(6), aug)
 
 
@@ -638,8 +707,9 @@ def test_worker_processes_give_the_same_batches_and_resume(cifar10):
   kw, _ = cifar10
 
   def loader(workers):
-    return data.create_loader("cifar10", "train", batch_size=4, train=True, seed=7, augment="crop_flip",
-                              worker_count=workers, **kw)
+    return data.create_loader(
+      "cifar10", "train", batch_size=4, train=True, seed=7, augment="crop_flip", worker_count=workers, **kw
+    )
 
   reference = take(iter(loader(0)), 8)
   it = iter(loader(1))

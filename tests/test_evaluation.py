@@ -5,6 +5,7 @@ that flips point i is |w·x_i| / ‖w‖₁ (the box does not bind), and every g
 in the ε-ball moves straight to the optimal corner.  The accuracy under FGSM, PGD-20, CW∞ and AutoAttack is
 therefore the fraction of correctly classified points whose minimal perturbation exceeds ε.
 """
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -45,8 +46,9 @@ def problem():
 
 def test_accuracies_match_the_closed_form(problem):
   fn, x, y = problem
-  res = evaluation.evaluate(fn, x, y, attacks=("clean", "fgsm", "pgd20", "cw", "autoattack"), batch_size=4,
-                            aa_version="apgd", progress=False)
+  res = evaluation.evaluate(
+    fn, x, y, attacks=("clean", "fgsm", "pgd20", "cw", "autoattack"), batch_size=4, aa_version="apgd", progress=False
+  )
   clean = np.arange(len(y)) < len(y) - 2
   robust = clean & (RADII > EPS)
   assert res["clean"]["accuracy"] == pytest.approx(clean.mean())

@@ -1,6 +1,7 @@
 """The evaluation job on a tiny trained run: report contents against an independent computation, files and
 plots, one-line errors, the same numbers on four simulated devices, and the gradient-masking flags on a model
 whose gradient is zero everywhere (flagged) and on a linear model (not flagged)."""
+
 import importlib.util
 import json
 import os
@@ -51,8 +52,9 @@ def trained(tmp_path_factory):
 
 
 def _job_config(checkpoint, **evaluate):
-  c = _eval_config_module().get_config(f"checkpoint={checkpoint},aa=apgd,num_examples={N},"
-                                       "attacks=clean+fgsm+pgd20+autoattack")
+  c = _eval_config_module().get_config(
+    f"checkpoint={checkpoint},aa=apgd,num_examples={N},attacks=clean+fgsm+pgd20+autoattack"
+  )
   e = c.evaluate
   e.eps = EPS
   e.batch_size = 32
@@ -93,8 +95,13 @@ def test_report_matches_an_independent_computation(job):
   assert saved["eps"] == EPS and saved["seed"] == 0
   assert saved["step_size"] == pytest.approx(0.02 * EPS / 0.1)  # digits' step, scaled with the overridden ε
   assert meta["autoattack_label"].startswith("AutoAttack (APGD-CE + APGD-T subset)")
-  assert saved["attacks"]["pgd20"]["params"] == {"eps": EPS, "loss": "ce", "steps": 20, "init": "uniform",
-                                                 "step_size": pytest.approx(0.006)}
+  assert saved["attacks"]["pgd20"]["params"] == {
+    "eps": EPS,
+    "loss": "ce",
+    "steps": 20,
+    "init": "uniform",
+    "step_size": pytest.approx(0.006),
+  }
   assert saved["attacks"]["fgsm"]["params"]["init"] == "none"
 
   # robust accuracy never above clean; AutoAttack counts consistent with its stages
@@ -150,13 +157,23 @@ def test_same_numbers_on_four_devices(job, tmp_path):
   """main.py with four simulated CPU devices (batch split over them) reproduces the one-device numbers."""
   workdir, _, report = job
   out = tmp_path / "eval4"
-  env = dict(os.environ, MDRAD_PROGRESS="0", JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="true",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  args = [sys.executable, "main.py",
-          f"--config=configs/evaluate.py:checkpoint={workdir},aa=apgd,num_examples={N},"
-          "attacks=clean+pgd20+autoattack", f"--workdir={out}", f"--config.evaluate.eps={EPS}",
-          "--config.evaluate.batch_size=32", f"--config.evaluate.aa_overrides={AA_OVERRIDES}",
-          "--config.evaluate.masking_square_examples=0"]
+  env = dict(
+    os.environ,
+    MDRAD_PROGRESS="0",
+    JAX_PLATFORMS="cpu",
+    JAX_DISABLE_MOST_OPTIMIZATIONS="true",
+    XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  )
+  args = [
+    sys.executable,
+    "main.py",
+    f"--config=configs/evaluate.py:checkpoint={workdir},aa=apgd,num_examples={N},attacks=clean+pgd20+autoattack",
+    f"--workdir={out}",
+    f"--config.evaluate.eps={EPS}",
+    "--config.evaluate.batch_size=32",
+    f"--config.evaluate.aa_overrides={AA_OVERRIDES}",
+    "--config.evaluate.masking_square_examples=0",
+  ]
   r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "| PGD-20 |" in r.stdout  # the table is printed
@@ -205,15 +222,25 @@ def _linear_problem(quantised: bool):
 def _report(quantised):
   fn, x, y = _linear_problem(quantised)
   return evaluation_job.robustness_report(
-      fn, x, y, attacks=("clean", "fgsm", "pgd20"), eps=MEPS, step_size=MEPS / 4, batch_size=16,
-      eps_sweep=(0.0, MEPS / 2, MEPS, 2 * MEPS), sweep_attack="fgsm", square_examples=16, square_queries=300)
+    fn,
+    x,
+    y,
+    attacks=("clean", "fgsm", "pgd20"),
+    eps=MEPS,
+    step_size=MEPS / 4,
+    batch_size=16,
+    eps_sweep=(0.0, MEPS / 2, MEPS, 2 * MEPS),
+    sweep_attack="fgsm",
+    square_examples=16,
+    square_queries=300,
+  )
 
 
 def test_masking_flags_fire_on_a_zero_gradient_model():
   rep = _report(quantised=True)
   acc = {k: v["accuracy"] for k, v in rep["attacks"].items()}
   assert acc["clean"] == 1.0 and acc["fgsm"] == 1.0  # the gradient is zero: FGSM does not move
-  assert rep["square_alone"]["accuracy"] < 0.75     # Square breaks most of the near points
+  assert rep["square_alone"]["accuracy"] < 0.75  # Square breaks most of the near points
   checks = {(f["check"], f["attack"]) for f in rep["masking_check"]["flags"]}
   assert {("a", "pgd20"), ("c", "fgsm")} <= checks
   assert rep["masking_check"]["flagged"]
@@ -229,17 +256,27 @@ def test_no_masking_flag_on_a_linear_model():
 
 def test_masking_flag_rules_on_given_numbers():
   def rep(**acc):
-    return {"num_examples": 100, "attacks": {k: {"accuracy": v} for k, v in acc.items()},
-            "autoattack_stages": [], "eps_sweep": None, "square_alone": None}
+    return {
+      "num_examples": 100,
+      "attacks": {k: {"accuracy": v} for k, v in acc.items()},
+      "autoattack_stages": [],
+      "eps_sweep": None,
+      "square_alone": None,
+    }
 
   assert gradient_masking.masking_flags(rep(clean=0.9, fgsm=0.5, pgd20=0.45, autoattack=0.40)) == []
   flags = gradient_masking.masking_flags(rep(clean=0.9, fgsm=0.5, pgd20=0.55, autoattack=0.40))
   assert [(f["check"], f["attack"]) for f in flags] == [("b", "pgd20"), ("d", "autoattack")]
   r = rep(clean=0.9)
-  r["autoattack_stages"] = [{"attack": "clean", "flips": None}, {"attack": "apgd-ce", "flips": 30},
-                            {"attack": "square", "flips": 5}]
-  r["eps_sweep"] = {"attack": "pgd20", "points": [{"eps": 0.0, "accuracy": 0.9}, {"eps": 0.1, "accuracy": 0.5},
-                                                  {"eps": 0.2, "accuracy": 0.6}]}
+  r["autoattack_stages"] = [
+    {"attack": "clean", "flips": None},
+    {"attack": "apgd-ce", "flips": 30},
+    {"attack": "square", "flips": 5},
+  ]
+  r["eps_sweep"] = {
+    "attack": "pgd20",
+    "points": [{"eps": 0.0, "accuracy": 0.9}, {"eps": 0.1, "accuracy": 0.5}, {"eps": 0.2, "accuracy": 0.6}],
+  }
   flags = gradient_masking.masking_flags(r)
   assert [(f["check"], f["attack"]) for f in flags] == [("a", "square"), ("c", "pgd20")]
   assert "Square flipped 5 of 100" in flags[0]["reason"]
@@ -247,27 +284,55 @@ def test_masking_flag_rules_on_given_numbers():
   # (a) on the same points: a 2-point gap with nothing the other way is noise (p = 0.25), 6 points are not
   def square(wb_correct, b):
     r = rep(clean=0.8)
-    r["square_alone"] = {"n": 100, "accuracy": 0.60, "correct": 60, "white_box_on_same_points": {
-        "pgd20": {"accuracy": wb_correct / 100, "correct": wb_correct, "square_broke_white_box_survivors": b,
-                  "white_box_broke_square_survivors": 60 - (wb_correct - b)}}}
+    r["square_alone"] = {
+      "n": 100,
+      "accuracy": 0.60,
+      "correct": 60,
+      "white_box_on_same_points": {
+        "pgd20": {
+          "accuracy": wb_correct / 100,
+          "correct": wb_correct,
+          "square_broke_white_box_survivors": b,
+          "white_box_broke_square_survivors": 60 - (wb_correct - b),
+        }
+      },
+    }
     return gradient_masking.masking_flags(r)
 
   assert square(62, 2) == []
   flagged = square(66, 6)
   assert [(f["check"], f["attack"]) for f in flagged] == [("a", "pgd20")]
-  assert flagged[0]["p_value"] == pytest.approx(0.5 ** 6)
+  assert flagged[0]["p_value"] == pytest.approx(0.5**6)
   assert square(66, 8) == []  # 8 one way, 2 the other: p = 0.055
 
   # FGSM far weaker than Square, PGD-20 not: a weak single-step attack, not masking; no flag
   r = rep(clean=0.8)
-  r["square_alone"] = {"n": 100, "accuracy": 0.40, "correct": 40, "white_box_on_same_points": {
-      "fgsm": {"accuracy": 0.70, "correct": 70, "square_broke_white_box_survivors": 30,
-               "white_box_broke_square_survivors": 0},
-      "pgd20": {"accuracy": 0.41, "correct": 41, "square_broke_white_box_survivors": 3,
-                "white_box_broke_square_survivors": 2}}}
+  r["square_alone"] = {
+    "n": 100,
+    "accuracy": 0.40,
+    "correct": 40,
+    "white_box_on_same_points": {
+      "fgsm": {
+        "accuracy": 0.70,
+        "correct": 70,
+        "square_broke_white_box_survivors": 30,
+        "white_box_broke_square_survivors": 0,
+      },
+      "pgd20": {
+        "accuracy": 0.41,
+        "correct": 41,
+        "square_broke_white_box_survivors": 3,
+        "white_box_broke_square_survivors": 2,
+      },
+    },
+  }
   assert gradient_masking.masking_flags(r) == []
   r["square_alone"]["white_box_on_same_points"]["cw"] = {
-      "accuracy": 0.70, "correct": 70, "square_broke_white_box_survivors": 30, "white_box_broke_square_survivors": 0}
+    "accuracy": 0.70,
+    "correct": 70,
+    "square_broke_white_box_survivors": 30,
+    "white_box_broke_square_survivors": 0,
+  }
   assert [(f["check"], f["attack"]) for f in gradient_masking.masking_flags(r)] == [("a", "cw")]
   assert gradient_masking.sign_test_p(3, 0) == 0.125 and gradient_masking.sign_test_p(0, 0) == 1.0
 
@@ -289,4 +354,6 @@ def test_config_arguments():
   with pytest.raises(ValueError, match="evaluate.aa_overrides"):
     evaluation_job.parse_overrides("square=5")
   assert evaluation_job.parse_overrides("square.n_queries=100, apgd-ce.rho=0.5") == {
-      "square": {"n_queries": 100}, "apgd-ce": {"rho": 0.5}}
+    "square": {"n_queries": 100},
+    "apgd-ce": {"rho": 0.5},
+  }

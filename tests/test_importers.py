@@ -3,6 +3,7 @@ weights and random BatchNorm statistics, saved in each format, imported through 
 with PyTorch's eval-mode logits; parameter counts and key matching at full size; refusal of pickles carrying
 code, of mismatching files and of used workdirs; export -> import round trips; a distillation from imported
 teachers."""
+
 import io
 import json
 import os
@@ -30,6 +31,7 @@ CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
 
 def _load_config(name, arg):
   import importlib.util
+
   spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
@@ -38,6 +40,7 @@ def _load_config(name, arg):
 
 def _write_cifar10(path, rng, per_batch=4, n_test=8):
   """A small cifar-10-python.tar.gz in the official layout (protocol-2 pickles of uint8 rows)."""
+
   def add(tar, name, obj):
     payload = pickle.dumps(obj, protocol=2)
     info = tarfile.TarInfo(name)
@@ -45,13 +48,22 @@ def _write_cifar10(path, rng, per_batch=4, n_test=8):
     tar.addfile(info, io.BytesIO(payload))
 
   with tarfile.open(path, "w:gz") as tar:
-    add(tar, "cifar-10-batches-py/batches.meta",
-        {b"label_names": [n.encode() for n in CIFAR10_NAMES], b"num_cases_per_batch": per_batch, b"num_vis": 3072})
+    add(
+      tar,
+      "cifar-10-batches-py/batches.meta",
+      {b"label_names": [n.encode() for n in CIFAR10_NAMES], b"num_cases_per_batch": per_batch, b"num_vis": 3072},
+    )
     for name, n in [(f"data_batch_{i}", per_batch) for i in range(1, 6)] + [("test_batch", n_test)]:
-      add(tar, f"cifar-10-batches-py/{name}",
-          {b"batch_label": name.encode(), b"labels": rng.integers(0, 10, n).tolist(),
-           b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
-           b"filenames": [f"{name}_{i}.png".encode() for i in range(n)]})
+      add(
+        tar,
+        f"cifar-10-batches-py/{name}",
+        {
+          b"batch_label": name.encode(),
+          b"labels": rng.integers(0, 10, n).tolist(),
+          b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+          b"filenames": [f"{name}_{i}.png".encode() for i in range(n)],
+        },
+      )
 
 
 @pytest.fixture(scope="module")
@@ -119,44 +131,97 @@ SMALL_MB = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 2, 2), (6, 64, 1, 2))
 
 # id: (arch, PyTorch network, model-option overrides for the small size, file format, normalisation)
 CASES = {
-    "chenyaofo_resnet20": ("chenyaofo:resnet20", lambda: ts.TVResNet(ts.TVBasicBlock, [3, 3, 3], [16, 32, 64]),
-                           {}, "pt", CHEN),
-    "chenyaofo_vgg": ("chenyaofo:vgg11_bn", lambda: ts.TVVGG(SMALL_VGG, 24),
-                      {"cfg": SMALL_VGG, "classifier_hidden": (24, 24)}, "safetensors", CHEN),
-    "chenyaofo_mobilenetv2": ("chenyaofo:mobilenetv2_x0_5",
-                              lambda: ts.TVMobileNetV2(width_mult=0.5, setting=SMALL_MB),
-                              {"cfg": SMALL_MB}, "npz", CHEN),
-    "huyvnphan_resnet18": ("huyvnphan:resnet18",
-                           lambda: ts.TVResNet(ts.TVBasicBlock, [2, 2, 2, 2], [8, 16, 16, 32], stem_pool=True),
-                           {"widths": (8, 16, 16, 32)}, "pth_module", HUY),
-    "huyvnphan_resnet50": ("huyvnphan:resnet50",
-                           lambda: ts.TVResNet(ts.TVBottleneck, [1, 2, 1, 1], [4, 4, 8, 8], stem_pool=True),
-                           {"widths": (4, 4, 8, 8), "stage_sizes": (1, 2, 1, 1)}, "pt", HUY),
-    "huyvnphan_vgg_7x7_head": ("huyvnphan:vgg13_bn", lambda: ts.TVVGG(SMALL_VGG, 20, pool_to=7),
-                               {"cfg": SMALL_VGG, "classifier_hidden": (20, 20)}, "pt", HUY),
-    "huyvnphan_mobilenet_v2": ("huyvnphan:mobilenet_v2",
-                               lambda: ts.TVMobileNetV2(width_mult=0.3, setting=SMALL_MB),
-                               {"width_mult": 0.3, "cfg": SMALL_MB}, "th_model", HUY),
-    "robustbench_wrn": ("robustbench:wrn28_10", lambda: ts.TradesWideResNet(depth=10, widen_factor=2),
-                        {"depth": 10, "widen_factor": 2}, "pth_module", None),
-    "robustbench_resnet18": ("robustbench:resnet18",
-                             lambda: ts.KLResNet(ts.KLBasicBlock, [2, 1, 1, 2], [8, 16, 16, 32]),
-                             {"widths": (8, 16, 16, 32), "stage_sizes": (2, 1, 1, 2)}, "safetensors", None),
-    "robustbench_preact_bn_before_fc": (
-        "robustbench:preact_resnet18",
-        lambda: ts.KLResNet(ts.KLPreActBlock, [1, 2, 1, 1], [8, 8, 16, 16], preact=True, bn_before_fc=True),
-        {"widths": (8, 8, 16, 16), "stage_sizes": (1, 2, 1, 1)}, "tar_net", None),
-    "robustbench_dm_wrn_swish": (
-        "robustbench:dm_wrn28_10_swish",
-        lambda: ts.DMWideResNet(depth=10, width=2, act=torch.nn.SiLU, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3)),
-        {"depth": 10, "widen_factor": 2}, "pt", None),
-    "torchvision_resnet18": ("torchvision:resnet18",
-                             lambda: ts.TVResNet(ts.TVBasicBlock, [2, 2, 2, 2], [8, 8, 16, 16], stem_kernel=7,
-                                                 stem_stride=2, stem_pool=True),
-                             {"widths": (8, 8, 16, 16)}, "pth_module", IMNET),
-    "torchvision_mobilenet_v2": ("torchvision:mobilenet_v2",
-                                 lambda: ts.TVMobileNetV2(width_mult=0.25, setting=SMALL_MB[:3], stem_stride=2),
-                                 {"width_mult": 0.25, "cfg": SMALL_MB[:3]}, "safetensors", IMNET),
+  "chenyaofo_resnet20": (
+    "chenyaofo:resnet20",
+    lambda: ts.TVResNet(ts.TVBasicBlock, [3, 3, 3], [16, 32, 64]),
+    {},
+    "pt",
+    CHEN,
+  ),
+  "chenyaofo_vgg": (
+    "chenyaofo:vgg11_bn",
+    lambda: ts.TVVGG(SMALL_VGG, 24),
+    {"cfg": SMALL_VGG, "classifier_hidden": (24, 24)},
+    "safetensors",
+    CHEN,
+  ),
+  "chenyaofo_mobilenetv2": (
+    "chenyaofo:mobilenetv2_x0_5",
+    lambda: ts.TVMobileNetV2(width_mult=0.5, setting=SMALL_MB),
+    {"cfg": SMALL_MB},
+    "npz",
+    CHEN,
+  ),
+  "huyvnphan_resnet18": (
+    "huyvnphan:resnet18",
+    lambda: ts.TVResNet(ts.TVBasicBlock, [2, 2, 2, 2], [8, 16, 16, 32], stem_pool=True),
+    {"widths": (8, 16, 16, 32)},
+    "pth_module",
+    HUY,
+  ),
+  "huyvnphan_resnet50": (
+    "huyvnphan:resnet50",
+    lambda: ts.TVResNet(ts.TVBottleneck, [1, 2, 1, 1], [4, 4, 8, 8], stem_pool=True),
+    {"widths": (4, 4, 8, 8), "stage_sizes": (1, 2, 1, 1)},
+    "pt",
+    HUY,
+  ),
+  "huyvnphan_vgg_7x7_head": (
+    "huyvnphan:vgg13_bn",
+    lambda: ts.TVVGG(SMALL_VGG, 20, pool_to=7),
+    {"cfg": SMALL_VGG, "classifier_hidden": (20, 20)},
+    "pt",
+    HUY,
+  ),
+  "huyvnphan_mobilenet_v2": (
+    "huyvnphan:mobilenet_v2",
+    lambda: ts.TVMobileNetV2(width_mult=0.3, setting=SMALL_MB),
+    {"width_mult": 0.3, "cfg": SMALL_MB},
+    "th_model",
+    HUY,
+  ),
+  "robustbench_wrn": (
+    "robustbench:wrn28_10",
+    lambda: ts.TradesWideResNet(depth=10, widen_factor=2),
+    {"depth": 10, "widen_factor": 2},
+    "pth_module",
+    None,
+  ),
+  "robustbench_resnet18": (
+    "robustbench:resnet18",
+    lambda: ts.KLResNet(ts.KLBasicBlock, [2, 1, 1, 2], [8, 16, 16, 32]),
+    {"widths": (8, 16, 16, 32), "stage_sizes": (2, 1, 1, 2)},
+    "safetensors",
+    None,
+  ),
+  "robustbench_preact_bn_before_fc": (
+    "robustbench:preact_resnet18",
+    lambda: ts.KLResNet(ts.KLPreActBlock, [1, 2, 1, 1], [8, 8, 16, 16], preact=True, bn_before_fc=True),
+    {"widths": (8, 8, 16, 16), "stage_sizes": (1, 2, 1, 1)},
+    "tar_net",
+    None,
+  ),
+  "robustbench_dm_wrn_swish": (
+    "robustbench:dm_wrn28_10_swish",
+    lambda: ts.DMWideResNet(depth=10, width=2, act=torch.nn.SiLU, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3)),
+    {"depth": 10, "widen_factor": 2},
+    "pt",
+    None,
+  ),
+  "torchvision_resnet18": (
+    "torchvision:resnet18",
+    lambda: ts.TVResNet(ts.TVBasicBlock, [2, 2, 2, 2], [8, 8, 16, 16], stem_kernel=7, stem_stride=2, stem_pool=True),
+    {"widths": (8, 8, 16, 16)},
+    "pth_module",
+    IMNET,
+  ),
+  "torchvision_mobilenet_v2": (
+    "torchvision:mobilenet_v2",
+    lambda: ts.TVMobileNetV2(width_mult=0.25, setting=SMALL_MB[:3], stem_stride=2),
+    {"width_mult": 0.25, "cfg": SMALL_MB[:3]},
+    "safetensors",
+    IMNET,
+  ),
 }
 
 
@@ -180,8 +245,14 @@ def test_import_matches_pytorch_logits(case, cifar, tmp_path):
 
   # the recorded clean accuracy is PyTorch's on the same test images
   images, labels = data_lib.load_arrays("cifar10", "test", **cifar)
-  torch_acc = float(np.mean(_torch_logits(net, images.astype(np.float32) / 255.0 if images.dtype == np.uint8
-                                          else images, mean, std).argmax(-1) == labels))
+  torch_acc = float(
+    np.mean(
+      _torch_logits(net, images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images, mean, std).argmax(
+        -1
+      )
+      == labels
+    )
+  )
   with open(os.path.join(workdir, "config.json")) as f:
     cfg = json.load(f)
   assert cfg["import"]["test_accuracy"] == pytest.approx(torch_acc) == pytest.approx(res["test/accuracy"])
@@ -204,43 +275,68 @@ def _full_size_torch(name):
     return ts.TVResNet(ts.TVBasicBlock, [k] * 3, [16, 32, 64])
   vgg = {"vgg11_bn": "vgg11", "vgg13_bn": "vgg13", "vgg16_bn": "vgg16", "vgg19_bn": "vgg19"}
   if n in vgg:
-    return ts.TVVGG(models.VGG_CFGS[vgg[n]], 512 if src == "chenyaofo" else 4096,
-                    pool_to=None if src == "chenyaofo" else 7)
+    return ts.TVVGG(
+      models.VGG_CFGS[vgg[n]], 512 if src == "chenyaofo" else 4096, pool_to=None if src == "chenyaofo" else 7
+    )
   if n.startswith("mobilenetv2_x"):
-    return ts.TVMobileNetV2(width_mult=float(n[len("mobilenetv2_x"):].replace("_", ".")))
+    return ts.TVMobileNetV2(width_mult=float(n[len("mobilenetv2_x") :].replace("_", ".")))
   if name == "huyvnphan:mobilenet_v2":
     return ts.TVMobileNetV2()
   if name == "torchvision:mobilenet_v2":
     return ts.TVMobileNetV2(num_classes=1000, setting=ts.IMAGENET_SETTING, stem_stride=2)
-  blocks = {"resnet18": (ts.TVBasicBlock, [2, 2, 2, 2]), "resnet34": (ts.TVBasicBlock, [3, 4, 6, 3]),
-            "resnet50": (ts.TVBottleneck, [3, 4, 6, 3])}
+  blocks = {
+    "resnet18": (ts.TVBasicBlock, [2, 2, 2, 2]),
+    "resnet34": (ts.TVBasicBlock, [3, 4, 6, 3]),
+    "resnet50": (ts.TVBottleneck, [3, 4, 6, 3]),
+  }
   if src in ("huyvnphan", "torchvision"):
     block, layers = blocks[n]
     tv = src == "torchvision"
-    return ts.TVResNet(block, layers, [64, 128, 256, 512], num_classes=1000 if tv else 10,
-                       stem_kernel=7 if tv else 3, stem_stride=2 if tv else 1, stem_pool=True)
+    return ts.TVResNet(
+      block,
+      layers,
+      [64, 128, 256, 512],
+      num_classes=1000 if tv else 10,
+      stem_kernel=7 if tv else 3,
+      stem_stride=2 if tv else 1,
+      stem_pool=True,
+    )
   if n == "resnet18":
     return ts.KLResNet(ts.KLBasicBlock, [2, 2, 2, 2], [64, 128, 256, 512])
   if n == "preact_resnet18":
     return ts.KLResNet(ts.KLPreActBlock, [2, 2, 2, 2], [64, 128, 256, 512], preact=True)
   if n.startswith("dm_wrn"):
-    d, w = (int(v) for v in n[len("dm_wrn"):].split("_")[:2])
+    d, w = (int(v) for v in n[len("dm_wrn") :].split("_")[:2])
     return ts.DMWideResNet(depth=d, width=w, act=torch.nn.SiLU if n.endswith("swish") else torch.nn.ReLU)
   if n.startswith("wrn"):
-    d, w = (int(v) for v in n[len("wrn"):].split("_"))
+    d, w = (int(v) for v in n[len("wrn") :].split("_"))
     return ts.TradesWideResNet(depth=d, widen_factor=w)
   raise AssertionError(name)
 
 
 # Published parameter counts (CIFAR-10 heads unless noted): chenyaofo/pytorch-cifar-models' README (in
 # millions, 2 decimals), torchvision's model docs (ImageNet, exact), DeepMind's WRN-70-16 (266.8M).
-PUBLISHED_M = {"chenyaofo:resnet20": 0.27, "chenyaofo:resnet32": 0.47, "chenyaofo:resnet44": 0.66,
-               "chenyaofo:resnet56": 0.86, "chenyaofo:vgg11_bn": 9.76, "chenyaofo:vgg13_bn": 9.94,
-               "chenyaofo:vgg16_bn": 15.25, "chenyaofo:vgg19_bn": 20.57, "chenyaofo:mobilenetv2_x0_5": 0.70,
-               "chenyaofo:mobilenetv2_x0_75": 1.37, "chenyaofo:mobilenetv2_x1_0": 2.24,
-               "chenyaofo:mobilenetv2_x1_4": 4.33, "robustbench:dm_wrn70_16_swish": 266.8}
-PUBLISHED_EXACT = {"torchvision:resnet18": 11689512, "torchvision:resnet34": 21797672,
-                   "torchvision:resnet50": 25557032, "torchvision:mobilenet_v2": 3504872}
+PUBLISHED_M = {
+  "chenyaofo:resnet20": 0.27,
+  "chenyaofo:resnet32": 0.47,
+  "chenyaofo:resnet44": 0.66,
+  "chenyaofo:resnet56": 0.86,
+  "chenyaofo:vgg11_bn": 9.76,
+  "chenyaofo:vgg13_bn": 9.94,
+  "chenyaofo:vgg16_bn": 15.25,
+  "chenyaofo:vgg19_bn": 20.57,
+  "chenyaofo:mobilenetv2_x0_5": 0.70,
+  "chenyaofo:mobilenetv2_x0_75": 1.37,
+  "chenyaofo:mobilenetv2_x1_0": 2.24,
+  "chenyaofo:mobilenetv2_x1_4": 4.33,
+  "robustbench:dm_wrn70_16_swish": 266.8,
+}
+PUBLISHED_EXACT = {
+  "torchvision:resnet18": 11689512,
+  "torchvision:resnet34": 21797672,
+  "torchvision:resnet50": 25557032,
+  "torchvision:mobilenet_v2": 3504872,
+}
 
 
 @pytest.mark.parametrize("name", sorted(set(archs.ARCHS) - {"mdrad:export"}))
@@ -331,9 +427,19 @@ def test_pickle_carrying_code_is_refused_and_runs_nothing(tmp_path):
   assert not marker.exists()
   # through main.py: one error line, exit status 2, nothing written, nothing run
   workdir = tmp_path / "w"
-  r = subprocess.run([sys.executable, "main.py", f"--config=configs/import_teacher.py:source={path},"
-                      "arch=chenyaofo:resnet20,dataset=cifar10", f"--workdir={workdir}"], cwd=ROOT,
-                     capture_output=True, text=True, env=dict(os.environ, MDRAD_PROGRESS="0"), timeout=300)
+  r = subprocess.run(
+    [
+      sys.executable,
+      "main.py",
+      f"--config=configs/import_teacher.py:source={path},arch=chenyaofo:resnet20,dataset=cifar10",
+      f"--workdir={workdir}",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    env=dict(os.environ, MDRAD_PROGRESS="0"),
+    timeout=300,
+  )
   assert r.returncode == 2, r.stderr[-2000:]
   err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
   assert len(err) == 1 and "evil.pt: refused" in err[0] and "Traceback" not in r.stderr
@@ -358,8 +464,9 @@ def test_file_reading_errors_name_the_file(tmp_path):
 
 def test_unwrap_prefixes_and_counters():
   a = np.ones((2,), np.float32)
-  got = files.unwrap({"state_dict": {"module.model.conv.weight": a, "module.model.bn.num_batches_tracked":
-                                     np.array(3)}, "epoch": 2})
+  got = files.unwrap(
+    {"state_dict": {"module.model.conv.weight": a, "module.model.bn.num_batches_tracked": np.array(3)}, "epoch": 2}
+  )
   assert list(got) == ["conv.weight"]
   # a prefix only some keys have is kept
   got = files.unwrap({"model.a": a, "b": a})
@@ -370,20 +477,20 @@ def test_export_then_import_round_trips(cifar, tmp_path, capsys):
   net = ts.randomise(ts.TVMobileNetV2(width_mult=0.25, setting=SMALL_MB[:2]), seed=3)
   path = _save(tmp_path, net.state_dict(), "pt")
   first = str(tmp_path / "first")
-  job.run(_import_config(cifar, path, "chenyaofo:mobilenetv2_x1_0", {"width_mult": 0.25, "cfg": SMALL_MB[:2]}),
-          first)
+  job.run(_import_config(cifar, path, "chenyaofo:mobilenetv2_x1_0", {"width_mult": 0.25, "cfg": SMALL_MB[:2]}), first)
   workdirs = [first]
   for ext in (".safetensors", ".npz"):
     out = str(tmp_path / f"exported{ext}")
     assert export.main([f"--workdir={first}", f"--out={out}"]) == 0
     # the documented layout: Flax paths, HWIO kernels, BatchNorm statistics under batch_stats
     state = files.read_state_dict(out)
-    np.testing.assert_array_equal(state["params/stem_conv/kernel"],
-                                  net.state_dict()["features.0.0.weight"].numpy().transpose(2, 3, 1, 0))
-    np.testing.assert_array_equal(state["batch_stats/block1/dw_bn/var"],
-                                  net.state_dict()["features.1.conv.0.1.running_var"].numpy())
-    np.testing.assert_array_equal(state["params/classifier/kernel"],
-                                  net.state_dict()["classifier.1.weight"].numpy().T)
+    np.testing.assert_array_equal(
+      state["params/stem_conv/kernel"], net.state_dict()["features.0.0.weight"].numpy().transpose(2, 3, 1, 0)
+    )
+    np.testing.assert_array_equal(
+      state["batch_stats/block1/dw_bn/var"], net.state_dict()["features.1.conv.0.1.running_var"].numpy()
+    )
+    np.testing.assert_array_equal(state["params/classifier/kernel"], net.state_dict()["classifier.1.weight"].numpy().T)
     meta = json.loads(export.read_metadata(out)["model"])
     assert meta["name"] == "mobilenetv2_x1_0" and meta["kwargs"]["width_mult"] == 0.25
     workdirs.append(str(tmp_path / f"second{ext}"))
@@ -410,12 +517,13 @@ def test_export_errors_are_one_line(tmp_path, capsys):
 
 def test_distil_a_student_from_two_imported_teachers(cifar, tmp_path):
   teachers = []
-  for i, (arch, build, overrides) in enumerate([
+  for i, (arch, build, overrides) in enumerate(
+    [
       ("chenyaofo:resnet20", lambda: ts.TVResNet(ts.TVBasicBlock, [3, 3, 3], [16, 32, 64]), {}),
-      ("robustbench:wrn28_10", lambda: ts.TradesWideResNet(depth=10, widen_factor=1), {"depth": 10,
-                                                                                       "widen_factor": 1})]):
-    path = _save(tmp_path, ts.randomise(build(), seed=i).state_dict(), "safetensors" if i else "pt",
-                 name=f"t{i}")
+      ("robustbench:wrn28_10", lambda: ts.TradesWideResNet(depth=10, widen_factor=1), {"depth": 10, "widen_factor": 1}),
+    ]
+  ):
+    path = _save(tmp_path, ts.randomise(build(), seed=i).state_dict(), "safetensors" if i else "pt", name=f"t{i}")
     workdir = str(tmp_path / f"teacher{i}")
     job.run(_import_config(cifar, path, arch, overrides), workdir)
     teachers.append(workdir)
@@ -443,8 +551,11 @@ def test_without_torch_safetensors_and_npz_still_read(tmp_path, monkeypatch):
     got = files.read_state_dict(path)
     np.testing.assert_array_equal(got["layer2.0.downsample.0.weight"], sd["layer2.0.downsample.0.weight"].numpy())
     assert "bn1.num_batches_tracked" not in got and len(got) == len(sd) - sum(
-        k.endswith("num_batches_tracked") for k in sd)
-  with pytest.raises(UserError, match=r"w\.pt: reading PyTorch files needs PyTorch \(pip install 'mdrad_jax\[torch\]'\)"):
+      k.endswith("num_batches_tracked") for k in sd
+    )
+  with pytest.raises(
+    UserError, match=r"w\.pt: reading PyTorch files needs PyTorch \(pip install 'mdrad_jax\[torch\]'\)"
+  ):
     files.read_state_dict(pt)
 
 

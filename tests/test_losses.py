@@ -1,4 +1,5 @@
 """Losses against independent float64 NumPy computations written from the formulas, plus properties."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,8 +33,12 @@ def np_kl_rows(p, log_q, rslad=False):
 
 
 def np_reduce(rows, c, reduction):
-  return {"none": rows, "sum": rows.sum(), "batchmean": rows.sum() / len(rows),
-          "elem_mean": rows.sum() / (len(rows) * c)}[reduction]
+  return {
+    "none": rows,
+    "sum": rows.sum(),
+    "batchmean": rows.sum() / len(rows),
+    "elem_mean": rows.sum() / (len(rows) * c),
+  }[reduction]
 
 
 def np_ce_rows(z, y):
@@ -95,20 +100,26 @@ def data():
   rng = np.random.default_rng(0)
   f = lambda *s: (3 * rng.standard_normal(s)).astype(np.float32)  # noqa: E731
   return dict(
-      s_adv=f(N, C), s_nat=f(N, C), t_nat=f(K, N, C), t_adv=f(K, N, C),
-      y=rng.integers(0, C, N).astype(np.int32),
-      proj=[rng.standard_normal((N, 2, 2, 3)).astype(np.float32),
-            rng.standard_normal((N, 1, 1, 4)).astype(np.float32),
-            rng.standard_normal((N, 2, 2, 3)).astype(np.float32)],
-      feat=[rng.standard_normal((N, 2, 2, 3)).astype(np.float32),
-            rng.standard_normal((N, 1, 1, 4)).astype(np.float32),
-            rng.standard_normal((N, 2, 2, 3)).astype(np.float32)],
+    s_adv=f(N, C),
+    s_nat=f(N, C),
+    t_nat=f(K, N, C),
+    t_adv=f(K, N, C),
+    y=rng.integers(0, C, N).astype(np.int32),
+    proj=[
+      rng.standard_normal((N, 2, 2, 3)).astype(np.float32),
+      rng.standard_normal((N, 1, 1, 4)).astype(np.float32),
+      rng.standard_normal((N, 2, 2, 3)).astype(np.float32),
+    ],
+    feat=[
+      rng.standard_normal((N, 2, 2, 3)).astype(np.float32),
+      rng.standard_normal((N, 1, 1, 4)).astype(np.float32),
+      rng.standard_normal((N, 2, 2, 3)).astype(np.float32),
+    ],
   )
 
 
 def close(a, b, rtol=RTOL, atol=ATOL):
   np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=rtol, atol=atol)
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,8 +131,7 @@ def test_kl_matches_numpy(data, reduction, rslad):
   t, s = data["t_nat"][0], data["s_adv"]
   p, log_q = np_softmax(t, 2.0), np_log_softmax(s, 3.0)
   want = np_reduce(np_kl_rows(p, log_q, rslad), C, reduction)
-  close(L.kl_from_logits(t, s, temperature=2.0, student_temperature=3.0, reduction=reduction,
-                         rslad_eps=rslad), want)
+  close(L.kl_from_logits(t, s, temperature=2.0, student_temperature=3.0, reduction=reduction, rslad_eps=rslad), want)
   close(L.kl_div(p.astype(np.float32), log_q.astype(np.float32), reduction=reduction, rslad_eps=rslad), want)
   # The same temperature on both sides by default.
   want_same = np_reduce(np_kl_rows(np_softmax(t, 2.0), np_log_softmax(s, 2.0), rslad), C, reduction)
@@ -155,13 +165,16 @@ def test_bad_names_and_shapes(data):
   with pytest.raises(ValueError, match="labels"):
     L.cross_entropy(data["s_adv"], data["y"][:3])
   with pytest.raises(ValueError, match="single-teacher"):
-    L.rslad_loss(student_adv_logits=data["s_adv"], student_nat_logits=data["s_nat"],
-                 teacher_nat_logits=data["t_nat"])
+    L.rslad_loss(student_adv_logits=data["s_adv"], student_nat_logits=data["s_nat"], teacher_nat_logits=data["t_nat"])
   with pytest.raises(ValueError, match="same shape"):
     L.feature_mse(data["proj"][0], data["feat"][1])
   with pytest.raises(ValueError, match="feature_weight"):
-    L.sa_mdrad_loss(student_adv_logits=data["s_adv"], student_nat_logits=data["s_nat"],
-                    teacher_nat_logits=data["t_nat"], labels=data["y"])
+    L.sa_mdrad_loss(
+      student_adv_logits=data["s_adv"],
+      student_nat_logits=data["s_nat"],
+      teacher_nat_logits=data["t_nat"],
+      labels=data["y"],
+    )
   with pytest.raises(ValueError, match="balanced"):
     L.bmtard_loss(balanced=False)
 
@@ -174,12 +187,12 @@ def test_rectify_swap_properties(data):
   out = np.asarray(L.rectify_swap(jnp.asarray(z), y))
   yy = np.broadcast_to(y, z.shape[:-1])
   assert (np.argmax(out, -1) == yy).all()
-  np.testing.assert_array_equal(np.sort(out, -1), np.sort(z, -1))    # values only permuted
+  np.testing.assert_array_equal(np.sort(out, -1), np.sort(z, -1))  # values only permuted
   for k in range(K):
     for i in range(N):
       m = int(np.argmax(z[k, i]))
       if m == y[i]:
-        np.testing.assert_array_equal(out[k, i], z[k, i])             # already right: untouched
+        np.testing.assert_array_equal(out[k, i], z[k, i])  # already right: untouched
       else:
         moved = np.nonzero(out[k, i] != z[k, i])[0]
         assert set(moved) == {m, int(y[i])}
@@ -266,15 +279,17 @@ def test_feature_losses(data):
   close(L.weighted_feature_loss(a, b, w.astype(np.float32)), want)
   close(L.weighted_feature_loss(a, b), sum(np_feature_mse(a[k], b[k]).mean() for k in range(K)))
   stacked_a, stacked_b = np.stack([a[0], a[2]]), np.stack([b[0], b[2]])
-  close(L.weighted_feature_loss(stacked_a, stacked_b),
-        np_feature_mse(a[0], b[0]).mean() + np_feature_mse(a[2], b[2]).mean())
+  close(
+    L.weighted_feature_loss(stacked_a, stacked_b), np_feature_mse(a[0], b[0]).mean() + np_feature_mse(a[2], b[2]).mean()
+  )
 
 
 # ---------------------------------------------------------------------------------------------
 # Method losses against NumPy.
 # ---------------------------------------------------------------------------------------------
-def np_sa_mdrad(d, *, rectifier, fusion, tau, alpha, lam_f, lam_ce, adr_lambda, reduction, view,
-                dyn_target="student", dyn_beta=1.0):
+def np_sa_mdrad(
+  d, *, rectifier, fusion, tau, alpha, lam_f, lam_ce, adr_lambda, reduction, view, dyn_target="student", dyn_beta=1.0
+):
   y = d["y"]
   w = np_fusion(fusion, d["t_nat"], y)
   p_nat = (w[..., None] * np_rectify(rectifier, d["t_nat"], y, tau, adr_lambda)).sum(0)
@@ -288,28 +303,44 @@ def np_sa_mdrad(d, *, rectifier, fusion, tau, alpha, lam_f, lam_ce, adr_lambda, 
     q = np_softmax(d["s_nat"], tau) if dyn_target == "student" else np.eye(C)[y]
     p_adv = lam_i[:, None] * p_adv + (1 - lam_i[:, None]) * q
     p_nat = lam_i[:, None] * p_nat + (1 - lam_i[:, None]) * q
-  kl_adv = tau ** 2 * np_reduce(np_kl_rows(p_adv, np_log_softmax(d["s_adv"], tau)), C, reduction)
-  kl_nat = tau ** 2 * np_reduce(np_kl_rows(p_nat, np_log_softmax(d["s_nat"], tau)), C, reduction)
+  kl_adv = tau**2 * np_reduce(np_kl_rows(p_adv, np_log_softmax(d["s_adv"], tau)), C, reduction)
+  kl_nat = tau**2 * np_reduce(np_kl_rows(p_nat, np_log_softmax(d["s_nat"], tau)), C, reduction)
   feat = sum((w[k] * np_feature_mse(d["proj"][k], d["feat"][k])).mean() for k in range(K))
   ce = np_ce_rows(d["s_adv"], y).mean()
   return alpha * kl_adv + (1 - alpha) * kl_nat + lam_f * feat + lam_ce * ce, kl_adv, kl_nat, feat
 
 
-@pytest.mark.parametrize("rectifier,fusion,view,reduction", [
+@pytest.mark.parametrize(
+  "rectifier,fusion,view,reduction",
+  [
     ("swap", "camkd", "nat", "batchmean"),
     ("adr", "ptrue", "adv", "elem_mean"),
     ("none", "entropy", "nat", "batchmean"),
     ("swap", "uniform", "adv", "sum"),
-])
+  ],
+)
 def test_sa_mdrad_loss(data, rectifier, fusion, view, reduction):
   d = data
-  kw = dict(rectifier=rectifier, fusion=fusion, tau=3.0, alpha=0.7, lam_f=2.0, lam_ce=0.5, adr_lambda=0.6,
-            reduction=reduction)
+  kw = dict(
+    rectifier=rectifier, fusion=fusion, tau=3.0, alpha=0.7, lam_f=2.0, lam_ce=0.5, adr_lambda=0.6, reduction=reduction
+  )
   loss, m = L.sa_mdrad_loss(
-      student_adv_logits=d["s_adv"], student_nat_logits=d["s_nat"], teacher_nat_logits=d["t_nat"],
-      teacher_adv_logits=d["t_adv"] if view == "adv" else None, labels=d["y"],
-      projected_features=d["proj"], teacher_features=d["feat"], rectifier=rectifier, fusion=fusion,
-      temperature=3.0, alpha=0.7, feature_weight=2.0, ce_weight=0.5, adr_lambda=0.6, reduction=reduction)
+    student_adv_logits=d["s_adv"],
+    student_nat_logits=d["s_nat"],
+    teacher_nat_logits=d["t_nat"],
+    teacher_adv_logits=d["t_adv"] if view == "adv" else None,
+    labels=d["y"],
+    projected_features=d["proj"],
+    teacher_features=d["feat"],
+    rectifier=rectifier,
+    fusion=fusion,
+    temperature=3.0,
+    alpha=0.7,
+    feature_weight=2.0,
+    ce_weight=0.5,
+    adr_lambda=0.6,
+    reduction=reduction,
+  )
   want, kl_adv, kl_nat, feat = np_sa_mdrad(d, view=view, **kw)
   close(loss, want)
   close(m["kl_adv"], kl_adv)
@@ -318,18 +349,40 @@ def test_sa_mdrad_loss(data, rectifier, fusion, view, reduction):
   assert all(np.asarray(v).shape == () for v in m.values())
 
 
-@pytest.mark.parametrize("target,beta,view", [("student", 1.0, "nat"), ("label", 2.5, "adv"),
-                                               ("student", 0.5, "adv")])
+@pytest.mark.parametrize("target,beta,view", [("student", 1.0, "nat"), ("label", 2.5, "adv"), ("student", 0.5, "adv")])
 def test_sa_mdrad_dynamic_rectifier(data, target, beta, view):
   d = data
   loss, m = L.sa_mdrad_loss(
-      student_adv_logits=d["s_adv"], student_nat_logits=d["s_nat"], teacher_nat_logits=d["t_nat"],
-      teacher_adv_logits=d["t_adv"] if view == "adv" else None, labels=d["y"],
-      projected_features=d["proj"], teacher_features=d["feat"], rectifier="dynamic", fusion="camkd",
-      temperature=3.0, alpha=0.7, feature_weight=2.0, ce_weight=0.5, dynamic_target=target, dynamic_beta=beta)
-  want, kl_adv, kl_nat, _ = np_sa_mdrad(d, rectifier="dynamic", fusion="camkd", tau=3.0, alpha=0.7, lam_f=2.0,
-                                        lam_ce=0.5, adr_lambda=0.9, reduction="batchmean", view=view,
-                                        dyn_target=target, dyn_beta=beta)
+    student_adv_logits=d["s_adv"],
+    student_nat_logits=d["s_nat"],
+    teacher_nat_logits=d["t_nat"],
+    teacher_adv_logits=d["t_adv"] if view == "adv" else None,
+    labels=d["y"],
+    projected_features=d["proj"],
+    teacher_features=d["feat"],
+    rectifier="dynamic",
+    fusion="camkd",
+    temperature=3.0,
+    alpha=0.7,
+    feature_weight=2.0,
+    ce_weight=0.5,
+    dynamic_target=target,
+    dynamic_beta=beta,
+  )
+  want, kl_adv, kl_nat, _ = np_sa_mdrad(
+    d,
+    rectifier="dynamic",
+    fusion="camkd",
+    tau=3.0,
+    alpha=0.7,
+    lam_f=2.0,
+    lam_ce=0.5,
+    adr_lambda=0.9,
+    reduction="batchmean",
+    view=view,
+    dyn_target=target,
+    dyn_beta=beta,
+  )
   close(loss, want)
   close(m["kl_adv"], kl_adv)
   close(m["kl_nat"], kl_nat)
@@ -345,34 +398,52 @@ def test_dynamic_trust_limits():
   assert lam[0] < 1e-6 and lam[1] > 1 - 1e-6
   p_hat = jnp.full((2, 3), 1 / 3)
   out, _ = L.rectify_dynamic(p_hat, s, y, target="label")
-  close(out[0], [1.0, 0.0, 0.0], atol=1e-6)     # robust sample: the label
-  close(out[1], np.full(3, 1 / 3), atol=1e-6)   # failed sample: the teachers' target
+  close(out[0], [1.0, 0.0, 0.0], atol=1e-6)  # robust sample: the label
+  close(out[1], np.full(3, 1 / 3), atol=1e-6)  # failed sample: the teachers' target
   with pytest.raises(ValueError, match="student_clean_logits"):
     L.rectify_dynamic(p_hat, s, y, target="student")
 
 
 def test_sa_mdrad_defaults_and_alpha_one(data):
   d = data
-  loss, m = L.sa_mdrad_loss(student_adv_logits=d["s_adv"], teacher_nat_logits=d["t_nat"], labels=d["y"],
-                            alpha=1.0, feature_weight=0.0)
-  want, kl_adv, _, _ = np_sa_mdrad(d, rectifier="swap", fusion="camkd", tau=4.0, alpha=1.0, lam_f=0.0,
-                                   lam_ce=0.0, adr_lambda=0.9, reduction="batchmean", view="nat")
+  loss, m = L.sa_mdrad_loss(
+    student_adv_logits=d["s_adv"], teacher_nat_logits=d["t_nat"], labels=d["y"], alpha=1.0, feature_weight=0.0
+  )
+  want, kl_adv, _, _ = np_sa_mdrad(
+    d,
+    rectifier="swap",
+    fusion="camkd",
+    tau=4.0,
+    alpha=1.0,
+    lam_f=0.0,
+    lam_ce=0.0,
+    adr_lambda=0.9,
+    reduction="batchmean",
+    view="nat",
+  )
   close(loss, want)
   with pytest.raises(ValueError, match="student_nat_logits"):
-    L.sa_mdrad_loss(student_adv_logits=d["s_adv"], teacher_nat_logits=d["t_nat"], labels=d["y"],
-                    feature_weight=0.0)
+    L.sa_mdrad_loss(student_adv_logits=d["s_adv"], teacher_nat_logits=d["t_nat"], labels=d["y"], feature_weight=0.0)
 
 
 @pytest.mark.parametrize("reduction", ["batchmean", "elem_mean"])
 def test_kd_loss(data, reduction):
   d = data
-  loss, _ = L.kd_loss(student_logits=d["s_nat"], teacher_logits=d["t_nat"][0], labels=d["y"],
-                      temperature=4.0, alpha=0.9, reduction=reduction)
+  loss, _ = L.kd_loss(
+    student_logits=d["s_nat"],
+    teacher_logits=d["t_nat"][0],
+    labels=d["y"],
+    temperature=4.0,
+    alpha=0.9,
+    reduction=reduction,
+  )
   kl = 16 * np_reduce(np_kl_rows(np_softmax(d["t_nat"][0], 4), np_log_softmax(d["s_nat"], 4)), C, reduction)
   close(loss, 0.9 * kl + 0.1 * np_ce_rows(d["s_nat"], d["y"]).mean())
   loss_k, _ = L.kd_loss(student_logits=d["s_nat"], teacher_logits=d["t_nat"], labels=d["y"], alpha=1.0)
-  kls = [16 * np_reduce(np_kl_rows(np_softmax(d["t_nat"][k], 4), np_log_softmax(d["s_nat"], 4)), C,
-                        "batchmean") for k in range(K)]
+  kls = [
+    16 * np_reduce(np_kl_rows(np_softmax(d["t_nat"][k], 4), np_log_softmax(d["s_nat"], 4)), C, "batchmean")
+    for k in range(K)
+  ]
   close(loss_k, np.mean(kls))
 
 
@@ -388,18 +459,24 @@ def test_pgd_at_and_trades(data):
 @pytest.mark.parametrize("alpha", [1.0, 0.6])
 def test_ard_loss(data, alpha):
   d = data
-  loss, _ = L.ard_loss(student_adv_logits=d["s_adv"], student_nat_logits=d["s_nat"],
-                       teacher_nat_logits=d["t_nat"][:1], labels=d["y"], temperature=30.0, alpha=alpha)
-  kl = 900 * np_reduce(np_kl_rows(np_softmax(d["t_nat"][0], 30), np_log_softmax(d["s_adv"], 30)), C,
-                       "elem_mean")
+  loss, _ = L.ard_loss(
+    student_adv_logits=d["s_adv"],
+    student_nat_logits=d["s_nat"],
+    teacher_nat_logits=d["t_nat"][:1],
+    labels=d["y"],
+    temperature=30.0,
+    alpha=alpha,
+  )
+  kl = 900 * np_reduce(np_kl_rows(np_softmax(d["t_nat"][0], 30), np_log_softmax(d["s_adv"], 30)), C, "elem_mean")
   close(loss, alpha * kl + (1 - alpha) * np_ce_rows(d["s_nat"], d["y"]).mean())
 
 
 @pytest.mark.parametrize("kl_scale", [1.0, 10.0])
 def test_rslad_loss(data, kl_scale):
   d = data
-  loss, _ = L.rslad_loss(student_adv_logits=d["s_adv"], student_nat_logits=d["s_nat"],
-                         teacher_nat_logits=d["t_nat"][0], kl_scale=kl_scale)
+  loss, _ = L.rslad_loss(
+    student_adv_logits=d["s_adv"], student_nat_logits=d["s_nat"], teacher_nat_logits=d["t_nat"][0], kl_scale=kl_scale
+  )
   p = np_softmax(d["t_nat"][0])
   kl_a = np.mean(-np_log_softmax(d["s_adv"]) * p + np.log(p + 1e-5) * p)
   kl_n = np.mean(-np_log_softmax(d["s_nat"]) * p + np.log(p + 1e-5) * p)
@@ -409,9 +486,14 @@ def test_rslad_loss(data, kl_scale):
 @pytest.mark.parametrize("reduction", ["elem_mean", "batchmean"])
 def test_adaad_loss(data, reduction):
   d = data
-  loss, _ = L.adaad_loss(student_adv_logits=d["s_adv"], teacher_adv_logits=d["t_adv"][0],
-                         student_nat_logits=d["s_nat"], teacher_nat_logits=d["t_nat"][0], alpha=0.7,
-                         reduction=reduction)
+  loss, _ = L.adaad_loss(
+    student_adv_logits=d["s_adv"],
+    teacher_adv_logits=d["t_adv"][0],
+    student_nat_logits=d["s_nat"],
+    teacher_nat_logits=d["t_nat"][0],
+    alpha=0.7,
+    reduction=reduction,
+  )
   kl_a = np_reduce(np_kl_rows(np_softmax(d["t_adv"][0]), np_log_softmax(d["s_adv"])), C, reduction)
   kl_n = np_reduce(np_kl_rows(np_softmax(d["t_nat"][0]), np_log_softmax(d["s_nat"])), C, reduction)
   close(loss, 0.7 * kl_a + 0.3 * kl_n)
@@ -423,12 +505,20 @@ def test_adaad_loss(data, reduction):
 def test_iad1_loss(data, on):
   d = data
   tau, alpha, beta = 2.0, 0.8, 0.1
-  loss, m = L.iad1_loss(student_adv_logits=d["s_adv"], student_nat_logits=d["s_nat"],
-                        teacher_nat_logits=d["t_nat"][0], teacher_adv_logits=d["t_adv"][0], labels=d["y"],
-                        introspection_on=jnp.asarray(on > 0), temperature=tau, alpha=alpha, beta=beta)
+  loss, m = L.iad1_loss(
+    student_adv_logits=d["s_adv"],
+    student_nat_logits=d["s_nat"],
+    teacher_nat_logits=d["t_nat"][0],
+    teacher_adv_logits=d["t_adv"][0],
+    labels=d["y"],
+    introspection_on=jnp.asarray(on > 0),
+    temperature=tau,
+    alpha=alpha,
+    beta=beta,
+  )
   y = d["y"]
   a = np_softmax(d["t_adv"][0])[np.arange(N), y] ** beta
-  kl_t = tau ** 2 * np_kl_rows(np_softmax(d["t_nat"][0], tau), np_log_softmax(d["s_adv"], tau)).mean()
+  kl_t = tau**2 * np_kl_rows(np_softmax(d["t_nat"][0], tau), np_log_softmax(d["s_adv"], tau)).mean()
   kl_s = ((1 - a) * np_kl_rows(np_softmax(d["s_nat"]), np_log_softmax(d["s_adv"]))).mean()
   want = alpha * kl_t + on * alpha * kl_s + (1 - alpha) * np_ce_rows(d["s_nat"], y).mean()
   close(loss, want)
@@ -440,18 +530,29 @@ def test_iad1_loss(data, on):
 def test_iad2_loss(data, on):
   d = data
   tau, a1, a2, beta = 2.0, 0.5, 0.25, 0.1
-  loss, _ = L.iad2_loss(student_adv_logits=d["s_adv"], student_nat_logits=d["s_nat"],
-                        teacher_at_adv_logits=d["t_adv"][0], teacher_st_adv_logits=d["t_adv"][1], labels=d["y"],
-                        introspection_on=jnp.float32(on), temperature=tau, alpha1=a1, alpha2=a2, beta=beta)
+  loss, _ = L.iad2_loss(
+    student_adv_logits=d["s_adv"],
+    student_nat_logits=d["s_nat"],
+    teacher_at_adv_logits=d["t_adv"][0],
+    teacher_st_adv_logits=d["t_adv"][1],
+    labels=d["y"],
+    introspection_on=jnp.float32(on),
+    temperature=tau,
+    alpha1=a1,
+    alpha2=a2,
+    beta=beta,
+  )
   y = d["y"]
   a = np_softmax(d["t_adv"][0])[np.arange(N), y] ** beta
   a_eff = a if on else np.ones(N)
   kl_at = np_kl_rows(np_softmax(d["t_adv"][0], tau), np_log_softmax(d["s_adv"], tau))
   kl_st = np_kl_rows(np_softmax(d["t_adv"][1], tau), np_log_softmax(d["s_adv"], tau))
   kl_self = np_kl_rows(np_softmax(d["s_nat"]), np_log_softmax(d["s_adv"]))
-  want = ((1 - a1 - a2) * np_ce_rows(d["s_adv"], y).mean()
-          + a1 * tau ** 2 * ((a_eff * kl_at).mean() + on * ((1 - a) * kl_self).mean())
-          + a2 * tau ** 2 * kl_st.mean())
+  want = (
+    (1 - a1 - a2) * np_ce_rows(d["s_adv"], y).mean()
+    + a1 * tau**2 * ((a_eff * kl_at).mean() + on * ((1 - a) * kl_self).mean())
+    + a2 * tau**2 * kl_st.mean()
+  )
   close(loss, want)
 
 
@@ -494,8 +595,11 @@ def test_mtard_update_state_against_hand(balanced, bert):
   want = hand_mtard(losses, lr_w=0.3, bert=bert, balanced=balanced, entropies=ents, lr_tau=0.5)
   state = L.mtard_init_state()
   assert not bool(state.initialized)
-  update = jax.jit(lambda s, la, ln, ha, hn: L.mtard_update_state(
-      s, la, ln, lr_w=0.3, beta=bert, balanced=balanced, entropy_adv=ha, entropy_nat=hn, lr_tau=0.5))
+  update = jax.jit(
+    lambda s, la, ln, ha, hn: L.mtard_update_state(
+      s, la, ln, lr_w=0.3, beta=bert, balanced=balanced, entropy_adv=ha, entropy_nat=hn, lr_tau=0.5
+    )
+  )
   for (la, ln), (ha, hn), (wa, wn, ta, tn) in zip(losses, ents, want):
     state = update(state, la, ln, ha, hn)
     close(state.w_adv, wa)
@@ -515,8 +619,16 @@ def test_mtard_loss(data, balanced):
   state = L.mtard_init_state()
   if balanced:
     state = state._replace(tau_adv=jnp.float32(2.0), tau_nat=jnp.float32(1.5))
-  kw = dict(student_adv_logits=d["s_adv"], student_nat_logits=d["s_nat"], teacher_adv_logits=d["t_adv"][0],
-            teacher_nat_logits=d["t_nat"][1], lr_w=0.025, beta=1.0, balanced=balanced, kl_scale=10.0)
+  kw = dict(
+    student_adv_logits=d["s_adv"],
+    student_nat_logits=d["s_nat"],
+    teacher_adv_logits=d["t_adv"][0],
+    teacher_nat_logits=d["t_nat"][1],
+    lr_w=0.025,
+    beta=1.0,
+    balanced=balanced,
+    kl_scale=10.0,
+  )
   loss, m = L.mtard_loss(state=state, **kw)
   ta, tn = float(state.tau_adv), float(state.tau_nat)
   pa, pn = np_softmax(d["t_adv"][0], ta), np_softmax(d["t_nat"][1], tn)
@@ -530,13 +642,19 @@ def test_mtard_loss(data, balanced):
   # Second call from a state whose L0 was recorded at different losses: weights updated before use.
   state2 = L.mtard_update_state(state, 2 * kl_a, kl_n, lr_w=0.025, balanced=balanced)
   loss2, m2 = L.mtard_loss(state=state2, **kw)
-  (wa, wn, _, _), = hand_mtard([(2 * kl_a, kl_n), (kl_a, kl_n)], lr_w=0.025, bert=1.0, balanced=balanced)[1:]
+  ((wa, wn, _, _),) = hand_mtard([(2 * kl_a, kl_n), (kl_a, kl_n)], lr_w=0.025, bert=1.0, balanced=balanced)[1:]
   close(m2["w_adv"], wa)
   close(loss2, wa * kl_a + wn * kl_n)
   # Persisting from the metrics reproduces the weights used.
-  persisted = L.mtard_update_state(state2, m2["kl_adv"], m2["kl_nat"], lr_w=0.025, balanced=balanced,
-                                   entropy_adv=m2["teacher_neg_entropy_adv"],
-                                   entropy_nat=m2["teacher_neg_entropy_nat"])
+  persisted = L.mtard_update_state(
+    state2,
+    m2["kl_adv"],
+    m2["kl_nat"],
+    lr_w=0.025,
+    balanced=balanced,
+    entropy_adv=m2["teacher_neg_entropy_adv"],
+    entropy_nat=m2["teacher_neg_entropy_nat"],
+  )
   close(persisted.w_adv, float(m2["w_adv"]), rtol=0, atol=0)
   loss_old, _ = L.mtard_loss(state=state2, use_updated_weights=False, **kw)
   close(loss_old, float(state2.w_adv) * kl_a + float(state2.w_nat) * kl_n)
@@ -550,46 +668,102 @@ def test_mtard_loss(data, balanced):
 def _method_calls(d):
   state = L.mtard_init_state()
   return {
-      "sa_mdrad": (L.sa_mdrad_loss, dict(student_adv_logits=d["s_adv"], student_nat_logits=d["s_nat"],
-                                         teacher_nat_logits=d["t_nat"], teacher_adv_logits=d["t_adv"],
-                                         projected_features=d["proj"], teacher_features=d["feat"], labels=d["y"],
-                                         ce_weight=0.3)),
-      "kd": (L.kd_loss, dict(student_logits=d["s_nat"], teacher_logits=d["t_nat"], labels=d["y"])),
-      "pgd_at": (L.pgd_at_loss, dict(student_adv_logits=d["s_adv"], labels=d["y"])),
-      "trades": (L.trades_loss, dict(student_nat_logits=d["s_nat"], student_adv_logits=d["s_adv"], labels=d["y"])),
-      "ard": (L.ard_loss, dict(student_adv_logits=d["s_adv"], student_nat_logits=d["s_nat"],
-                               teacher_nat_logits=d["t_nat"][0], labels=d["y"], alpha=0.5)),
-      "rslad": (L.rslad_loss, dict(student_adv_logits=d["s_adv"], student_nat_logits=d["s_nat"],
-                                   teacher_nat_logits=d["t_nat"][0])),
-      "adaad": (L.adaad_loss, dict(student_adv_logits=d["s_adv"], teacher_adv_logits=d["t_adv"][0],
-                                   student_nat_logits=d["s_nat"], teacher_nat_logits=d["t_nat"][0], alpha=0.5)),
-      "iad1": (L.iad1_loss, dict(student_adv_logits=d["s_adv"], student_nat_logits=d["s_nat"],
-                                 teacher_nat_logits=d["t_nat"][0], teacher_adv_logits=d["t_adv"][0], labels=d["y"],
-                                 introspection_on=jnp.bool_(True), alpha=0.5)),
-      "iad2": (L.iad2_loss, dict(student_adv_logits=d["s_adv"], student_nat_logits=d["s_nat"],
-                                 teacher_at_adv_logits=d["t_adv"][0], teacher_st_adv_logits=d["t_adv"][1],
-                                 labels=d["y"], introspection_on=jnp.bool_(True))),
-      "mtard": (L.mtard_loss, dict(student_adv_logits=d["s_adv"], student_nat_logits=d["s_nat"],
-                                   teacher_adv_logits=d["t_adv"][0], teacher_nat_logits=d["t_nat"][0],
-                                   state=state, balanced=True)),
+    "sa_mdrad": (
+      L.sa_mdrad_loss,
+      dict(
+        student_adv_logits=d["s_adv"],
+        student_nat_logits=d["s_nat"],
+        teacher_nat_logits=d["t_nat"],
+        teacher_adv_logits=d["t_adv"],
+        projected_features=d["proj"],
+        teacher_features=d["feat"],
+        labels=d["y"],
+        ce_weight=0.3,
+      ),
+    ),
+    "kd": (L.kd_loss, dict(student_logits=d["s_nat"], teacher_logits=d["t_nat"], labels=d["y"])),
+    "pgd_at": (L.pgd_at_loss, dict(student_adv_logits=d["s_adv"], labels=d["y"])),
+    "trades": (L.trades_loss, dict(student_nat_logits=d["s_nat"], student_adv_logits=d["s_adv"], labels=d["y"])),
+    "ard": (
+      L.ard_loss,
+      dict(
+        student_adv_logits=d["s_adv"],
+        student_nat_logits=d["s_nat"],
+        teacher_nat_logits=d["t_nat"][0],
+        labels=d["y"],
+        alpha=0.5,
+      ),
+    ),
+    "rslad": (
+      L.rslad_loss,
+      dict(student_adv_logits=d["s_adv"], student_nat_logits=d["s_nat"], teacher_nat_logits=d["t_nat"][0]),
+    ),
+    "adaad": (
+      L.adaad_loss,
+      dict(
+        student_adv_logits=d["s_adv"],
+        teacher_adv_logits=d["t_adv"][0],
+        student_nat_logits=d["s_nat"],
+        teacher_nat_logits=d["t_nat"][0],
+        alpha=0.5,
+      ),
+    ),
+    "iad1": (
+      L.iad1_loss,
+      dict(
+        student_adv_logits=d["s_adv"],
+        student_nat_logits=d["s_nat"],
+        teacher_nat_logits=d["t_nat"][0],
+        teacher_adv_logits=d["t_adv"][0],
+        labels=d["y"],
+        introspection_on=jnp.bool_(True),
+        alpha=0.5,
+      ),
+    ),
+    "iad2": (
+      L.iad2_loss,
+      dict(
+        student_adv_logits=d["s_adv"],
+        student_nat_logits=d["s_nat"],
+        teacher_at_adv_logits=d["t_adv"][0],
+        teacher_st_adv_logits=d["t_adv"][1],
+        labels=d["y"],
+        introspection_on=jnp.bool_(True),
+      ),
+    ),
+    "mtard": (
+      L.mtard_loss,
+      dict(
+        student_adv_logits=d["s_adv"],
+        student_nat_logits=d["s_nat"],
+        teacher_adv_logits=d["t_adv"][0],
+        teacher_nat_logits=d["t_nat"][0],
+        state=state,
+        balanced=True,
+      ),
+    ),
   }
 
 
 STUDENT_KEYS = ("student_adv_logits", "student_nat_logits", "student_logits", "projected_features")
 
 
-@pytest.mark.parametrize("name", ["sa_mdrad", "kd", "pgd_at", "trades", "ard", "rslad", "adaad", "iad1", "iad2",
-                                  "mtard"])
+@pytest.mark.parametrize(
+  "name", ["sa_mdrad", "kd", "pgd_at", "trades", "ard", "rslad", "adaad", "iad1", "iad2", "mtard"]
+)
 def test_gradients_reach_student_not_teacher(data, name):
   fn, kw = _method_calls(data)[name]
-  arrays = {k: v for k, v in kw.items() if k not in ("labels", "state", "introspection_on")
-            and not isinstance(v, (bool, float, int, str))}
+  arrays = {
+    k: v
+    for k, v in kw.items()
+    if k not in ("labels", "state", "introspection_on") and not isinstance(v, (bool, float, int, str))
+  }
   rest = {k: v for k, v in kw.items() if k not in arrays}
 
   def total(arrs):
     return fn(**arrs, **rest)[0]
 
-  grads = jax.jit(jax.grad(total))(jax.tree.map(jnp.asarray, arrays))   # one compile: cheaper than eager
+  grads = jax.jit(jax.grad(total))(jax.tree.map(jnp.asarray, arrays))  # one compile: cheaper than eager
   for key, g in grads.items():
     norm = sum(float(jnp.sum(jnp.abs(x))) for x in jax.tree.leaves(g))
     if key in STUDENT_KEYS:
@@ -600,12 +774,19 @@ def test_gradients_reach_student_not_teacher(data, name):
 
 def test_iad1_self_target_flag(data):
   d = data
-  kw = dict(student_adv_logits=d["s_adv"], teacher_nat_logits=d["t_nat"][0], teacher_adv_logits=d["t_adv"][0],
-            labels=d["y"], introspection_on=jnp.float32(1.0), alpha=1.0)
+  kw = dict(
+    student_adv_logits=d["s_adv"],
+    teacher_nat_logits=d["t_nat"][0],
+    teacher_adv_logits=d["t_adv"][0],
+    labels=d["y"],
+    introspection_on=jnp.float32(1.0),
+    alpha=1.0,
+  )
   g_free = jax.grad(lambda s: L.iad1_loss(student_nat_logits=s, **kw)[0])(jnp.asarray(d["s_nat"]))
   g_det = jax.grad(lambda s: L.iad1_loss(student_nat_logits=s, detach_self_target=True, **kw)[0])(
-      jnp.asarray(d["s_nat"]))
-  assert float(jnp.abs(g_free).sum()) > 0        # α = 1: only the undetached self target reaches S(x)
+    jnp.asarray(d["s_nat"])
+  )
+  assert float(jnp.abs(g_free).sum()) > 0  # α = 1: only the undetached self target reaches S(x)
   assert float(jnp.abs(g_det).sum()) == 0
 
 
@@ -614,13 +795,29 @@ def test_losses_jit_with_traced_switches(data):
 
   @jax.jit
   def f(on, alpha, state):
-    a, _ = L.iad1_loss(student_adv_logits=d["s_adv"], student_nat_logits=d["s_nat"],
-                       teacher_nat_logits=d["t_nat"][0], teacher_adv_logits=d["t_adv"][0], labels=d["y"],
-                       introspection_on=on)
-    b, _ = L.sa_mdrad_loss(student_adv_logits=d["s_adv"], student_nat_logits=d["s_nat"],
-                           teacher_nat_logits=d["t_nat"], labels=d["y"], alpha=alpha, feature_weight=0.0)
-    c, _ = L.mtard_loss(student_adv_logits=d["s_adv"], student_nat_logits=d["s_nat"],
-                        teacher_adv_logits=d["t_adv"][0], teacher_nat_logits=d["t_nat"][0], state=state)
+    a, _ = L.iad1_loss(
+      student_adv_logits=d["s_adv"],
+      student_nat_logits=d["s_nat"],
+      teacher_nat_logits=d["t_nat"][0],
+      teacher_adv_logits=d["t_adv"][0],
+      labels=d["y"],
+      introspection_on=on,
+    )
+    b, _ = L.sa_mdrad_loss(
+      student_adv_logits=d["s_adv"],
+      student_nat_logits=d["s_nat"],
+      teacher_nat_logits=d["t_nat"],
+      labels=d["y"],
+      alpha=alpha,
+      feature_weight=0.0,
+    )
+    c, _ = L.mtard_loss(
+      student_adv_logits=d["s_adv"],
+      student_nat_logits=d["s_nat"],
+      teacher_adv_logits=d["t_adv"][0],
+      teacher_nat_logits=d["t_nat"][0],
+      state=state,
+    )
     return a, b, c
 
   off = f(jnp.bool_(False), jnp.float32(0.5), L.mtard_init_state())

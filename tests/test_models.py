@@ -1,5 +1,6 @@
 """Model zoo: parameter counts against the PyTorch architectures, shapes, BatchNorm semantics, dtypes,
 the feature projector. Large models are only traced (jax.eval_shape); real forwards use tiny inputs."""
+
 import functools
 
 import flax.linen as nn
@@ -69,8 +70,7 @@ def torch_wrn(depth, k, nc):
 
 
 def torch_mobilenet_v2(nc):
-  cfg = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
-         (6, 320, 1, 1)]
+  cfg = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
   p, inp = _conv(3, 32, 3) + _bn(32), 32
   for e, out, n, s in cfg:
     for stride in [s] + [1] * (n - 1):
@@ -95,33 +95,40 @@ def torch_vgg16_bn(nc):
 
 # Published counts for 10 classes (the usual figures for these PyTorch models).
 PUBLISHED_10 = {
-    "resnet18": 11_173_962,
-    "resnet34": 21_282_122,
-    "preact_resnet18": 11_171_146,
-    "wrn34_10": 46_160_474,
-    "mobilenet_v2": 2_296_922,
-    "vgg16_bn": 14_728_266,
+  "resnet18": 11_173_962,
+  "resnet34": 21_282_122,
+  "preact_resnet18": 11_171_146,
+  "wrn34_10": 46_160_474,
+  "mobilenet_v2": 2_296_922,
+  "vgg16_bn": 14_728_266,
 }
 
 HAND_COUNT = {
-    "resnet18": lambda nc: torch_resnet((2, 2, 2, 2), nc),
-    "resnet34": lambda nc: torch_resnet((3, 4, 6, 3), nc),
-    "resnet50": lambda nc: torch_resnet((3, 4, 6, 3), nc, bottleneck=True),
-    "resnet56": lambda nc: torch_resnet((9, 9, 9), nc, widths=(16, 32, 64)),
-    "preact_resnet18": torch_preact_resnet18,
-    "wrn34_10": lambda nc: torch_wrn(34, 10, nc),
-    "wrn34_20": lambda nc: torch_wrn(34, 20, nc),
-    "wrn28_10": lambda nc: torch_wrn(28, 10, nc),
-    "mobilenet_v2": torch_mobilenet_v2,
-    "vgg16_bn": torch_vgg16_bn,
+  "resnet18": lambda nc: torch_resnet((2, 2, 2, 2), nc),
+  "resnet34": lambda nc: torch_resnet((3, 4, 6, 3), nc),
+  "resnet50": lambda nc: torch_resnet((3, 4, 6, 3), nc, bottleneck=True),
+  "resnet56": lambda nc: torch_resnet((9, 9, 9), nc, widths=(16, 32, 64)),
+  "preact_resnet18": torch_preact_resnet18,
+  "wrn34_10": lambda nc: torch_wrn(34, 10, nc),
+  "wrn34_20": lambda nc: torch_wrn(34, 20, nc),
+  "wrn28_10": lambda nc: torch_wrn(28, 10, nc),
+  "mobilenet_v2": torch_mobilenet_v2,
+  "vgg16_bn": torch_vgg16_bn,
 }
 
 
 # features['last'] for a 32x32x3 input: the PyTorch models' map before their final average pooling.
 LAST_32 = {
-    "resnet18": (4, 4, 512), "resnet34": (4, 4, 512), "resnet50": (4, 4, 2048), "resnet56": (8, 8, 64),
-    "preact_resnet18": (4, 4, 512), "wrn34_10": (8, 8, 640), "wrn34_20": (8, 8, 1280),
-    "wrn28_10": (8, 8, 640), "mobilenet_v2": (4, 4, 1280), "vgg16_bn": (1, 1, 512),
+  "resnet18": (4, 4, 512),
+  "resnet34": (4, 4, 512),
+  "resnet50": (4, 4, 2048),
+  "resnet56": (8, 8, 64),
+  "preact_resnet18": (4, 4, 512),
+  "wrn34_10": (8, 8, 640),
+  "wrn34_20": (8, 8, 1280),
+  "wrn28_10": (8, 8, 640),
+  "mobilenet_v2": (4, 4, 1280),
+  "vgg16_bn": (1, 1, 512),
 }
 
 
@@ -129,7 +136,8 @@ def _shapes(model, input_shape):
   """(variables, logits, features) as ShapeDtypeStructs: traced once, never compiled."""
   x = jax.ShapeDtypeStruct(input_shape, jnp.float32)
   (logits, feats), variables = jax.eval_shape(
-      lambda x: model.init_with_output(jax.random.key(0), x, train=False, return_features=True), x)
+    lambda x: model.init_with_output(jax.random.key(0), x, train=False, return_features=True), x
+  )
   return variables, logits, feats
 
 
@@ -162,10 +170,21 @@ def test_hand_counter_reproduces_published_numbers():
     assert HAND_COUNT[name](10) == published, name
 
 
-@pytest.mark.parametrize("name,nc", [
-    ("resnet18", 10), ("resnet34", 10), ("resnet50", 10), ("resnet56", 100), ("preact_resnet18", 10),
-    ("wrn34_10", 10), ("wrn34_20", 10), ("wrn28_10", 100), ("mobilenet_v2", 10), ("vgg16_bn", 200),
-])
+@pytest.mark.parametrize(
+  "name,nc",
+  [
+    ("resnet18", 10),
+    ("resnet34", 10),
+    ("resnet50", 10),
+    ("resnet56", 100),
+    ("preact_resnet18", 10),
+    ("wrn34_10", 10),
+    ("wrn34_20", 10),
+    ("wrn28_10", 100),
+    ("mobilenet_v2", 10),
+    ("vgg16_bn", 200),
+  ],
+)
 def test_param_count_matches_pytorch(name, nc):
   variables, logits, feats = _shapes(models.get_model(name, num_classes=nc), (1, 32, 32, 3))
   assert models.count_params(variables["params"]) == HAND_COUNT[name](nc)
@@ -224,19 +243,26 @@ def test_big_model_shapes(name, input_shape, nc):
 def test_resnet_stage_features():
   _, _, feats = _shapes(models.get_model("resnet18", num_classes=10), (2, 32, 32, 3))
   assert [feats[f"stage{i}"].shape for i in range(1, 5)] == [
-      (2, 32, 32, 64), (2, 16, 16, 128), (2, 8, 8, 256), (2, 4, 4, 512)]
+    (2, 32, 32, 64),
+    (2, 16, 16, 128),
+    (2, 8, 8, 256),
+    (2, 4, 4, 512),
+  ]
 
 
 # ---------------------------------------------------------------------------------------------
 # Real forwards of the small nets.
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name,input_shape,nc,last", [
+@pytest.mark.parametrize(
+  "name,input_shape,nc,last",
+  [
     ("tiny_cnn", (3, 8, 8, 1), 10, (4, 4, 32)),
     ("small_cnn", (2, 28, 28, 1), 100, (7, 7, 128)),
     ("small_cnn", (2, 32, 32, 3), 10, (8, 8, 128)),
     ("mlp", (2, 8, 8, 1), 200, (1, 1, 128)),
     ("resnet18", (2, 8, 8, 3), 10, (1, 1, 512)),
-])
+  ],
+)
 def test_small_forward(name, input_shape, nc, last):
   model = models.get_model(name, num_classes=nc)
   variables = _np_variables(model, input_shape)
@@ -279,7 +305,7 @@ def _np_conv(x, w, stride):
   out = np.zeros((n, ho, wo, w.shape[-1]))
   for i in range(ho):
     for j in range(wo):
-      patch = xp[:, i * stride:i * stride + k, j * stride:j * stride + k, :]
+      patch = xp[:, i * stride : i * stride + k, j * stride : j * stride + k, :]
       out[:, i, j, :] = np.einsum("nhwc,hwco->no", patch, w)
   return out
 
@@ -301,10 +327,8 @@ def test_tiny_cnn_matches_numpy_forward_and_bn_update():
   # train mode: batch statistics, running averages with PyTorch momentum 0.1
   _, upd = _run(model, variables, x, train=True, mutable=["batch_stats"])
   c1 = _np_conv(x, p["conv1"]["kernel"], 1)
-  np.testing.assert_allclose(upd["batch_stats"]["bn1"]["mean"], 0.1 * c1.mean(axis=(0, 1, 2)),
-                             rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(upd["batch_stats"]["bn1"]["var"], 0.9 + 0.1 * c1.var(axis=(0, 1, 2)),
-                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(upd["batch_stats"]["bn1"]["mean"], 0.1 * c1.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(upd["batch_stats"]["bn1"]["var"], 0.9 + 0.1 * c1.var(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
   assert set(upd["batch_stats"]) == {"bn1", "bn2"}
 
 
@@ -319,8 +343,7 @@ def test_bfloat16_compute_keeps_float32_params_and_outputs():
   ref = _run(model32, variables, x)
   np.testing.assert_allclose(logits, ref, rtol=0.1, atol=0.1)
   # big model, traced: float32 logits and params with bf16 compute
-  variables, logits, _ = _shapes(models.get_model("resnet18", num_classes=10, dtype=jnp.bfloat16),
-                                 (2, 32, 32, 3))
+  variables, logits, _ = _shapes(models.get_model("resnet18", num_classes=10, dtype=jnp.bfloat16), (2, 32, 32, 3))
   assert logits.dtype == jnp.float32
   assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(variables))
 
@@ -332,8 +355,7 @@ def test_in_model_normalisation():
   variables = _np_variables(plain, (2, 8, 8, 3))
   x = np.asarray(jax.random.uniform(jax.random.key(1), (2, 8, 8, 3)))
   x_norm = (x - np.array(mean)) / np.array(std)
-  np.testing.assert_allclose(_run(normed, variables, x), _run(plain, variables, x_norm),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(_run(normed, variables, x), _run(plain, variables, x_norm), rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="3 values, the input has 1 channels"):
     normed.apply(variables, jnp.zeros((1, 8, 8, 1)))
 
@@ -342,8 +364,7 @@ def test_wide_resnet_small_forward_with_dropout():
   model = models.get_model("wide_resnet", num_classes=10, depth=10, widen_factor=1, dropout_rate=0.3)
   variables = _np_variables(model, (2, 8, 8, 1))
   x = jax.random.uniform(jax.random.key(1), (2, 8, 8, 1))
-  logits, upd = _run(model, variables, x, train=True, mutable=["batch_stats"],
-                  rngs={"dropout": jax.random.key(2)})
+  logits, upd = _run(model, variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(2)})
   assert logits.shape == (2, 10)
   changed = jax.tree.map(lambda a, b: not np.allclose(a, b), variables["batch_stats"], upd["batch_stats"])
   assert all(jax.tree.leaves(changed))
@@ -375,15 +396,18 @@ def _np_avg_pool(f, oh, ow):
   out = np.zeros((n, oh, ow, c))
   for i in range(oh):
     for j in range(ow):
-      out[:, i, j] = f[:, i * sh:(i + 1) * sh, j * sw:(j + 1) * sw].mean(axis=(1, 2))
+      out[:, i, j] = f[:, i * sh : (i + 1) * sh, j * sw : (j + 1) * sw].mean(axis=(1, 2))
   return out
 
 
-@pytest.mark.parametrize("in_hw,out_hw,reference", [
-    ((4, 4), (8, 8), _np_bilinear_up),   # ResNet-18 student -> WRN teacher
-    ((8, 8), (4, 4), _np_avg_pool),      # integer downsizing: adaptive average pooling
-    ((4, 4), (4, 4), None),              # same size: no resizing
-])
+@pytest.mark.parametrize(
+  "in_hw,out_hw,reference",
+  [
+    ((4, 4), (8, 8), _np_bilinear_up),  # ResNet-18 student -> WRN teacher
+    ((8, 8), (4, 4), _np_avg_pool),  # integer downsizing: adaptive average pooling
+    ((4, 4), (4, 4), None),  # same size: no resizing
+  ],
+)
 def test_projector_matches_resize_then_embed(in_hw, out_hw, reference):
   proj = models.FeatureProjector(out_channels=6, out_hw=out_hw)
   f = np.asarray(jax.random.uniform(jax.random.key(0), (2, *in_hw, 5)), np.float64)
@@ -392,7 +416,7 @@ def test_projector_matches_resize_then_embed(in_hw, out_hw, reference):
   assert got.shape == (2, *out_hw, 6) and got.dtype == jnp.float32
   resized = f if reference is None else reference(f, *out_hw)
   kernel = np.asarray(variables["params"]["conv"]["kernel"])[0, 0]
-  want = np.maximum(resized @ kernel / np.sqrt(1 + 1e-5), 0)   # fresh BN in eval mode
+  want = np.maximum(resized @ kernel / np.sqrt(1 + 1e-5), 0)  # fresh BN in eval mode
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
   # train mode updates the projector's BatchNorm statistics
   _, upd = _run(proj, variables, f, train=True, mutable=["batch_stats"])
@@ -427,8 +451,20 @@ def test_registry_errors():
     _shapes(models.get_model("tiny_cnn", num_classes=10), (8, 8, 3))
   with pytest.raises(ValueError, match="input_shape"):
     models.init_model(models.get_model("tiny_cnn", num_classes=10), jax.random.key(0), (8, 8))
-  for name in ("resnet18", "resnet34", "preact_resnet18", "wrn34_10", "wrn34_20", "wrn28_10", "wide_resnet",
-               "mobilenet_v2", "vgg16_bn", "small_cnn", "tiny_cnn", "mlp"):
+  for name in (
+    "resnet18",
+    "resnet34",
+    "preact_resnet18",
+    "wrn34_10",
+    "wrn34_20",
+    "wrn28_10",
+    "wide_resnet",
+    "mobilenet_v2",
+    "vgg16_bn",
+    "small_cnn",
+    "tiny_cnn",
+    "mlp",
+  ):
     assert name in models.MODELS
 
 
@@ -440,7 +476,7 @@ def _np_max_pool_ceil(x, k=2):
   arg = np.empty((n, ho, wo, c, 2), int)
   for i in range(ho):
     for j in range(wo):
-      win = x[:, i * k:(i + 1) * k, j * k:(j + 1) * k, :]  # the edge window is cut short (ceil mode)
+      win = x[:, i * k : (i + 1) * k, j * k : (j + 1) * k, :]  # the edge window is cut short (ceil mode)
       flat = win.reshape(n, -1, c)
       a = flat.argmax(axis=1)
       out[:, i, j, :] = flat.max(axis=1)
@@ -457,8 +493,7 @@ def test_max_pool_matches_numpy_forward_and_gradient(hw):
   got = models._max_pool(jnp.asarray(x, jnp.float32))
   np.testing.assert_array_equal(np.asarray(got), want.astype(np.float32))
   # and it equals Flax's reduce_window pool exactly
-  np.testing.assert_array_equal(got, nn.max_pool(jnp.asarray(x, jnp.float32), (2, 2), strides=(2, 2),
-                                                 padding="SAME"))
+  np.testing.assert_array_equal(got, nn.max_pool(jnp.asarray(x, jnp.float32), (2, 2), strides=(2, 2), padding="SAME"))
   # gradient of sum(g * pool(x)): g lands on each window's maximum, nowhere else
   g = rng.standard_normal(want.shape)
   dx = jax.grad(lambda v: jnp.sum(jnp.asarray(g, jnp.float32) * models._max_pool(v)))(jnp.asarray(x, jnp.float32))
@@ -493,18 +528,30 @@ def test_max_pool_option_gives_the_same_network(name):
 # ---------------------------------------------------------------------------------------------
 # chenyaofo/pytorch-cifar-models' README (CIFAR-10, millions to 2 decimals), torchvision's model docs
 # (ImageNet-1k, exact), DeepMind's WRN-70-16 (266.8M).
-@pytest.mark.parametrize("name,kwargs,nc,hw,published,tol", [
-    ("resnet32", {}, 10, 32, 0.47e6, 5e3), ("resnet44", {}, 10, 32, 0.66e6, 5e3),
-    ("mobilenetv2_x0_5", {}, 10, 32, 0.70e6, 5e3), ("mobilenetv2_x0_75", {}, 10, 32, 1.37e6, 5e3),
-    ("mobilenetv2_x1_0", {}, 10, 32, 2.24e6, 5e3), ("mobilenetv2_x1_4", {}, 10, 32, 4.33e6, 5e3),
+@pytest.mark.parametrize(
+  "name,kwargs,nc,hw,published,tol",
+  [
+    ("resnet32", {}, 10, 32, 0.47e6, 5e3),
+    ("resnet44", {}, 10, 32, 0.66e6, 5e3),
+    ("mobilenetv2_x0_5", {}, 10, 32, 0.70e6, 5e3),
+    ("mobilenetv2_x0_75", {}, 10, 32, 1.37e6, 5e3),
+    ("mobilenetv2_x1_0", {}, 10, 32, 2.24e6, 5e3),
+    ("mobilenetv2_x1_4", {}, 10, 32, 4.33e6, 5e3),
     ("vgg11_bn", {"classifier_hidden": (512, 512)}, 10, 32, 9.76e6, 5e3),
     ("vgg19_bn", {"classifier_hidden": (512, 512)}, 10, 32, 20.57e6, 5e3),
     ("resnet18", {"stem_kernel": 7, "stem_stride": 2, "stem_pool": True}, 1000, 224, 11689512, 0),
     ("resnet50", {"stem_kernel": 7, "stem_stride": 2, "stem_pool": True}, 1000, 224, 25557032, 0),
     ("mobilenet_v2_torchvision", {}, 1000, 224, 3504872, 0),
-    ("wide_resnet", {"depth": 70, "widen_factor": 16, "activation": "swish", "conv_padding": "same"}, 10, 32,
-     266.8e6, 5e4),
-])
+    (
+      "wide_resnet",
+      {"depth": 70, "widen_factor": 16, "activation": "swish", "conv_padding": "same"},
+      10,
+      32,
+      266.8e6,
+      5e4,
+    ),
+  ],
+)
 def test_public_checkpoint_networks_have_published_sizes(name, kwargs, nc, hw, published, tol):
   model = models.get_model(name, num_classes=nc, **kwargs)
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, hw, hw, 3)), train=False))

@@ -1,4 +1,5 @@
 """Learning-rate schedules and the coupled weight decay, against hand-worked values."""
+
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -13,15 +14,14 @@ def test_piecewise_reaches_0001_and_ard_faithful_stays_at_001():
   pw = optim.learning_rate_schedule(name="piecewise", **kw)
   ard = optim.learning_rate_schedule(name="ard_faithful", **kw)
   # epoch 99 -> step 999, epoch 100 -> step 1000, epoch 150 -> step 1500
-  np.testing.assert_allclose([pw(999), pw(1000), pw(1499), pw(1500), pw(1999)],
-                             [0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
-  np.testing.assert_allclose([ard(999), ard(1000), ard(1500), ard(1999)],
-                             [0.1, 0.01, 0.01, 0.01], rtol=1e-6)
+  np.testing.assert_allclose(
+    [pw(999), pw(1000), pw(1499), pw(1500), pw(1999)], [0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6
+  )
+  np.testing.assert_allclose([ard(999), ard(1000), ard(1500), ard(1999)], [0.1, 0.01, 0.01, 0.01], rtol=1e-6)
 
 
 def test_cosine_with_warmup_matches_formula():
-  s = optim.learning_rate_schedule(name="cosine", base_lr=0.2, steps_per_epoch=5, num_epochs=10,
-                                   warmup_epochs=2)
+  s = optim.learning_rate_schedule(name="cosine", base_lr=0.2, steps_per_epoch=5, num_epochs=10, warmup_epochs=2)
   np.testing.assert_allclose(s(5), 0.2 * 5 / 10, rtol=1e-6)  # linear warm-up over 10 steps
   t = 20  # 10 steps into the 40-step cosine part
   np.testing.assert_allclose(s(10 + t), 0.2 * 0.5 * (1 + np.cos(np.pi * t / 40)), rtol=1e-5)
@@ -34,9 +34,20 @@ def test_unknown_schedule_is_named_in_the_error():
 
 def test_sgd_with_coupled_weight_decay_matches_pytorch_rule():
   # PyTorch SGD: g <- g + wd*w ; buf <- m*buf + g ; w <- w - lr*buf
-  cfg = ml_collections.ConfigDict(dict(name="sgd", lr=0.1, momentum=0.9, nesterov=False,
-                                       weight_decay=0.01, schedule="constant", boundaries=(),
-                                       factor=0.1, warmup_epochs=0.0, grad_clip_norm=0.0))
+  cfg = ml_collections.ConfigDict(
+    dict(
+      name="sgd",
+      lr=0.1,
+      momentum=0.9,
+      nesterov=False,
+      weight_decay=0.01,
+      schedule="constant",
+      boundaries=(),
+      factor=0.1,
+      warmup_epochs=0.0,
+      grad_clip_norm=0.0,
+    )
+  )
   tx, _ = optim.create_optimizer(cfg, steps_per_epoch=1, num_epochs=1)
   w = jnp.array([1.0, -2.0])
   st = tx.init(w)

@@ -1,4 +1,5 @@
 """The main job end to end (its small variant): files written, numbers consistent with the checkpoints."""
+
 import json
 import os
 
@@ -14,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _quickstart_config(data_dir):
   import importlib.util
+
   spec = importlib.util.spec_from_file_location("qs", os.path.join(ROOT, "configs", "quickstart.py"))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
@@ -34,8 +36,7 @@ def test_quickstart_small_end_to_end(tmp_path):
     saved = json.load(f)
   assert saved == json.loads(json.dumps(res))
   roles = [(r["role"], r["name"]) for r in saved["rows"]]
-  assert roles == [("teacher", "tiny_cnn"), ("teacher", "mlp"), ("student", "sa_mdrad"),
-                   ("student", "pgd_at")]
+  assert roles == [("teacher", "tiny_cnn"), ("teacher", "mlp"), ("student", "sa_mdrad"), ("student", "pgd_at")]
   # the SA-MDRAD student was distilled from both teachers
   with open(work / "students" / "sa_mdrad" / "config.json") as f:
     assert len(json.load(f)["teachers"]) == 2

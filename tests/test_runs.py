@@ -1,5 +1,6 @@
 """A trained run's workdir read back (mdrad_jax.runs): best and latest checkpoint, the network rebuilt from
 config.json with its step and config, and one-line errors for a workdir or checkpoint that is not there."""
+
 import json
 import os
 
@@ -32,9 +33,12 @@ def _run(workdir, accuracies=(0.5, 0.9, 0.6)):
   saved = {}
   for step, acc in enumerate(accuracies, start=1):
     params = jax.tree.map(lambda p, s=step: p * s, variables["params"])
-    state = TrainState.create(params={"model": params, "projectors": {}},
-                              batch_stats={"model": variables["batch_stats"], "projectors": {}},
-                              tx=optax.identity(), rng=jax.random.key_data(jax.random.key(0)))
+    state = TrainState.create(
+      params={"model": params, "projectors": {}},
+      batch_stats={"model": variables["batch_stats"], "projectors": {}},
+      tx=optax.identity(),
+      rng=jax.random.key_data(jax.random.key(0)),
+    )
     ck.save(state.replace(step=step), metrics={"test/accuracy": acc})
     saved[step] = jax.tree.map(np.asarray, params)
   ck.close()

@@ -1,4 +1,5 @@
 """Process-level set-up: the persistent compilation cache."""
+
 import os
 import subprocess
 import sys
@@ -24,12 +25,13 @@ def test_cache_dir_default(monkeypatch):
 def test_second_process_reads_compiled_programs_from_the_cache(tmp_path):
   """A program compiled in one process is written to the cache directory and found there by the next."""
   code = (
-      "import jax, jax.numpy as jnp\n"
-      "from mdrad_jax import runtime\n"
-      "runtime.configure_compilation_cache()\n"
-      "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
-      "f = jax.jit(lambda x: jnp.sin(x) @ jnp.cos(x).T)\n"
-      "print(float(f(jnp.ones((64, 64))).sum()))\n")
+    "import jax, jax.numpy as jnp\n"
+    "from mdrad_jax import runtime\n"
+    "runtime.configure_compilation_cache()\n"
+    "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
+    "f = jax.jit(lambda x: jnp.sin(x) @ jnp.cos(x).T)\n"
+    "print(float(f(jnp.ones((64, 64))).sum()))\n"
+  )
   env = dict(os.environ, **{runtime.CACHE_ENV: str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu"})
   env["PYTHONPATH"] = ROOT
   first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
@@ -37,8 +39,7 @@ def test_second_process_reads_compiled_programs_from_the_cache(tmp_path):
   entries = sorted(os.listdir(tmp_path / "cache"))
   assert entries, "nothing was written to the compilation cache"
   mtimes = {e: os.stat(tmp_path / "cache" / e).st_mtime_ns for e in entries}
-  second = subprocess.run([sys.executable, "-c", code],
-                          env=env, capture_output=True, text=True, timeout=120)
+  second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
   assert second.returncode == 0, second.stderr
   assert second.stdout == first.stdout
   # the second run added no new entry: it read the one the first run wrote

@@ -4,6 +4,7 @@ across device/process counts, teacher sharding, multi-host start-up options and 
 Multi-device and multi-process runs happen in subprocesses (tests/scaling_worker.py): this pytest process has
 already started JAX with one CPU device.
 """
+
 import json
 import os
 import shutil
@@ -28,8 +29,12 @@ SHAPE, C = (8, 8, 1), 4
 
 
 def _env(num_devices):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", MDRAD_PROGRESS="0",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}")
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    MDRAD_PROGRESS="0",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
+  )
   for k in [k for k in env if k.startswith(("SLURM_", "OMPI_", "TPU_")) or k == "JAX_COORDINATOR_ADDRESS"]:
     del env[k]
   return env
@@ -47,8 +52,9 @@ def _free_port():
 @pytest.fixture(scope="module")
 def eight_devices(tmp_path_factory):
   out = tmp_path_factory.mktemp("devices") / "out.json"
-  r = subprocess.run([sys.executable, WORKER, "devices", str(out)], env=_env(8), cwd=ROOT,
-                     capture_output=True, text=True, timeout=300)
+  r = subprocess.run(
+    [sys.executable, WORKER, "devices", str(out)], env=_env(8), cwd=ROOT, capture_output=True, text=True, timeout=300
+  )
   assert r.returncode == 0, r.stderr[-4000:]
   with open(out) as f:
     return json.load(f)
@@ -79,9 +85,11 @@ def test_fsdp_teachers_are_sharded_and_match_replicated(eight_devices):
   leaves = {l["path"]: l for l in r["teacher_leaves"]}
   # tiny_cnn's conv2 (3, 3, 8, 16) splits its 16 output channels, the MLP's (64, 32) layer its 64 inputs,
   # 8 ways; arrays under parallel.FSDP_MIN_SIZE elements stay whole
-  for path, shard in (("[0]['params']['conv2']['kernel']", [3, 3, 8, 2]),
-                      ("[2]['params']['conv2']['kernel']", [3, 3, 8, 2]),
-                      ("[1]['params']['fc1']['kernel']", [8, 32])):
+  for path, shard in (
+    ("[0]['params']['conv2']['kernel']", [3, 3, 8, 2]),
+    ("[2]['params']['conv2']['kernel']", [3, 3, 8, 2]),
+    ("[1]['params']['fc1']['kernel']", [8, 32]),
+  ):
     assert leaves[path]["shard_shape"] == shard and leaves[path]["distinct_shards"] == 8, leaves[path]
   small = leaves["[0]['params']['linear']['kernel']"]
   assert small["spec"] == "P()" and small["shard_shape"] == small["shape"]
@@ -91,8 +99,8 @@ def test_fsdp_spec_rules():
   assert parallel.fsdp_spec((3, 3, 64, 128), 8) == jax.sharding.PartitionSpec(None, None, None, "data")
   assert parallel.fsdp_spec((512, 10), 8) == jax.sharding.PartitionSpec("data")
   assert parallel.fsdp_spec((3, 3, 64, 64), 8) == jax.sharding.PartitionSpec(None, None, None, "data")
-  assert parallel.fsdp_spec((7, 9, 1001), 8) == jax.sharding.PartitionSpec()      # nothing divides
-  assert parallel.fsdp_spec((16,), 8) == jax.sharding.PartitionSpec()             # too small
+  assert parallel.fsdp_spec((7, 9, 1001), 8) == jax.sharding.PartitionSpec()  # nothing divides
+  assert parallel.fsdp_spec((16,), 8) == jax.sharding.PartitionSpec()  # too small
   assert parallel.fsdp_spec((16,), 8, min_size=0) == jax.sharding.PartitionSpec("data")
   assert parallel.fsdp_spec((3, 3, 64, 128), 1) == jax.sharding.PartitionSpec()
   with pytest.raises(ValueError, match="teacher_sharding must be one of"):
@@ -112,28 +120,39 @@ def _make_teacher(workdir, data_dir):
   cfg.checkpoint.best_metric = ""
   info = data.dataset_info("digits", data_dir=str(data_dir))
   model = models.build_model(cfg.model, info.num_classes)
-  state, _, _ = train.create_state(cfg, model=model, image_shape=info.image_shape, teacher_modules=(),
-                                   teacher_vars=(), method=methods.get_method("natural"),
-                                   steps_per_epoch=1)
+  state, _, _ = train.create_state(
+    cfg,
+    model=model,
+    image_shape=info.image_shape,
+    teacher_modules=(),
+    teacher_vars=(),
+    method=methods.get_method("natural"),
+    steps_per_epoch=1,
+  )
   os.makedirs(workdir)
-  workdir_lib.write_config(cfg, str(workdir), {"num_classes": info.num_classes,
-                                               "image_shape": list(info.image_shape)})
+  workdir_lib.write_config(cfg, str(workdir), {"num_classes": info.num_classes, "image_shape": list(info.image_shape)})
   ck = checkpointing.Checkpointer(str(workdir))
   ck.save(state)
   ck.close()
 
 
 def _loop_config(data_dir, teacher, **extra):
-  c = {"data": {"name": "digits", "data_dir": str(data_dir), "augment": "none"},
-       "model": {"name": "tiny_cnn", "kwargs": {"widths": [8, 16]}},
-       "teachers": [str(teacher)],
-       "method": dict(config_lib.method_config("adaad").to_dict()),
-       "attack": {"eps": 0.1, "step_size": 0.02, "num_steps": 1},
-       "optim": {"lr": 0.05, "schedule": "constant"},
-       "num_epochs": 1, "num_train_examples": 256, "batch_size": 64, "eval_batch_size": 128,
-       # 129 test examples: shards of 65 and 64, i.e. 2 and 1 local batches of 64 per process
-       "eval": {"num_examples": 129}, "log_every_steps": 2,
-       "checkpoint": {"best_metric": ""}}
+  c = {
+    "data": {"name": "digits", "data_dir": str(data_dir), "augment": "none"},
+    "model": {"name": "tiny_cnn", "kwargs": {"widths": [8, 16]}},
+    "teachers": [str(teacher)],
+    "method": dict(config_lib.method_config("adaad").to_dict()),
+    "attack": {"eps": 0.1, "step_size": 0.02, "num_steps": 1},
+    "optim": {"lr": 0.05, "schedule": "constant"},
+    "num_epochs": 1,
+    "num_train_examples": 256,
+    "batch_size": 64,
+    "eval_batch_size": 128,
+    # 129 test examples: shards of 65 and 64, i.e. 2 and 1 local batches of 64 per process
+    "eval": {"num_examples": 129},
+    "log_every_steps": 2,
+    "checkpoint": {"best_metric": ""},
+  }
   for k, v in extra.items():
     c[k] = v
   return c
@@ -151,8 +170,9 @@ def _start(tmp, tag, cfg, workdir, *, processes=1, batches_of=0, devices_per_pro
     if batches_of:
       cmd += [f"--batches_of={batches_of}"]
     log = open(tmp / f"{tag}.{i}.log", "w")
-    procs.append((subprocess.Popen(cmd, cwd=ROOT, env=_env(devices_per_process), stdout=log,
-                                   stderr=subprocess.STDOUT), log))
+    procs.append(
+      (subprocess.Popen(cmd, cwd=ROOT, env=_env(devices_per_process), stdout=log, stderr=subprocess.STDOUT), log)
+    )
   return tag, procs
 
 
@@ -182,8 +202,7 @@ def _params(workdir, step):
 
 
 def _train_losses(workdir):
-  return [l["train/loss"] for l in map(json.loads, open(os.path.join(workdir, "metrics.jsonl")))
-          if "train/loss" in l]
+  return [l["train/loss"] for l in map(json.loads, open(os.path.join(workdir, "metrics.jsonl"))) if "train/loss" in l]
 
 
 def _assert_close(a, b, atol=1e-5):
@@ -210,8 +229,9 @@ def loop_runs(tmp_path_factory):
   teacher = tmp / "teacher"
   _make_teacher(teacher, data_dir)
   two, one = tmp / "two", tmp / "one"
-  a = _start(tmp, "a", _loop_config(data_dir, teacher, teacher_sharding="fsdp"), two,
-             processes=2, devices_per_process=2)
+  a = _start(
+    tmp, "a", _loop_config(data_dir, teacher, teacher_sharding="fsdp"), two, processes=2, devices_per_process=2
+  )
   try:
     res_one = _run_here(_loop_config(data_dir, teacher), one, batches_of=2)
   finally:
@@ -249,8 +269,14 @@ def test_checkpoints_resume_across_process_counts(loop_runs):
   two_to_one, one_to_two = tmp / "two_to_one", tmp / "one_to_two"
   shutil.copytree(r["two"], two_to_one)
   shutil.copytree(r["one"], one_to_two)
-  e = _start(tmp, "e", _loop_config(data_dir, teacher, num_epochs=2, teacher_sharding="fsdp"),
-             one_to_two, processes=2, devices_per_process=2)
+  e = _start(
+    tmp,
+    "e",
+    _loop_config(data_dir, teacher, num_epochs=2, teacher_sharding="fsdp"),
+    one_to_two,
+    processes=2,
+    devices_per_process=2,
+  )
   try:
     _run_here(_loop_config(data_dir, teacher, num_epochs=2), two_to_one, batches_of=2)
   finally:
@@ -259,8 +285,9 @@ def test_checkpoints_resume_across_process_counts(loop_runs):
     with open(one_to_two / "checkpoints" / "8" / "data" / f"process_{i}-of-2.json") as f:
       assert json.load(f)["next_index"] == 8
   p_d, p_e = _params(two_to_one, 8), _params(one_to_two, 8)
-  assert max(float(np.abs(x - y).max()) for x, y in zip(jax.tree.leaves(p_d),
-                                                         jax.tree.leaves(_params(r["two"], 4)))) > 1e-3
+  assert (
+    max(float(np.abs(x - y).max()) for x, y in zip(jax.tree.leaves(p_d), jax.tree.leaves(_params(r["two"], 4)))) > 1e-3
+  )
   _assert_close(p_d, p_e)
   np.testing.assert_allclose(_train_losses(two_to_one)[-2:], _train_losses(one_to_two)[-2:], rtol=1e-5)
 
@@ -287,8 +314,13 @@ def _dist(**kw):
 
 
 def _slurm_env(monkeypatch, ntasks):
-  for k, v in dict(SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="node[003-004]", SLURM_NTASKS=str(ntasks),
-                   SLURM_PROCID="1", SLURM_LOCALID="1").items():
+  for k, v in dict(
+    SLURM_JOB_ID="4242",
+    SLURM_STEP_NODELIST="node[003-004]",
+    SLURM_NTASKS=str(ntasks),
+    SLURM_PROCID="1",
+    SLURM_LOCALID="1",
+  ).items():
     monkeypatch.setenv(k, v)
 
 
@@ -296,9 +328,15 @@ def test_initialize_distributed_explicit_auto_and_off(fake_initialize, monkeypat
   assert parallel.initialize_distributed(_dist()) is False  # a plain run: nothing to join
   assert parallel.initialize_distributed(None) is False
   assert parallel.initialize_distributed(
-      _dist(coordinator_address="10.0.0.1:1234", num_processes=4, process_id=3, local_device_ids="0,1"))
-  assert fake_initialize[-1] == dict(coordinator_address="10.0.0.1:1234", num_processes=4, process_id=3,
-                                     local_device_ids=[0, 1], initialization_timeout=300)
+    _dist(coordinator_address="10.0.0.1:1234", num_processes=4, process_id=3, local_device_ids="0,1")
+  )
+  assert fake_initialize[-1] == dict(
+    coordinator_address="10.0.0.1:1234",
+    num_processes=4,
+    process_id=3,
+    local_device_ids=[0, 1],
+    initialization_timeout=300,
+  )
   _slurm_env(monkeypatch, ntasks=2)
   assert parallel.detect_cluster() == "slurm"
   assert parallel.initialize_distributed(_dist())  # JAX reads the rest from SLURM
@@ -312,14 +350,19 @@ def test_initialize_distributed_explicit_auto_and_off(fake_initialize, monkeypat
   assert fake_initialize[-1]["cluster_detection_method"] == "mpi4py"
 
 
-@pytest.mark.parametrize("kw,msg", [
+@pytest.mark.parametrize(
+  "kw,msg",
+  [
     (dict(enabled="yes"), "enabled must be one of"),
     (dict(coordinator_address="10.0.0.1:1234"), "without num_processes, process_id"),
     (dict(coordinator_address="10.0.0.1", num_processes=2, process_id=0), "must be 'host:port'"),
     (dict(coordinator_address="h:1", num_processes=2, process_id=2), r"process_id must lie in \[0, 2\)"),
-    (dict(local_device_ids="0,x", coordinator_address="h:1", num_processes=1, process_id=0),
-     "comma-separated integers"),
-])
+    (
+      dict(local_device_ids="0,x", coordinator_address="h:1", num_processes=1, process_id=0),
+      "comma-separated integers",
+    ),
+  ],
+)
 def test_initialize_distributed_bad_input_is_one_line(fake_initialize, kw, msg):
   with pytest.raises(ValueError, match=msg) as e:
     parallel.initialize_distributed(_dist(**kw))
@@ -329,9 +372,9 @@ def test_initialize_distributed_bad_input_is_one_line(fake_initialize, kw, msg):
 def test_slurm_detection_agrees_with_jax(monkeypatch, fake_initialize):
   # What JAX 0.10.2 itself derives from the SLURM variables our detection looks at.
   from jax._src import clusters
+
   _slurm_env(monkeypatch, ntasks=2)
-  address, num, pid, local = clusters.ClusterEnv.auto_detect_unset_distributed_params(
-      None, None, None, None, None, 10)
+  address, num, pid, local = clusters.ClusterEnv.auto_detect_unset_distributed_params(None, None, None, None, None, 10)
   assert (address.split(":")[0], num, pid, list(local)) == ("node003", 2, 1, [1])
 
 
@@ -355,13 +398,27 @@ def _bf16_step(model_dtype="float32", teacher_dtype="float32", attack_dtype="", 
   method = methods.get_method("adaad")
   if state is None:
     tvars = (models.init_model(teacher, jax.random.key(10), SHAPE),)
-    state, _, _ = train.create_state(cfg, model=model, image_shape=SHAPE, teacher_modules=(teacher,),
-                                     teacher_vars=tvars, method=method, steps_per_epoch=10)
+    state, _, _ = train.create_state(
+      cfg,
+      model=model,
+      image_shape=SHAPE,
+      teacher_modules=(teacher,),
+      teacher_vars=tvars,
+      method=method,
+      steps_per_epoch=10,
+    )
     state = (state, tvars)
   _, sched = optim.create_optimizer(cfg.optim, steps_per_epoch=10, num_epochs=1)
-  step = ts.make_train_step(model=model, method=method, hparams=dict(cfg.method),
-                            attack=train.resolve_attack(cfg, method), teacher_models=(teacher,),
-                            steps_per_epoch=10, lr_schedule=sched, base_lr=cfg.optim.lr)
+  step = ts.make_train_step(
+    model=model,
+    method=method,
+    hparams=dict(cfg.method),
+    attack=train.resolve_attack(cfg, method),
+    teacher_models=(teacher,),
+    steps_per_epoch=10,
+    lr_schedule=sched,
+    base_lr=cfg.optim.lr,
+  )
   return step, *state
 
 
@@ -372,7 +429,7 @@ def _bf16_batches():
     y = rng.integers(0, C, 16).astype(np.int32)
     x = rng.uniform(0, 0.3, size=(16, *SHAPE)).astype(np.float32)
     for i, yi in enumerate(y):
-      x[i, 2 * yi:2 * yi + 2, :, 0] += 0.6
+      x[i, 2 * yi : 2 * yi + 2, :, 0] += 0.6
     out.append({"image": x, "label": y})
   return out
 
@@ -413,11 +470,14 @@ def test_bfloat16_compute_keeps_float32_master_weights_and_tracks_float32():
   assert m.apply(models.init_model(m, jax.random.key(0), SHAPE), jnp.zeros((2, *SHAPE))).dtype == jnp.float32
 
 
-@pytest.mark.parametrize("field,value,msg", [
+@pytest.mark.parametrize(
+  "field,value,msg",
+  [
     ("model.dtype", "bf16", "config.model.dtype must be one of"),
     ("teacher_dtype", "float16", "config.teacher_dtype must be one of"),
     ("attack.dtype", "half", "config.attack.dtype must be one of"),
-])
+  ],
+)
 def test_bad_dtype_is_a_clear_error(field, value, msg):
   cfg = config_lib.base_config()
   cfg.update_from_flattened_dict({field: value})

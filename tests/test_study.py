@@ -1,5 +1,6 @@
 """The study job on its small grid (every method once on digits): table shape, numbers from each cell's own
 evaluation, mean ± std against NumPy, resume without retraining, subsets."""
+
 import importlib.util
 import json
 import os

@@ -1,5 +1,6 @@
 """The real loop on the embedded digits data: config.json/metrics written, resume after an interruption
 reproduces the uninterrupted run exactly, and main.py reports bad input on one line."""
+
 import json
 import os
 import subprocess
@@ -65,8 +66,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
 
   a, _ = runs.load_model_variables(str(tmp_path / "full"), which="latest")
   b, _ = runs.load_model_variables(str(tmp_path / "resumed"), which="latest")
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7),
-               a, b)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7), a, b)
   assert resumed["test/accuracy"] == pytest.approx(full["test/accuracy"])
   # a finished run restarted on its workdir does no more training
   again = train.train_and_evaluate(cfg, str(tmp_path / "resumed"))
@@ -91,8 +91,7 @@ def test_built_experiment_steps_like_train_and_evaluate(tmp_path):
   finally:
     exp.close()
   want, _ = runs.load_model_variables(str(tmp_path / "full"), which="latest")
-  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
-               state.model_variables(), want)
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), state.model_variables(), want)
 
   done = train.build_experiment(cfg, str(tmp_path / "full"))
   try:
@@ -104,16 +103,20 @@ def test_built_experiment_steps_like_train_and_evaluate(tmp_path):
 
 def _main(*args, cwd=ROOT):
   env = dict(os.environ, MDRAD_PROGRESS="0")
-  return subprocess.run([sys.executable, "main.py", *args], cwd=cwd, capture_output=True, text=True,
-                        env=env, timeout=300)
+  return subprocess.run(
+    [sys.executable, "main.py", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300
+  )
 
 
-@pytest.mark.parametrize("args,expect", [
+@pytest.mark.parametrize(
+  "args,expect",
+  [
     (["--config=configs/teacher.py", "--config.batch_sise=3"], "batch_size"),
     (["--config=configs/teacher.py:modl=x"], "unknown config argument 'modl'"),
     (["--config=configs/teacher.py:model=resnet_18,dataset=digits"], "config.model.name = 'resnet_18'"),
     (["--config=configs/missing.py"], "configs/missing.py"),
-])
+  ],
+)
 def test_main_reports_bad_input_on_one_line(tmp_path, args, expect):
   r = _main(*args, f"--workdir={tmp_path / 'w'}")
   assert r.returncode == 2, r.stderr[-2000:]

@@ -1,5 +1,6 @@
 """The shared train step: every method runs, learns on a fixed batch, compiles once; gradients reach the
 student and projectors only; BatchNorm policy of the attack is honoured."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,15 +10,28 @@ from mdrad_jax import config_lib, methods, models, parallel, train
 from mdrad_jax import train_step as ts
 
 SHAPE, C = (8, 8, 1), 4
-TEACHERS = {"natural": 0, "pgd_at": 0, "trades": 0, "kd": 2, "ard": 1, "rslad": 1, "adaad": 1, "iad1": 1,
-            "iad2": 2, "mtard": 2, "bmtard": 2, "sa_mdrad": 3}
+TEACHERS = {
+  "natural": 0,
+  "pgd_at": 0,
+  "trades": 0,
+  "kd": 2,
+  "ard": 1,
+  "rslad": 1,
+  "adaad": 1,
+  "iad1": 1,
+  "iad2": 2,
+  "mtard": 2,
+  "bmtard": 2,
+  "sa_mdrad": 3,
+}
 
 
 def _setup(name, *, overrides=None, teacher_names=("tiny_cnn", "mlp", "tiny_cnn")):
   k = TEACHERS[name]
-  tmods = tuple(models.get_model(n, num_classes=C, **({"widths": (8, 16)} if n == "tiny_cnn" else
-                                                      {"hidden": (32,)}))
-                for n in teacher_names[:k])
+  tmods = tuple(
+    models.get_model(n, num_classes=C, **({"widths": (8, 16)} if n == "tiny_cnn" else {"hidden": (32,)}))
+    for n in teacher_names[:k]
+  )
   tvars = tuple(models.init_model(m, jax.random.key(10 + i), SHAPE) for i, m in enumerate(tmods))
   cfg = config_lib.base_config()
   cfg.method = config_lib.method_config(name, **(overrides or {}))
@@ -29,8 +43,9 @@ def _setup(name, *, overrides=None, teacher_names=("tiny_cnn", "mlp", "tiny_cnn"
   cfg.attack.num_steps = 2
   method = methods.get_method(name)
   model = models.get_model("tiny_cnn", num_classes=C, widths=(8, 16))
-  state, step = train.build_train_step(cfg, model=model, method=method, image_shape=SHAPE, teacher_modules=tmods,
-                                       teacher_vars=tvars, steps_per_epoch=10)[:2]
+  state, step = train.build_train_step(
+    cfg, model=model, method=method, image_shape=SHAPE, teacher_modules=tmods, teacher_vars=tvars, steps_per_epoch=10
+  )[:2]
   mesh = parallel.create_mesh()
   return step, state, tvars, mesh
 
@@ -41,7 +56,7 @@ def _batch(n=16, seed=0):
   # class-dependent images so the task is learnable
   images = rng.uniform(0, 0.3, size=(n, *SHAPE)).astype(np.float32)
   for i, y in enumerate(labels):
-    images[i, 2 * y:2 * y + 2, :, 0] += 0.6
+    images[i, 2 * y : 2 * y + 2, :, 0] += 0.6
   return {"image": images, "label": labels}
 
 
@@ -86,8 +101,7 @@ def test_gradients_reach_student_and_projectors_not_teachers():
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_student["projectors"])) > 0
 
 
-@pytest.mark.parametrize("bn_mode,changes", [("eval", False), ("train_no_update", False),
-                                             ("train_update", True)])
+@pytest.mark.parametrize("bn_mode,changes", [("eval", False), ("train_no_update", False), ("train_update", True)])
 def test_attack_bn_mode_controls_running_stats(bn_mode, changes):
   # With ε = 0 the attack returns x exactly, so the outer forward sees the same input whatever the number of
   # attack steps; only 'train_update' lets the attack's own forwards move the running statistics.
@@ -128,26 +142,27 @@ def _stats_after_forwards(model, state, x, n):
   """BatchNorm running statistics after ``n`` successive train-mode forwards on ``x`` (PyTorch's order)."""
   stats = state.batch_stats["model"]
   for _ in range(n):
-    _, upd = model.apply({"params": state.params["model"], "batch_stats": stats}, x, train=True,
-                         mutable=["batch_stats"])
+    _, upd = model.apply(
+      {"params": state.params["model"], "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
+    )
     stats = upd["batch_stats"]
   return stats
 
 
-@pytest.mark.parametrize("name,epoch,forwards", [("trades", 0, 3), ("iad2", 0, 1), ("iad2", 5, 2),
-                                                 ("pgd_at", 0, 2)])
+@pytest.mark.parametrize("name,epoch,forwards", [("trades", 0, 3), ("iad2", 0, 1), ("iad2", 5, 2), ("pgd_at", 0, 2)])
 def test_train_mode_forwards_move_batchnorm_as_the_official_loops(name, epoch, forwards):
   """TRADES runs S(x), S(x'), S(x) in train mode; IAD-II runs no clean forward before its switch epoch.
   With ε = 0 and no attack steps every view is x, so the statistics count the train-mode forwards."""
   _, state, tvars, _ = _setup(name, overrides={"begin_epoch": 2.0} if name == "iad2" else None)
   m = methods.get_method(name)
   model = models.get_model("tiny_cnn", num_classes=C, widths=(8, 16))
-  tmods = tuple(models.get_model(n, num_classes=C, **({"widths": (8, 16)} if n == "tiny_cnn" else
-                                                      {"hidden": (32,)})) for n in ("tiny_cnn", "mlp")[:len(tvars)])
+  tmods = tuple(
+    models.get_model(n, num_classes=C, **({"widths": (8, 16)} if n == "tiny_cnn" else {"hidden": (32,)}))
+    for n in ("tiny_cnn", "mlp")[: len(tvars)]
+  )
   hp = dict(config_lib.method_config(name, **({"begin_epoch": 2.0} if name == "iad2" else {})))
   attack = ts.AttackConfig(eps=0.0, step_size=0.0, num_steps=0, init="none", bn_mode="eval")
-  step = ts.make_train_step(model=model, method=m, hparams=hp, attack=attack, teacher_models=tmods,
-                            steps_per_epoch=1)
+  step = ts.make_train_step(model=model, method=m, hparams=hp, attack=attack, teacher_models=tmods, steps_per_epoch=1)
   batch = _batch()
   state = state.replace(step=jnp.asarray(epoch, state.step.dtype))
   new_state, _ = jax.jit(step)(state, tvars, batch)
@@ -158,13 +173,23 @@ def test_train_mode_forwards_move_batchnorm_as_the_official_loops(name, epoch, f
 
 def test_bmtard_temperature_rate_decays_with_the_learning_rate():
   from mdrad_jax import losses
+
   hp = dict(config_lib.method_config("bmtard"))
   m = methods.get_method("bmtard")
   st = losses.mtard_update_state(losses.mtard_init_state(), 1.0, 2.0, balanced=True)  # initialised
   metrics = {"kl_adv": 0.8, "kl_nat": 1.5, "teacher_neg_entropy_adv": -0.5, "teacher_neg_entropy_nat": -1.0}
   got = m.update_state(st, metrics, hp, 0.1)
-  want = losses.mtard_update_state(st, 0.8, 1.5, lr_w=hp["lr_w"] * 0.1, beta=hp["beta"], balanced=True,
-                                   entropy_adv=-0.5, entropy_nat=-1.0, lr_tau=hp["lr_tau"] * 0.1)
+  want = losses.mtard_update_state(
+    st,
+    0.8,
+    1.5,
+    lr_w=hp["lr_w"] * 0.1,
+    beta=hp["beta"],
+    balanced=True,
+    entropy_adv=-0.5,
+    entropy_nat=-1.0,
+    lr_tau=hp["lr_tau"] * 0.1,
+  )
   for a, b in zip(got, want):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
   assert float(got.tau_adv) != float(m.update_state(st, metrics, hp, 1.0).tau_adv)

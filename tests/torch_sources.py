@@ -4,6 +4,7 @@ kuangliu-style ResNet/PreActResNet as in RobustBench; the TRADES and DeepMind Wi
 and MobileNetV2), written here from their published structure so that the importer is checked against an
 independent implementation.  Widths and depths are parameters so the tests can run them small.
 """
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -87,8 +88,10 @@ class TVResNet(nn.Module):
   def _make_layer(self, block, planes, blocks, stride):
     downsample = None
     if stride != 1 or self.inplanes != planes * block.expansion:
-      downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
-                                 nn.BatchNorm2d(planes * block.expansion))
+      downsample = nn.Sequential(
+        nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
+        nn.BatchNorm2d(planes * block.expansion),
+      )
     layers = [block(self.inplanes, planes, stride, downsample)]
     self.inplanes = planes * block.expansion
     layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
@@ -190,8 +193,9 @@ class TradesBlock(nn.Module):
 class NetworkBlock(nn.Module):
   def __init__(self, nb_layers, in_planes, out_planes, stride):
     super().__init__()
-    self.layer = nn.Sequential(*[TradesBlock(in_planes if i == 0 else out_planes, out_planes,
-                                             stride if i == 0 else 1) for i in range(nb_layers)])
+    self.layer = nn.Sequential(
+      *[TradesBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1) for i in range(nb_layers)]
+    )
 
   def forward(self, x):
     return self.layer(x)
@@ -246,24 +250,29 @@ class DMBlock(nn.Module):
 class DMBlockGroup(nn.Module):
   def __init__(self, n, in_planes, out_planes, stride, act):
     super().__init__()
-    self.block = nn.Sequential(*[DMBlock(in_planes if i == 0 else out_planes, out_planes,
-                                         stride if i == 0 else 1, act) for i in range(n)])
+    self.block = nn.Sequential(
+      *[DMBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1, act) for i in range(n)]
+    )
 
   def forward(self, x):
     return self.block(x)
 
 
 class DMWideResNet(nn.Module):
-  def __init__(self, num_classes=10, depth=28, width=10, act=nn.ReLU, mean=(0.4914, 0.4822, 0.4465),
-               std=(0.2471, 0.2435, 0.2616)):
+  def __init__(
+    self, num_classes=10, depth=28, width=10, act=nn.ReLU, mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616)
+  ):
     super().__init__()
     self.register_buffer("mean", torch.tensor(mean).view(3, 1, 1))
     self.register_buffer("std", torch.tensor(std).view(3, 1, 1))
     ch = [16, 16 * width, 32 * width, 64 * width]
     n = (depth - 4) // 6
     self.init_conv = nn.Conv2d(3, ch[0], 3, 1, 1, bias=False)
-    self.layer = nn.Sequential(DMBlockGroup(n, ch[0], ch[1], 1, act), DMBlockGroup(n, ch[1], ch[2], 2, act),
-                               DMBlockGroup(n, ch[2], ch[3], 2, act))
+    self.layer = nn.Sequential(
+      DMBlockGroup(n, ch[0], ch[1], 1, act),
+      DMBlockGroup(n, ch[1], ch[2], 2, act),
+      DMBlockGroup(n, ch[2], ch[3], 2, act),
+    )
     self.batchnorm = nn.BatchNorm2d(ch[3])
     self.relu = act()
     self.logits = nn.Linear(ch[3], num_classes)
@@ -288,9 +297,15 @@ class TVVGG(nn.Module):
     self.features = nn.Sequential(*layers)
     self.avgpool = nn.AdaptiveAvgPool2d((pool_to, pool_to)) if pool_to else nn.Identity()
     k = (pool_to or 1) ** 2
-    self.classifier = nn.Sequential(nn.Linear(c * k, hidden), nn.ReLU(True), nn.Dropout(),
-                                    nn.Linear(hidden, hidden), nn.ReLU(True), nn.Dropout(),
-                                    nn.Linear(hidden, num_classes))
+    self.classifier = nn.Sequential(
+      nn.Linear(c * k, hidden),
+      nn.ReLU(True),
+      nn.Dropout(),
+      nn.Linear(hidden, hidden),
+      nn.ReLU(True),
+      nn.Dropout(),
+      nn.Linear(hidden, num_classes),
+    )
 
   def forward(self, x):
     return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
@@ -304,8 +319,11 @@ def make_divisible(v, divisor=8):
 
 class ConvBNReLU(nn.Sequential):
   def __init__(self, inp, out, kernel=3, stride=1, groups=1):
-    super().__init__(nn.Conv2d(inp, out, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
-                     nn.BatchNorm2d(out), nn.ReLU6(inplace=True))
+    super().__init__(
+      nn.Conv2d(inp, out, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+      nn.BatchNorm2d(out),
+      nn.ReLU6(inplace=True),
+    )
 
 
 class InvertedResidual(nn.Module):
@@ -314,18 +332,35 @@ class InvertedResidual(nn.Module):
     hidden = int(round(inp * expand_ratio))
     self.use_res_connect = stride == 1 and inp == oup
     layers = [] if expand_ratio == 1 else [ConvBNReLU(inp, hidden, kernel=1)]
-    layers += [ConvBNReLU(hidden, hidden, stride=stride, groups=hidden),
-               nn.Conv2d(hidden, oup, 1, 1, 0, bias=False), nn.BatchNorm2d(oup)]
+    layers += [
+      ConvBNReLU(hidden, hidden, stride=stride, groups=hidden),
+      nn.Conv2d(hidden, oup, 1, 1, 0, bias=False),
+      nn.BatchNorm2d(oup),
+    ]
     self.conv = nn.Sequential(*layers)
 
   def forward(self, x):
     return x + self.conv(x) if self.use_res_connect else self.conv(x)
 
 
-CIFAR_SETTING = [[1, 16, 1, 1], [6, 24, 2, 1], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1], [6, 160, 3, 2],
-                 [6, 320, 1, 1]]
-IMAGENET_SETTING = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1], [6, 160, 3, 2],
-                    [6, 320, 1, 1]]
+CIFAR_SETTING = [
+  [1, 16, 1, 1],
+  [6, 24, 2, 1],
+  [6, 32, 3, 2],
+  [6, 64, 4, 2],
+  [6, 96, 3, 1],
+  [6, 160, 3, 2],
+  [6, 320, 1, 1],
+]
+IMAGENET_SETTING = [
+  [1, 16, 1, 1],
+  [6, 24, 2, 2],
+  [6, 32, 3, 2],
+  [6, 64, 4, 2],
+  [6, 96, 3, 1],
+  [6, 160, 3, 2],
+  [6, 320, 1, 1],
+]
 
 
 class TVMobileNetV2(nn.Module):

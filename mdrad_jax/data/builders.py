@@ -17,6 +17,7 @@ Layout (the one ``tfds.builder_from_directory`` / ``tfds.data_source`` read)::
 
 A copy prepared by tfds' own builders in ArrayRecord format (``<data_dir>/cifar10/3.0.2/`` ...) is used as is.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -71,9 +72,13 @@ class _SourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 
 def _info(builder, features: dict, description: str, homepage: str) -> tfds.core.DatasetInfo:
-  return tfds.core.DatasetInfo(builder=builder, description=description, homepage=homepage,
-                               features=tfds.features.FeaturesDict(features),
-                               supervised_keys=("image", "label"))
+  return tfds.core.DatasetInfo(
+    builder=builder,
+    description=description,
+    homepage=homepage,
+    features=tfds.features.FeaturesDict(features),
+    supervised_keys=("image", "label"),
+  )
 
 
 class _CifarBuilder(_SourceBuilder, skip_registration=True):
@@ -83,13 +88,19 @@ class _CifarBuilder(_SourceBuilder, skip_registration=True):
     self._data = sources.read_cifar(self.VARIANT, self._source_dir)
 
   def _info(self):
-    features = {"id": tfds.features.Text(),
-                "image": tfds.features.Image(shape=(32, 32, 3), encoding_format="png"),
-                "label": tfds.features.ClassLabel(names=self._data.class_names)}
+    features = {
+      "id": tfds.features.Text(),
+      "image": tfds.features.Image(shape=(32, 32, 3), encoding_format="png"),
+      "label": tfds.features.ClassLabel(names=self._data.class_names),
+    }
     if self._data.coarse_class_names is not None:
       features["coarse_label"] = tfds.features.ClassLabel(names=self._data.coarse_class_names)
-    return _info(self, features, f"{self.VARIANT.dataset} from the official python tarball.",
-                 "https://www.cs.toronto.edu/~kriz/cifar.html")
+    return _info(
+      self,
+      features,
+      f"{self.VARIANT.dataset} from the official python tarball.",
+      "https://www.cs.toronto.edu/~kriz/cifar.html",
+    )
 
   def _split_generators(self, dl_manager):
     return {split: self._generate_examples(split) for split in self._data.images}
@@ -124,9 +135,15 @@ class FashionMnist(_SourceBuilder, skip_registration=True):
     self._arrays = {split: sources.read_fashion_mnist(self._source_dir, split) for split in ("train", "test")}
 
   def _info(self):
-    return _info(self, {"image": tfds.features.Image(shape=(28, 28, 1), encoding_format="png"),
-                        "label": tfds.features.ClassLabel(names=sources.FASHION_MNIST_CLASSES)},
-                 "Fashion-MNIST from the official idx files.", "https://github.com/zalandoresearch/fashion-mnist")
+    return _info(
+      self,
+      {
+        "image": tfds.features.Image(shape=(28, 28, 1), encoding_format="png"),
+        "label": tfds.features.ClassLabel(names=sources.FASHION_MNIST_CLASSES),
+      },
+      "Fashion-MNIST from the official idx files.",
+      "https://github.com/zalandoresearch/fashion-mnist",
+    )
 
   def _split_generators(self, dl_manager):
     return {split: self._generate_examples(split) for split in self._arrays}
@@ -149,11 +166,16 @@ class TinyImagenet(_SourceBuilder, skip_registration=True):
   def _info(self):
     # Original JPEG bytes are stored as is; converted (e.g. grayscale) images are stored as PNG. Decoding
     # detects the format from the bytes.
-    return _info(self, {"id": tfds.features.Text(),
-                        "image": tfds.features.Image(shape=(64, 64, 3), encoding_format="png"),
-                        "label": tfds.features.ClassLabel(names=self._reader.wnids)},
-                 "Tiny-ImageNet from the official zip; val is the test split.",
-                 "https://cs231n.stanford.edu/")
+    return _info(
+      self,
+      {
+        "id": tfds.features.Text(),
+        "image": tfds.features.Image(shape=(64, 64, 3), encoding_format="png"),
+        "label": tfds.features.ClassLabel(names=self._reader.wnids),
+      },
+      "Tiny-ImageNet from the official zip; val is the test split.",
+      "https://cs231n.stanford.edu/",
+    )
 
   def _split_generators(self, dl_manager):
     return {split: self._generate_examples(split) for split in ("train", "validation")}
@@ -170,11 +192,16 @@ class Digits(_SourceBuilder, skip_registration=True):
   VERSION = tfds.core.Version("1.0.0")
 
   def _info(self):
-    return _info(self, {"id": tfds.features.Text(),
-                        "image": tfds.features.Tensor(shape=(8, 8, 1), dtype=np.float32),
-                        "label": tfds.features.ClassLabel(names=[str(i) for i in range(10)])},
-                 "sklearn.datasets.load_digits; every 5th example of each class is in 'test'.",
-                 "https://scikit-learn.org/stable/datasets/toy_dataset.html")
+    return _info(
+      self,
+      {
+        "id": tfds.features.Text(),
+        "image": tfds.features.Tensor(shape=(8, 8, 1), dtype=np.float32),
+        "label": tfds.features.ClassLabel(names=[str(i) for i in range(10)]),
+      },
+      "sklearn.datasets.load_digits; every 5th example of each class is in 'test'.",
+      "https://scikit-learn.org/stable/datasets/toy_dataset.html",
+    )
 
   def _split_generators(self, dl_manager):
     images, labels = sources.read_digits()
@@ -197,10 +224,16 @@ class ImageFolder(_SourceBuilder, skip_registration=True):
     self._index = sources.index_image_folder(self._source_dir)
 
   def _info(self):
-    return _info(self, {"id": tfds.features.Text(),
-                        "image": tfds.features.Image(shape=self._index.image_shape, encoding_format="png"),
-                        "label": tfds.features.ClassLabel(names=self._index.class_names)},
-                 f"Image folder {self._index.path}.", "")
+    return _info(
+      self,
+      {
+        "id": tfds.features.Text(),
+        "image": tfds.features.Image(shape=self._index.image_shape, encoding_format="png"),
+        "label": tfds.features.ClassLabel(names=self._index.class_names),
+      },
+      f"Image folder {self._index.path}.",
+      "",
+    )
 
   def _split_generators(self, dl_manager):
     return {split: self._generate_examples(split) for split in sorted(self._index.files)}
@@ -218,22 +251,29 @@ class DatasetSpec:
   builder: type[_SourceBuilder]
   train_split: str
   test_split: str
-  default_source: Callable[[str], str | None]   # data_dir -> default source_dir
+  default_source: Callable[[str], str | None]  # data_dir -> default source_dir
   source_hint: str
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "cifar10": DatasetSpec(Cifar10, "train", "test", manual_dir,
-                           f"cifar-10-python.tar.gz from {sources.CIFAR10_URL}"),
-    "cifar100": DatasetSpec(Cifar100, "train", "test", manual_dir,
-                            f"cifar-100-python.tar.gz from {sources.CIFAR100_URL}"),
-    "tiny_imagenet": DatasetSpec(TinyImagenet, "train", "validation", manual_dir,
-                                 f"tiny-imagenet-200.zip from {sources.TINY_IMAGENET_URL}"),
-    "fashion_mnist": DatasetSpec(FashionMnist, "train", "test", lambda _: FASHION_MNIST_DIR,
-                                 f"the idx .gz files (Debian dataset-fashion-mnist or {sources.FASHION_MNIST_URL})"),
-    "digits": DatasetSpec(Digits, "train", "test", lambda _: None, "nothing (embedded in scikit-learn)"),
-    "image_folder": DatasetSpec(ImageFolder, "train", "test", lambda _: None,
-                                "a folder or .tar/.tar.gz/.zip archive of <split>/<class>/<image>"),
+  "cifar10": DatasetSpec(Cifar10, "train", "test", manual_dir, f"cifar-10-python.tar.gz from {sources.CIFAR10_URL}"),
+  "cifar100": DatasetSpec(
+    Cifar100, "train", "test", manual_dir, f"cifar-100-python.tar.gz from {sources.CIFAR100_URL}"
+  ),
+  "tiny_imagenet": DatasetSpec(
+    TinyImagenet, "train", "validation", manual_dir, f"tiny-imagenet-200.zip from {sources.TINY_IMAGENET_URL}"
+  ),
+  "fashion_mnist": DatasetSpec(
+    FashionMnist,
+    "train",
+    "test",
+    lambda _: FASHION_MNIST_DIR,
+    f"the idx .gz files (Debian dataset-fashion-mnist or {sources.FASHION_MNIST_URL})",
+  ),
+  "digits": DatasetSpec(Digits, "train", "test", lambda _: None, "nothing (embedded in scikit-learn)"),
+  "image_folder": DatasetSpec(
+    ImageFolder, "train", "test", lambda _: None, "a folder or .tar/.tar.gz/.zip archive of <split>/<class>/<image>"
+  ),
 }
 
 
@@ -249,8 +289,9 @@ def resolve_dirs(name: str, data_dir: str | None, source_dir: str | None) -> tup
   data_dir = os.path.abspath(os.path.expanduser(data_dir or default_data_dir()))
   source_dir = source_dir or spec.default_source(data_dir)
   if name == "image_folder" and not source_dir:
-    raise UserError("image_folder: source_dir is required (a folder or .tar/.tar.gz/.zip archive with "
-                     "<split>/<class>/<image> files)")
+    raise UserError(
+      "image_folder: source_dir is required (a folder or .tar/.tar.gz/.zip archive with <split>/<class>/<image> files)"
+    )
   if source_dir:
     source_dir = os.path.abspath(os.path.expanduser(source_dir))
   return data_dir, source_dir
@@ -300,9 +341,16 @@ def find_prepared(name: str, data_dir: str, source_dir: str | None) -> str | Non
 # The feature classes this package's builders write (and tfds' own builders of the same datasets).  tfds
 # imports the module of every ``pythonClassName`` in features.json, so a spec naming anything else is refused
 # before tfds reads it.
-ALLOWED_FEATURES = frozenset(f"{c.__module__}.{c.__name__}" for c in (
-    tfds.features.FeaturesDict, tfds.features.Image, tfds.features.ClassLabel, tfds.features.Text,
-    tfds.features.Tensor))
+ALLOWED_FEATURES = frozenset(
+  f"{c.__module__}.{c.__name__}"
+  for c in (
+    tfds.features.FeaturesDict,
+    tfds.features.Image,
+    tfds.features.ClassLabel,
+    tfds.features.Text,
+    tfds.features.Tensor,
+  )
+)
 FINGERPRINT_FILE = "source_fingerprint.json"
 _checked: dict[str, tuple] = {}
 
@@ -311,9 +359,11 @@ def _class_names(node, where: str):
   if isinstance(node, dict):
     for k, v in node.items():
       if k == "pythonClassName" and v not in ALLOWED_FEATURES:
-        raise UserError(f"{where}: feature class {v!r} is not one this package writes "
-                        f"({', '.join(sorted(c.rsplit('.', 1)[1] for c in ALLOWED_FEATURES))}); refusing to "
-                        f"load it (tfds would import its module)")
+        raise UserError(
+          f"{where}: feature class {v!r} is not one this package writes "
+          f"({', '.join(sorted(c.rsplit('.', 1)[1] for c in ALLOWED_FEATURES))}); refusing to "
+          f"load it (tfds would import its module)"
+        )
       _class_names(v, where)
   elif isinstance(node, list):
     for v in node:
@@ -328,8 +378,7 @@ def check_prepared(path: str) -> None:
   from mdrad_jax.workdir import read_json
 
   files = sorted(os.listdir(path))
-  stamp = tuple((f, os.stat(os.path.join(path, f)).st_size, os.stat(os.path.join(path, f)).st_mtime_ns)
-                for f in files)
+  stamp = tuple((f, os.stat(os.path.join(path, f)).st_size, os.stat(os.path.join(path, f)).st_mtime_ns) for f in files)
   if _checked.get(path) == stamp:
     return
   info_path = os.path.join(path, "dataset_info.json")
@@ -341,29 +390,39 @@ def check_prepared(path: str) -> None:
   _class_names(spec, feat_path)
   features = spec.get("featuresDict", {}).get("features", {}) if isinstance(spec, dict) else {}
   if not isinstance(features, dict) or "image" not in features or "label" not in features:
-    raise UserError(f"{feat_path}: expected features 'image' and 'label', found "
-                    f"{sorted(features) if isinstance(features, dict) else features!r}")
+    raise UserError(
+      f"{feat_path}: expected features 'image' and 'label', found "
+      f"{sorted(features) if isinstance(features, dict) else features!r}"
+    )
   if not isinstance(info, dict) or not isinstance(info.get("splits"), list):
     raise UserError(f"{info_path}: no list of splits")
   for split in info["splits"]:
     template = split.get("filepathTemplate", "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}")
     lengths = [int(n) for n in split.get("shardLengths", [])]
     for i, expected in enumerate(lengths):
-      fname = template.format(DATASET=info.get("name"), SPLIT=split.get("name"), FILEFORMAT="array_record",
-                              SHARD_X_OF_Y=f"{i:05d}-of-{len(lengths):05d}")
+      fname = template.format(
+        DATASET=info.get("name"),
+        SPLIT=split.get("name"),
+        FILEFORMAT="array_record",
+        SHARD_X_OF_Y=f"{i:05d}-of-{len(lengths):05d}",
+      )
       shard = os.path.join(path, fname)
       if not os.path.isfile(shard):
         raise UserError(f"{shard}: missing (listed in {info_path}); prepare the dataset again")
       try:
         reader = ArrayRecordReader(shard)
       except RuntimeError as e:  # what array_record raises for a file it cannot parse
-        raise UserError(f"{shard}: truncated or corrupt ArrayRecord file ({' '.join(str(e).split())[:160]}); "
-                        f"prepare the dataset again") from None
+        raise UserError(
+          f"{shard}: truncated or corrupt ArrayRecord file ({' '.join(str(e).split())[:160]}); "
+          f"prepare the dataset again"
+        ) from None
       try:
         if not reader.ok() or reader.num_records() != expected:
           got = f"{reader.num_records()} records" if reader.ok() else "an unreadable index"
-          raise UserError(f"{shard}: truncated or corrupt ArrayRecord file ({got}, {info_path} lists "
-                          f"{expected} records); prepare the dataset again")
+          raise UserError(
+            f"{shard}: truncated or corrupt ArrayRecord file ({got}, {info_path} lists "
+            f"{expected} records); prepare the dataset again"
+          )
       finally:
         try:
           reader.close()
@@ -382,12 +441,15 @@ def _check_fresh(path: str, source_dir: str) -> None:
     return  # prepared before fingerprints were recorded
   recorded = read_json(stamp_path, "source fingerprint")
   if not isinstance(recorded, dict) or recorded.get("fingerprint") != sources.source_fingerprint(source_dir):
-    raise UserError(f"image_folder: the prepared copy {path} is stale: {source_dir} changed after it was "
-                    f"prepared; delete {os.path.dirname(path)} to prepare it again")
+    raise UserError(
+      f"image_folder: the prepared copy {path} is stale: {source_dir} changed after it was "
+      f"prepared; delete {os.path.dirname(path)} to prepare it again"
+    )
 
 
 def _record_fingerprint(path: str, source_dir: str, fingerprint: str) -> None:
   import json
+
   tmp = os.path.join(path, FINGERPRINT_FILE + ".tmp")
   with open(tmp, "w") as f:
     json.dump({"source": source_dir, "fingerprint": fingerprint}, f)
@@ -399,12 +461,12 @@ def _check_array_record(path: str):
   if not any(".array_record" in f for f in files):
     formats = sorted({fmt for f in files for fmt in ("tfrecord", "riegeli", "parquet") if f".{fmt}" in f})
     raise UserError(
-        f"{path}: prepared dataset has no ArrayRecord files (found {formats or 'none'}); the loader reads "
-        "ArrayRecord only. Move that copy away, or point data_dir elsewhere, and prepare again.")
+      f"{path}: prepared dataset has no ArrayRecord files (found {formats or 'none'}); the loader reads "
+      "ArrayRecord only. Move that copy away, or point data_dir elsewhere, and prepare again."
+    )
 
 
-def prepare(name: str, *, data_dir: str | None = None, source_dir: str | None = None,
-            verbose: bool = True) -> str:
+def prepare(name: str, *, data_dir: str | None = None, source_dir: str | None = None, verbose: bool = True) -> str:
   """Returns the prepared directory of ``name``, preparing it from the source files when absent."""
   data_dir, source_dir = resolve_dirs(name, data_dir, source_dir)
   found = find_prepared(name, data_dir, source_dir)
@@ -413,11 +475,15 @@ def prepare(name: str, *, data_dir: str | None = None, source_dir: str | None = 
   spec = get_spec(name)
   kwargs = dict(data_dir=data_dir, source_dir=source_dir, file_format="array_record")
   if name == "image_folder":
-    kwargs["config"] = tfds.core.BuilderConfig(name=image_folder_config_name(source_dir),
-                                               description=f"image folder {source_dir}")
+    kwargs["config"] = tfds.core.BuilderConfig(
+      name=image_folder_config_name(source_dir), description=f"image folder {source_dir}"
+    )
   if verbose:
-    print(f"[mdrad_jax.data] preparing {name} (one-time) from {source_dir or spec.source_hint} "
-          f"into {dataset_root(name, data_dir, source_dir)} ...", flush=True)
+    print(
+      f"[mdrad_jax.data] preparing {name} (one-time) from {source_dir or spec.source_hint} "
+      f"into {dataset_root(name, data_dir, source_dir)} ...",
+      flush=True,
+    )
   start = time.time()
   fingerprint = sources.source_fingerprint(source_dir) if name == "image_folder" else None
   builder = spec.builder(**kwargs)

@@ -14,6 +14,7 @@ JPEG copy it measured about 7x slower per batch here.
 Batches are ``dict(image=float32 [b, H, W, C] in [0, 1], label=int32 [b])`` where ``b`` is the per-process
 batch. uint8 pixels become ``pixel / 255`` (float32 division); digits are stored as float32 already.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,12 +35,12 @@ AUGMENTATIONS = ("none", "crop", "flip", "crop_flip")
 class DatasetInfo:
   name: str
   num_classes: int
-  image_shape: tuple[int, int, int]   # (H, W, C)
-  split_sizes: dict[str, int]         # e.g. {'train': 50000, 'test': 10000}
+  image_shape: tuple[int, int, int]  # (H, W, C)
+  split_sizes: dict[str, int]  # e.g. {'train': 50000, 'test': 10000}
   train_split: str
   test_split: str
   class_names: tuple[str, ...] = ()
-  data_path: str = ""                  # the prepared ArrayRecord directory
+  data_path: str = ""  # the prepared ArrayRecord directory
 
 
 def data_kwargs(config) -> dict:
@@ -77,8 +78,9 @@ def _splits(name: str, builder) -> tuple[str, str]:
   for test in ("test", "val", "validation"):
     if test in splits:
       return "train", test
-  raise UserError(f"image_folder: expected a 'test' (or 'val'/'validation') split folder next to 'train', "
-                   f"found {sorted(splits)}")
+  raise UserError(
+    f"image_folder: expected a 'test' (or 'val'/'validation') split folder next to 'train', found {sorted(splits)}"
+  )
 
 
 def dataset_info(name: str, *, data_dir=None, source_dir=None) -> DatasetInfo:
@@ -87,14 +89,14 @@ def dataset_info(name: str, *, data_dir=None, source_dir=None) -> DatasetInfo:
   features = builder.info.features
   train_split, test_split = _splits(name, builder)
   return DatasetInfo(
-      name=name,
-      num_classes=int(features["label"].num_classes),
-      image_shape=tuple(int(d) for d in features["image"].shape),
-      split_sizes={k: int(v.num_examples) for k, v in builder.info.splits.items()},
-      train_split=train_split,
-      test_split=test_split,
-      class_names=tuple(features["label"].names),
-      data_path=os.fspath(path),
+    name=name,
+    num_classes=int(features["label"].num_classes),
+    image_shape=tuple(int(d) for d in features["image"].shape),
+    split_sizes={k: int(v.num_examples) for k, v in builder.info.splits.items()},
+    train_split=train_split,
+    test_split=test_split,
+    class_names=tuple(features["label"].names),
+    data_path=os.fspath(path),
   )
 
 
@@ -123,10 +125,10 @@ def crop_flip(images: np.ndarray, offset_y, offset_x, flip, padding: int) -> np.
     if b and (off.min() < 0 or off.max() > 2 * padding):
       raise UserError(f"crop_flip: {name} must lie in [0, {2 * padding}], got [{off.min()}, {off.max()}]")
   padded = np.zeros((b, h + 2 * padding, w + 2 * padding, c), images.dtype)
-  padded[:, padding:padding + h, padding:padding + w] = images
+  padded[:, padding : padding + h, padding : padding + w] = images
   out = np.empty_like(images)
   for i in range(b):
-    window = padded[i, offset_y[i]:offset_y[i] + h, offset_x[i]:offset_x[i] + w]
+    window = padded[i, offset_y[i] : offset_y[i] + h, offset_x[i] : offset_x[i] + w]
     out[i] = window[:, ::-1] if flip[i] else window
   return out
 
@@ -172,8 +174,10 @@ class ReadBatch(grain.transforms.Map):
 
 def stack_image_label(examples) -> dict:
   """Stacks the image and label of tfds examples (other features are dropped)."""
-  return {"image": np.stack([ex["image"] for ex in examples]),
-          "label": np.asarray([ex["label"] for ex in examples], dtype=np.int32)}
+  return {
+    "image": np.stack([ex["image"] for ex in examples]),
+    "label": np.asarray([ex["label"] for ex in examples], dtype=np.int32),
+  }
 
 
 class ToFloat(grain.transforms.Map):
@@ -202,12 +206,26 @@ def _process(process_index, process_count) -> tuple[int, int]:
   return int(process_index), int(process_count)
 
 
-def create_loader(name: str, split: str, *, batch_size: int, train: bool, seed: int, data_dir=None,
-                  source_dir=None, augment: str = "crop_flip", crop_padding: int = 4,
-                  num_epochs: int | None = None, num_examples: int | None = None, drop_remainder: bool = True,
-                  shuffle: bool | None = None, process_index: int | None = None,
-                  process_count: int | None = None, worker_count: int = 0,
-                  read_threads: int | None = None) -> grain.IterDataset:
+def create_loader(
+  name: str,
+  split: str,
+  *,
+  batch_size: int,
+  train: bool,
+  seed: int,
+  data_dir=None,
+  source_dir=None,
+  augment: str = "crop_flip",
+  crop_padding: int = 4,
+  num_epochs: int | None = None,
+  num_examples: int | None = None,
+  drop_remainder: bool = True,
+  shuffle: bool | None = None,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  worker_count: int = 0,
+  read_threads: int | None = None,
+) -> grain.IterDataset:
   """Batches of one split of a prepared dataset (prepared first if needed), as a grain ``IterDataset``.
 
   Args:
@@ -244,14 +262,14 @@ def create_loader(name: str, split: str, *, batch_size: int, train: bool, seed: 
     raise UserError(f"num_epochs must be >= 1 or None, got {num_epochs!r}")
   process_index, process_count = _process(process_index, process_count)
   if batch_size < 1 or batch_size % process_count:
-    raise UserError(f"batch_size must be a positive multiple of process_count={process_count}, "
-                     f"got {batch_size}")
+    raise UserError(f"batch_size must be a positive multiple of process_count={process_count}, got {batch_size}")
   local_batch = batch_size // process_count
 
   path, builder = _open(name, data_dir, source_dir)
   spec = _split_spec(name, builder, split, num_examples)
-  shard = tfds.split_for_jax_process(spec, process_index=process_index, process_count=process_count,
-                                     drop_remainder=train)
+  shard = tfds.split_for_jax_process(
+    spec, process_index=process_index, process_count=process_count, drop_remainder=train
+  )
   source = builder.as_data_source(split=shard)
   if len(source) == 0:
     raise UserError(f"{name}: split {spec!r} has no example for process {process_index} of {process_count}")
@@ -261,17 +279,20 @@ def create_loader(name: str, split: str, *, batch_size: int, train: bool, seed: 
     num_epochs = 1
   ds = grain.MapDataset.range(len(source))
   if shuffle:
-    ds = ds.shuffle(seed=int(seed))          # a new permutation every epoch
+    ds = ds.shuffle(seed=int(seed))  # a new permutation every epoch
   ds = ds.repeat(num_epochs).batch(local_batch, drop_remainder=drop_remainder)
   ds = ds.map(ReadBatch(source))
   if train and augment != "none":
-    ds = ds.random_map(RandomCropFlip(crop_padding, crop=augment in ("crop", "crop_flip"),
-                                      flip=augment in ("flip", "crop_flip")), seed=int(seed))
+    ds = ds.random_map(
+      RandomCropFlip(crop_padding, crop=augment in ("crop", "crop_flip"), flip=augment in ("flip", "crop_flip")),
+      seed=int(seed),
+    )
   ds = ds.map(ToFloat())
   if read_threads is None:
     read_threads = max(1, min(4, (os.cpu_count() or 2) // 2))
-  loader = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(read_threads),
-                                                prefetch_buffer_size=2 * int(read_threads)))
+  loader = ds.to_iter_dataset(
+    grain.ReadOptions(num_threads=int(read_threads), prefetch_buffer_size=2 * int(read_threads))
+  )
   if worker_count:
     if not flags.FLAGS.is_parsed():
       # grain's worker processes read grain's absl flags; outside an absl app they keep their defaults.
@@ -280,8 +301,9 @@ def create_loader(name: str, split: str, *, batch_size: int, train: bool, seed: 
   return loader
 
 
-def load_arrays(name: str, split: str, *, data_dir=None, source_dir=None,
-                num_examples: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_arrays(
+  name: str, split: str, *, data_dir=None, source_dir=None, num_examples: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
   """The whole split (or its first ``num_examples``) in memory: (float32 [N, H, W, C] in [0, 1], int32 [N])."""
   path, builder = _open(name, data_dir, source_dir)
   source = builder.as_data_source(split=_split_spec(name, builder, split, num_examples))
@@ -293,6 +315,6 @@ def load_arrays(name: str, split: str, *, data_dir=None, source_dir=None,
   for start in range(0, n, chunk):
     items = source.__getitems__(list(range(start, min(n, start + chunk))))
     batch = ToFloat().map(stack_image_label(items))
-    images[start:start + len(items)] = batch["image"]
-    labels[start:start + len(items)] = batch["label"]
+    images[start : start + len(items)] = batch["image"]
+    labels[start : start + len(items)] = batch["label"]
   return images, labels

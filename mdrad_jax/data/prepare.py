@@ -6,6 +6,7 @@
 (``<data_dir>/downloads/manual`` for the archives, /usr/share/datasets/fashion-mnist for Fashion-MNIST).
 See docs/datasets.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 1
   sizes = ", ".join(f"{k}={v}" for k, v in sorted(info.split_sizes.items()))
-  print(f"{info.name}: {info.num_classes} classes, images {info.image_shape}, {sizes}; "
-        f"train split '{info.train_split}', test split '{info.test_split}'\n{info.data_path}")
+  print(
+    f"{info.name}: {info.num_classes} classes, images {info.image_shape}, {sizes}; "
+    f"train split '{info.train_split}', test split '{info.test_split}'\n{info.data_path}"
+  )
   return 0
 
 

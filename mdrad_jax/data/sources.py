@@ -13,6 +13,7 @@ Each reader turns the files exactly as their publishers distribute them into ``(
 Images come out as uint8 ``[H, W, C]`` arrays, or as the original encoded bytes of a JPEG/PNG file when those
 bytes already decode to the expected size and mode (so that no pixel is ever re-compressed).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -108,8 +109,9 @@ def _find_source(source_dir: str, *, dataset: str, archive: str, extracted: str,
     if os.path.exists(candidate):
       return candidate
   raise SourceError(
-      f"{dataset}: source file not found: expected {os.path.join(source_dir, archive)} (or the extracted folder "
-      f"{os.path.join(source_dir, extracted)}/); download it from {url} and pass its folder as source_dir")
+    f"{dataset}: source file not found: expected {os.path.join(source_dir, archive)} (or the extracted folder "
+    f"{os.path.join(source_dir, extracted)}/); download it from {url} and pass its folder as source_dir"
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,15 +120,21 @@ def _find_source(source_dir: str, *, dataset: str, archive: str, extracted: str,
 class _NumpyOnlyUnpickler(pickle.Unpickler):
   """Unpickles the CIFAR batches, which hold only dicts, lists, bytes and numpy arrays; refuses anything else."""
 
-  _ALLOWED = {("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
-              ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+  _ALLOWED = {
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+  }
 
   def find_class(self, module: str, name: str) -> Any:
     if module.startswith("numpy.core"):
-      module = "numpy._core" + module[len("numpy.core"):]
+      module = "numpy._core" + module[len("numpy.core") :]
     if (module, name) not in self._ALLOWED:
-      raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: CIFAR batches contain only "
-                                   "numpy arrays, lists and bytes")
+      raise pickle.UnpicklingError(
+        f"refusing to unpickle {module}.{name}: CIFAR batches contain only numpy arrays, lists and bytes"
+      )
     return super().find_class(module, name)
 
 
@@ -157,7 +165,7 @@ class CifarVariant:
   archive: str
   extracted: str
   url: str
-  splits: dict[str, tuple[str, ...]]   # split -> member basenames, in order
+  splits: dict[str, tuple[str, ...]]  # split -> member basenames, in order
   meta: str
   label_key: str
   names_key: str
@@ -167,28 +175,44 @@ class CifarVariant:
 
 
 CIFAR10 = CifarVariant(
-    dataset="cifar10", archive="cifar-10-python.tar.gz", extracted="cifar-10-batches-py", url=CIFAR10_URL,
-    splits={"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)},
-    meta="batches.meta", label_key="labels", names_key="label_names", num_classes=10)
+  dataset="cifar10",
+  archive="cifar-10-python.tar.gz",
+  extracted="cifar-10-batches-py",
+  url=CIFAR10_URL,
+  splits={"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)},
+  meta="batches.meta",
+  label_key="labels",
+  names_key="label_names",
+  num_classes=10,
+)
 CIFAR100 = CifarVariant(
-    dataset="cifar100", archive="cifar-100-python.tar.gz", extracted="cifar-100-python", url=CIFAR100_URL,
-    splits={"train": ("train",), "test": ("test",)}, meta="meta", label_key="fine_labels",
-    names_key="fine_label_names", num_classes=100, coarse_label_key="coarse_labels",
-    coarse_names_key="coarse_label_names")
+  dataset="cifar100",
+  archive="cifar-100-python.tar.gz",
+  extracted="cifar-100-python",
+  url=CIFAR100_URL,
+  splits={"train": ("train",), "test": ("test",)},
+  meta="meta",
+  label_key="fine_labels",
+  names_key="fine_label_names",
+  num_classes=100,
+  coarse_label_key="coarse_labels",
+  coarse_names_key="coarse_label_names",
+)
 
 
 @dataclasses.dataclass
 class CifarData:
   class_names: list[str]
   coarse_class_names: list[str] | None
-  images: dict[str, np.ndarray]        # split -> uint8 [N, 32, 32, 3]
-  labels: dict[str, np.ndarray]        # split -> int64 [N]
+  images: dict[str, np.ndarray]  # split -> uint8 [N, 32, 32, 3]
+  labels: dict[str, np.ndarray]  # split -> int64 [N]
   coarse_labels: dict[str, np.ndarray] | None
 
 
 def find_cifar(variant: CifarVariant, source_dir: str) -> str:
-  return _find_source(source_dir, dataset=variant.dataset, archive=variant.archive,
-                      extracted=variant.extracted, url=variant.url)
+  return _find_source(
+    source_dir, dataset=variant.dataset, archive=variant.archive, extracted=variant.extracted, url=variant.url
+  )
 
 
 def read_cifar(variant: CifarVariant, source_dir: str) -> CifarData:
@@ -202,15 +226,18 @@ def read_cifar(variant: CifarVariant, source_dir: str) -> CifarData:
       found[parts[-1]] = data
   missing = sorted(wanted - set(found))
   if missing:
-    raise SourceError(f"{variant.dataset}: {path} lacks {variant.extracted}/{missing[0]} (the official archive "
-                      f"from {variant.url} has {', '.join(sorted(wanted))})")
+    raise SourceError(
+      f"{variant.dataset}: {path} lacks {variant.extracted}/{missing[0]} (the official archive "
+      f"from {variant.url} has {', '.join(sorted(wanted))})"
+    )
 
   meta_where = f"{path}:{variant.extracted}/{variant.meta}"
   meta = _load_pickle(found[variant.meta], meta_where)
   class_names = _names(_field(meta, variant.names_key, meta_where), meta_where)
   if len(class_names) != variant.num_classes:
-    raise SourceError(f"{meta_where}: expected {variant.num_classes} names under b'{variant.names_key}', "
-                      f"got {len(class_names)}")
+    raise SourceError(
+      f"{meta_where}: expected {variant.num_classes} names under b'{variant.names_key}', got {len(class_names)}"
+    )
   coarse_names = None
   if variant.coarse_names_key:
     coarse_names = _names(_field(meta, variant.coarse_names_key, meta_where), meta_where)
@@ -247,11 +274,21 @@ def read_cifar(variant: CifarVariant, source_dir: str) -> CifarData:
 # Fashion-MNIST idx files.
 # ---------------------------------------------------------------------------------------------
 FASHION_MNIST_FILES = {
-    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+  "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+  "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
-                         "Bag", "Ankle boot"]
+FASHION_MNIST_CLASSES = [
+  "T-shirt/top",
+  "Trouser",
+  "Pullover",
+  "Dress",
+  "Coat",
+  "Sandal",
+  "Shirt",
+  "Sneaker",
+  "Bag",
+  "Ankle boot",
+]
 
 
 def parse_idx(data: bytes, where: str) -> np.ndarray:
@@ -279,8 +316,9 @@ def read_fashion_mnist(source_dir: str, split: str) -> tuple[np.ndarray, np.ndar
     path = os.path.join(source_dir, fname)
     if not os.path.isfile(path):
       raise SourceError(
-          f"fashion_mnist: source file not found: expected {path}; install Debian's dataset-fashion-mnist "
-          f"(files in /usr/share/datasets/fashion-mnist) or download {fname} from {FASHION_MNIST_URL}")
+        f"fashion_mnist: source file not found: expected {path}; install Debian's dataset-fashion-mnist "
+        f"(files in /usr/share/datasets/fashion-mnist) or download {fname} from {FASHION_MNIST_URL}"
+      )
     with gzip.open(path, "rb") as f:
       try:
         data = f.read()
@@ -290,8 +328,9 @@ def read_fashion_mnist(source_dir: str, split: str) -> tuple[np.ndarray, np.ndar
   images, labels = out
   img_path, lab_path = (os.path.join(source_dir, f) for f in FASHION_MNIST_FILES[split])
   if images.ndim != 3 or labels.ndim != 1:
-    raise SourceError(f"{img_path}: expected [N, H, W] images and [N] labels, got {list(images.shape)} and "
-                      f"{list(labels.shape)}")
+    raise SourceError(
+      f"{img_path}: expected [N, H, W] images and [N] labels, got {list(images.shape)} and {list(labels.shape)}"
+    )
   if images.shape[0] != labels.shape[0]:
     raise SourceError(f"{lab_path}: {labels.shape[0]} labels for {images.shape[0]} images in {img_path}")
   if images.shape[1:] != (28, 28):
@@ -323,8 +362,9 @@ def image_payload(data: bytes, where: str, *, mode: str, size: tuple[int, int]):
       im.load()
       fmt = im.format
       if im.size != size:
-        raise SourceError(f"{where}: image is {im.size[0]}x{im.size[1]}, expected {size[0]}x{size[1]} "
-                          "(images are not resized)")
+        raise SourceError(
+          f"{where}: image is {im.size[0]}x{im.size[1]}, expected {size[0]}x{size[1]} (images are not resized)"
+        )
       if fmt in ("JPEG", "PNG") and im.mode == mode:
         return data
       return im.convert(mode)
@@ -344,8 +384,13 @@ class TinyImageNetReader:
   """Reads ``tiny-imagenet-200.zip`` (or the extracted folder): train and labelled val images, wnid order."""
 
   def __init__(self, source_dir: str):
-    self.path = _find_source(source_dir, dataset="tiny_imagenet", archive=f"{TINY_IMAGENET_ROOT}.zip",
-                             extracted=TINY_IMAGENET_ROOT, url=TINY_IMAGENET_URL)
+    self.path = _find_source(
+      source_dir,
+      dataset="tiny_imagenet",
+      archive=f"{TINY_IMAGENET_ROOT}.zip",
+      extracted=TINY_IMAGENET_ROOT,
+      url=TINY_IMAGENET_URL,
+    )
     self._zip = zipfile.ZipFile(self.path) if self.path.endswith(".zip") else None
     names = self._list()
     self._names = set(names)
@@ -354,8 +399,11 @@ class TinyImageNetReader:
     if len(set(self.wnids)) != len(self.wnids) or not self.wnids:
       raise SourceError(f"{self._where('wnids.txt')}: expected one distinct wnid per line")
     self._label = {w: i for i, w in enumerate(self.wnids)}
-    self.train_files = sorted(n for n in names if n.startswith("train/") and n.endswith(".JPEG")
-                              and len(n.split("/")) == 4 and n.split("/")[2] == "images")
+    self.train_files = sorted(
+      n
+      for n in names
+      if n.startswith("train/") and n.endswith(".JPEG") and len(n.split("/")) == 4 and n.split("/")[2] == "images"
+    )
     ann = self._read("val/val_annotations.txt").decode("utf-8")
     self.val_labels: dict[str, int] = {}
     for line_no, line in enumerate(ann.splitlines(), 1):
@@ -363,8 +411,10 @@ class TinyImageNetReader:
         continue
       fields = line.split("\t")
       if len(fields) < 2 or fields[1] not in self._label:
-        raise SourceError(f"{self._where('val/val_annotations.txt')}:{line_no}: expected "
-                          f"'<file>\\t<wnid listed in wnids.txt>...', got {line!r}")
+        raise SourceError(
+          f"{self._where('val/val_annotations.txt')}:{line_no}: expected "
+          f"'<file>\\t<wnid listed in wnids.txt>...', got {line!r}"
+        )
       self.val_labels[f"val/images/{fields[0]}"] = self._label[fields[1]]
     for rel in self.val_labels:
       if rel not in self._names:
@@ -377,7 +427,7 @@ class TinyImageNetReader:
   def _list(self) -> list[str]:
     if self._zip is not None:
       prefix = f"{TINY_IMAGENET_ROOT}/"
-      names = [n[len(prefix):] for n in self._zip.namelist() if n.startswith(prefix) and not n.endswith("/")]
+      names = [n[len(prefix) :] for n in self._zip.namelist() if n.startswith(prefix) and not n.endswith("/")]
     else:
       names = list_archive(self.path)
     return names
@@ -387,8 +437,9 @@ class TinyImageNetReader:
 
   def _read(self, rel: str) -> bytes:
     if rel not in self._names:
-      raise SourceError(f"tiny_imagenet: {self._where(rel)} is missing (the official archive "
-                        f"{TINY_IMAGENET_URL} has it)")
+      raise SourceError(
+        f"tiny_imagenet: {self._where(rel)} is missing (the official archive {TINY_IMAGENET_URL} has it)"
+      )
     if self._zip is not None:
       return self._zip.read(f"{TINY_IMAGENET_ROOT}/{rel}")
     with open(os.path.join(self.path, rel), "rb") as f:
@@ -411,11 +462,11 @@ class TinyImageNetReader:
 @dataclasses.dataclass
 class FolderIndex:
   path: str
-  prefix: str                                   # leading folder inside an archive ('' if none)
-  files: dict[str, list[tuple[str, str]]]      # split -> [(relative path, class name)]
+  prefix: str  # leading folder inside an archive ('' if none)
+  files: dict[str, list[tuple[str, str]]]  # split -> [(relative path, class name)]
   class_names: list[str]
-  size: tuple[int, int]                         # (width, height)
-  mode: str                                     # 'RGB' or 'L'
+  size: tuple[int, int]  # (width, height)
+  mode: str  # 'RGB' or 'L'
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
@@ -436,8 +487,10 @@ def index_image_folder(path: str) -> FolderIndex:
   """
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.exists(path):
-    raise SourceError(f"image_folder: source not found: {path} (expected a folder or a .tar/.tar.gz/.zip "
-                      "archive with <split>/<class>/<image> files)")
+    raise SourceError(
+      f"image_folder: source not found: {path} (expected a folder or a .tar/.tar.gz/.zip "
+      "archive with <split>/<class>/<image> files)"
+    )
   headers: dict[str, tuple[tuple[int, int], str]] = {}
   if os.path.isdir(path):
     rels = [r for r in list_archive(path) if _is_image(r)]
@@ -462,7 +515,7 @@ def index_image_folder(path: str) -> FolderIndex:
     raise SourceError(f"image_folder: {path}: expected <split>/<class>/<image> files, found {bad!r}")
   files: dict[str, list[tuple[str, str]]] = {}
   for r in rels:
-    split, cls, _ = r[len(prefix):].split("/")
+    split, cls, _ = r[len(prefix) :].split("/")
     files.setdefault(split, []).append((r, cls))
   for split in files:
     files[split].sort()
@@ -470,16 +523,20 @@ def index_image_folder(path: str) -> FolderIndex:
   size = headers[first][0]
   for r in rels:
     if headers[r][0] != size:
-      raise SourceError(f"image_folder: {path}:{r} is {headers[r][0][0]}x{headers[r][0][1]}, expected "
-                        f"{size[0]}x{size[1]} like {first} (images are not resized)")
+      raise SourceError(
+        f"image_folder: {path}:{r} is {headers[r][0][0]}x{headers[r][0][1]}, expected "
+        f"{size[0]}x{size[1]} like {first} (images are not resized)"
+      )
   mode = "L" if all(headers[r][1] in _GRAY_MODES for r in rels) else "RGB"
   class_names = sorted({cls for items in files.values() for _, cls in items})
   if "train" in files:
     untrained = sorted(set(class_names) - {cls for _, cls in files["train"]})
     if untrained:
-      raise SourceError(f"image_folder: {path}: class(es) {untrained} have images in "
-                        f"{sorted(s for s in files if s != 'train')} but none in train/ (a class the model "
-                        f"never sees in training cannot be learnt)")
+      raise SourceError(
+        f"image_folder: {path}: class(es) {untrained} have images in "
+        f"{sorted(s for s in files if s != 'train')} but none in train/ (a class the model "
+        f"never sees in training cannot be learnt)"
+      )
   return FolderIndex(path, prefix, files, class_names, size, mode)
 
 
@@ -536,7 +593,7 @@ def digits_split(labels: np.ndarray) -> dict[str, np.ndarray]:
   test = np.zeros(labels.shape[0], dtype=bool)
   for c in np.unique(labels):
     idx = np.flatnonzero(labels == c)
-    test[idx[DIGITS_TEST_EVERY - 1::DIGITS_TEST_EVERY]] = True
+    test[idx[DIGITS_TEST_EVERY - 1 :: DIGITS_TEST_EVERY]] = True
   return {"train": np.flatnonzero(~test), "test": np.flatnonzero(test)}
 
 

@@ -14,6 +14,7 @@ inputs) is folded exactly: the ``k*k`` column blocks of each channel are summed.
 used, except BatchNorm counters and a convention's documented unused entries (the TRADES WideResNet's
 ``sub_block1``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,7 +26,7 @@ import numpy as np
 
 from mdrad_jax.errors import UserError
 
-CIFAR10_MEAN_STD = ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616))      # huyvnphan, RobustBench DM
+CIFAR10_MEAN_STD = ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616))  # huyvnphan, RobustBench DM
 CHENYAOFO_CIFAR10 = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
 CHENYAOFO_CIFAR100 = ((0.5070, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 DM_CIFAR100 = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
@@ -73,8 +74,9 @@ def _dm_wrn(path, model, paths):
   if len(path) == 1:
     return {"conv1": "init_conv", "bn1": "batchnorm", "fc": "logits"}[path[0]]
   m = re.fullmatch(r"block(\d+)_(\d+)", path[0])
-  sub = {"bn1": "batchnorm_0", "conv1": "conv_0", "bn2": "batchnorm_1", "conv2": "conv_1",
-         "shortcut_conv": "shortcut"}[path[1]]
+  sub = {"bn1": "batchnorm_0", "conv1": "conv_0", "bn2": "batchnorm_1", "conv2": "conv_1", "shortcut_conv": "shortcut"}[
+    path[1]
+  ]
   return f"layer.{int(m.group(1)) - 1}.block.{m.group(2)}.{sub}"
 
 
@@ -113,8 +115,14 @@ def _torchvision_mobilenetv2(path, model, paths):
     return f"features.{num_blocks + 1}.{0 if name == 'head_conv' else 1}"
   k = int(re.fullmatch(r"block(\d+)", name).group(1))
   if (name, "expand_conv") in paths:
-    sub = {"expand_conv": "0.0", "expand_bn": "0.1", "dw_conv": "1.0", "dw_bn": "1.1",
-           "project_conv": "2", "project_bn": "3"}[path[1]]
+    sub = {
+      "expand_conv": "0.0",
+      "expand_bn": "0.1",
+      "dw_conv": "1.0",
+      "dw_bn": "1.1",
+      "project_conv": "2",
+      "project_bn": "3",
+    }[path[1]]
   else:
     sub = {"dw_conv": "0.0", "dw_bn": "0.1", "project_conv": "1", "project_bn": "2"}[path[1]]
   return f"features.{k}.conv.{sub}"
@@ -126,18 +134,18 @@ def _flax(path, model, paths):
 
 
 CONVENTIONS: dict[str, Callable] = {
-    "mdrad": _flax,
-    "torchvision_resnet": _torchvision_resnet,
-    "kuangliu_resnet": _kuangliu_resnet,
-    "trades_wrn": _trades_wrn,
-    "dm_wrn": _dm_wrn,
-    "torchvision_vgg": _torchvision_vgg,
-    "torchvision_mobilenetv2": _torchvision_mobilenetv2,
+  "mdrad": _flax,
+  "torchvision_resnet": _torchvision_resnet,
+  "kuangliu_resnet": _kuangliu_resnet,
+  "trades_wrn": _trades_wrn,
+  "dm_wrn": _dm_wrn,
+  "torchvision_vgg": _torchvision_vgg,
+  "torchvision_mobilenetv2": _torchvision_mobilenetv2,
 }
 # Keys a convention's files may hold that the network does not use.
 IGNORED_KEYS = {
-    "trades_wrn": (r"sub_block1\..*",),
-    "dm_wrn": (r"mean", r"std"),  # the normalisation buffers, read separately (normalisation_from_file)
+  "trades_wrn": (r"sub_block1\..*",),
+  "dm_wrn": (r"mean", r"std"),  # the normalisation buffers, read separately (normalisation_from_file)
 }
 
 
@@ -146,24 +154,35 @@ IGNORED_KEYS = {
 # ---------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Arch:
-  source: str                      # where such files come from (docs)
-  model: str                       # mdrad_jax.models name
-  kwargs: dict                     # model options
-  convention: str                  # key of CONVENTIONS
-  normalisation: dict              # dataset -> (mean, std) or None (no normalisation); '*' = any dataset
+  source: str  # where such files come from (docs)
+  model: str  # mdrad_jax.models name
+  kwargs: dict  # model options
+  convention: str  # key of CONVENTIONS
+  normalisation: dict  # dataset -> (mean, std) or None (no normalisation); '*' = any dataset
   input_shape: tuple | None = CIFAR_INPUT  # the input the source's network was built for (None = any)
-  fold_classifier: bool = False    # fold a flattened AdaptiveAvgPool2d((k, k)) head (see module docstring)
-  layout: str = "torch"            # 'torch' (OIHW convs, [out, in] linears) | 'flax' (this project's export)
+  fold_classifier: bool = False  # fold a flattened AdaptiveAvgPool2d((k, k)) head (see module docstring)
+  layout: str = "torch"  # 'torch' (OIHW convs, [out, in] linears) | 'flax' (this project's export)
 
 
 def _chenyaofo(model, convention, **kw):
-  return Arch("chenyaofo/pytorch-cifar-models", model, kw, convention,
-              {"cifar10": CHENYAOFO_CIFAR10, "cifar100": CHENYAOFO_CIFAR100})
+  return Arch(
+    "chenyaofo/pytorch-cifar-models",
+    model,
+    kw,
+    convention,
+    {"cifar10": CHENYAOFO_CIFAR10, "cifar100": CHENYAOFO_CIFAR100},
+  )
 
 
 def _huyvnphan(model, convention, **kw):
-  return Arch("huyvnphan/PyTorch_CIFAR10", model, kw, convention, {"cifar10": CIFAR10_MEAN_STD},
-              fold_classifier=convention == "torchvision_vgg")
+  return Arch(
+    "huyvnphan/PyTorch_CIFAR10",
+    model,
+    kw,
+    convention,
+    {"cifar10": CIFAR10_MEAN_STD},
+    fold_classifier=convention == "torchvision_vgg",
+  )
 
 
 def _robustbench(model, convention, norm=None, **kw):
@@ -193,12 +212,20 @@ ARCHS["robustbench:preact_resnet18"] = _robustbench("preact_resnet18", "kuangliu
 for _d, _w in ((28, 10), (70, 16), (34, 10), (34, 20)):
   for _act in ("relu", "swish"):
     ARCHS[f"robustbench:dm_wrn{_d}_{_w}" + ("_swish" if _act == "swish" else "")] = _robustbench(
-        "wide_resnet", "dm_wrn", _DM_NORM, depth=_d, widen_factor=_w, activation=_act, conv_padding="same")
+      "wide_resnet", "dm_wrn", _DM_NORM, depth=_d, widen_factor=_w, activation=_act, conv_padding="same"
+    )
 for _n in ("resnet18", "resnet34", "resnet50"):
-  ARCHS[f"torchvision:{_n}"] = Arch("torchvision.models", _n, dict(_TV_RESNET), "torchvision_resnet",
-                                    {"*": IMAGENET_MEAN_STD}, input_shape=None)
-ARCHS["torchvision:mobilenet_v2"] = Arch("torchvision.models", "mobilenet_v2_torchvision", {},
-                                         "torchvision_mobilenetv2", {"*": IMAGENET_MEAN_STD}, input_shape=None)
+  ARCHS[f"torchvision:{_n}"] = Arch(
+    "torchvision.models", _n, dict(_TV_RESNET), "torchvision_resnet", {"*": IMAGENET_MEAN_STD}, input_shape=None
+  )
+ARCHS["torchvision:mobilenet_v2"] = Arch(
+  "torchvision.models",
+  "mobilenet_v2_torchvision",
+  {},
+  "torchvision_mobilenetv2",
+  {"*": IMAGENET_MEAN_STD},
+  input_shape=None,
+)
 
 
 # A file written by ``python -m mdrad_jax.export``: the network and its options are in the file's metadata.
@@ -217,9 +244,11 @@ def source_normalisation(arch: Arch, dataset: str):
     return arch.normalisation[dataset]
   if "*" in arch.normalisation:
     return arch.normalisation["*"]
-  raise UserError(f"no normalisation constants known for a {arch.source} network on {dataset!r} (known: "
-                  f"{', '.join(sorted(arch.normalisation))}); give them with mean=.../std=... "
-                  f"(values joined by '/') or mean=none,std=none")
+  raise UserError(
+    f"no normalisation constants known for a {arch.source} network on {dataset!r} (known: "
+    f"{', '.join(sorted(arch.normalisation))}); give them with mean=.../std=... "
+    f"(values joined by '/') or mean=none,std=none"
+  )
 
 
 def options_from_file(state: dict, arch: Arch) -> dict:
@@ -234,8 +263,7 @@ def normalisation_from_file(state: dict, arch: Arch):
   """(mean, std) stored in the file itself (DeepMind's ``mean``/``std`` buffers), else None."""
   if arch.convention != "dm_wrn" or "mean" not in state or "std" not in state:
     return None
-  return (tuple(float(v) for v in state["mean"].reshape(-1)),
-          tuple(float(v) for v in state["std"].reshape(-1)))
+  return (tuple(float(v) for v in state["mean"].reshape(-1)), tuple(float(v) for v in state["std"].reshape(-1)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,8 +288,7 @@ def _torch_shape(leaf: str, shape: tuple) -> tuple:
 
 def _fold(a_shape: tuple, want: tuple, fold: bool) -> bool:
   """Whether a linear weight ``[out, C*k*k]`` is folded to ``[out, C]`` (see the module docstring)."""
-  return (fold and len(a_shape) == 2 and a_shape[0] == want[1] and a_shape[1] != want[0]
-          and a_shape[1] % want[0] == 0)
+  return fold and len(a_shape) == 2 and a_shape[0] == want[1] and a_shape[1] != want[0] and a_shape[1] % want[0] == 0
 
 
 def _converted_shape(leaf: str, a_shape: tuple, want: tuple, fold: bool, layout: str = "torch") -> tuple:
@@ -308,8 +335,9 @@ def match(shapes: dict[str, tuple], module, arch: Arch, image_shape, *, label: s
   for col, tree in target.items():
     for path, sds in _leaves(tree):
       mod_path, leaf = path[:-1], path[-1]
-      suffix = _BN_SUFFIX[leaf] if (col == "batch_stats" or leaf == "scale") else (
-          "weight" if leaf == "kernel" else leaf)
+      suffix = (
+        _BN_SUFFIX[leaf] if (col == "batch_stats" or leaf == "scale") else ("weight" if leaf == "kernel" else leaf)
+      )
       if arch.layout == "flax":
         key = "/".join((col,) + path)
       else:
@@ -325,8 +353,9 @@ def match(shapes: dict[str, tuple], module, arch: Arch, image_shape, *, label: s
         continue
       plan.append((col, path, key))
   ignored = [re.compile(p) for p in IGNORED_KEYS.get(arch.convention, ())]
-  unexpected = [f"{k} {tuple(v)}" for k, v in shapes.items()
-                if k not in used and not any(p.fullmatch(k) for p in ignored)]
+  unexpected = [
+    f"{k} {tuple(v)}" for k, v in shapes.items() if k not in used and not any(p.fullmatch(k) for p in ignored)
+  ]
   if missing or unexpected or wrong:
     parts = []
     if missing:

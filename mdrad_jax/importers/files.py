@@ -14,6 +14,7 @@ Checkpoints often wrap the state dict: :func:`unwrap` descends into ``state_dict
 strips the ``module.`` prefix of ``DataParallel`` and the ``model.`` prefix of wrapper modules when every key
 has it.  BatchNorm's ``num_batches_tracked`` counters are dropped.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,7 @@ def file_format(path: str) -> str:
     return "safetensors"
   if ext == ".npz":
     return "npz"
-  raise UserError(f"{path}: unknown weights format {ext or '(no extension)'!r}; expected one of "
-                  f"{', '.join(FORMATS)}")
+  raise UserError(f"{path}: unknown weights format {ext or '(no extension)'!r}; expected one of {', '.join(FORMATS)}")
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
@@ -61,15 +61,20 @@ def _load_torch(path: str):
   try:
     import torch
   except ImportError:
-    raise UserError(f"{path}: reading PyTorch files needs PyTorch (pip install 'mdrad_jax[torch]'), or "
-                    f"convert the file to .safetensors or .npz elsewhere") from None
+    raise UserError(
+      f"{path}: reading PyTorch files needs PyTorch (pip install 'mdrad_jax[torch]'), or "
+      f"convert the file to .safetensors or .npz elsewhere"
+    ) from None
   import pickle
+
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise UserError(f"{path}: refused, the pickle holds more than tensors (only plain state dicts are "
-                    f"read, e.g. torch.save(model.state_dict()); nothing of it was run): {first}") from None
+    raise UserError(
+      f"{path}: refused, the pickle holds more than tensors (only plain state dicts are "
+      f"read, e.g. torch.save(model.state_dict()); nothing of it was run): {first}"
+    ) from None
   except (RuntimeError, EOFError, OSError, ValueError) as e:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise UserError(f"{path}: not a readable PyTorch file: {first}") from None
@@ -78,6 +83,7 @@ def _load_torch(path: str):
 
 def _torch_to_numpy(obj):
   import torch
+
   if isinstance(obj, torch.Tensor):
     t = obj.detach().cpu()
     if t.is_floating_point():
@@ -93,6 +99,7 @@ def _torch_to_numpy(obj):
 def _load_safetensors(path: str) -> dict:
   from safetensors import SafetensorError
   from safetensors.numpy import load_file
+
   try:
     return load_file(path)
   except (SafetensorError, OSError, ValueError, TypeError) as e:
@@ -123,13 +130,17 @@ def unwrap(obj: Any, path: str = "weights") -> dict[str, np.ndarray]:
     seen.append(inner)
     obj = obj[inner]
   if not isinstance(obj, dict) or not obj:
-    raise UserError(f"{path}: no state dict found (expected a mapping of parameter names to tensors"
-                    f"{', looked inside ' + '/'.join(seen) if seen else ''})")
+    raise UserError(
+      f"{path}: no state dict found (expected a mapping of parameter names to tensors"
+      f"{', looked inside ' + '/'.join(seen) if seen else ''})"
+    )
   state = {}
   for k, v in obj.items():
     if not _is_array(v):
-      raise UserError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor (expected a flat state "
-                      f"dict{', found under ' + '/'.join(seen) if seen else ''})")
+      raise UserError(
+        f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor (expected a flat state "
+        f"dict{', found under ' + '/'.join(seen) if seen else ''})"
+      )
     if str(k).endswith("num_batches_tracked"):
       continue
     a = np.asarray(v)
@@ -141,6 +152,6 @@ def unwrap(obj: Any, path: str = "weights") -> dict[str, np.ndarray]:
     changed = False
     for prefix in WRAPPER_PREFIXES:
       if all(k.startswith(prefix) for k in state):
-        state = {k[len(prefix):]: v for k, v in state.items()}
+        state = {k[len(prefix) :]: v for k, v in state.items()}
         changed = True
   return state

@@ -11,6 +11,7 @@ then takes the workdir in ``teachers=`` like a trained teacher's.
 Nothing is written before the file has been read, matched key by key and evaluated; a workdir that already
 holds a checkpoint is refused rather than overwritten.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -75,10 +76,13 @@ def resolve_normalisation(source_cfg, arch, dataset: str, state: dict, exported:
 
 def _exported_model(path: str) -> dict:
   from mdrad_jax import export
+
   meta = export.read_metadata(path)
   if meta.get("format") != export.FORMAT or "model" not in meta:
-    raise UserError(f"{path}: not a file written by python -m mdrad_jax.export (no {export.FORMAT!r} "
-                    f"metadata); give the arch it was trained as")
+    raise UserError(
+      f"{path}: not a file written by python -m mdrad_jax.export (no {export.FORMAT!r} "
+      f"metadata); give the arch it was trained as"
+    )
   return json.loads(meta["model"])
 
 
@@ -96,40 +100,58 @@ def clean_accuracy(module, variables, config, info) -> dict:
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   ev = config.eval
   loader = data_lib.create_loader(
-      config.data.name, info.test_split, batch_size=config.eval_batch_size, train=False, seed=0,
-      drop_remainder=False, num_examples=(ev.num_examples if ev.num_examples > 0 else None),
-      **data_lib.data_kwargs(config))
+    config.data.name,
+    info.test_split,
+    batch_size=config.eval_batch_size,
+    train=False,
+    seed=0,
+    drop_remainder=False,
+    num_examples=(ev.num_examples if ev.num_examples > 0 else None),
+    **data_lib.data_kwargs(config),
+  )
   n = info.split_sizes[info.test_split]
   if ev.num_examples > 0:
     n = min(n, ev.num_examples)
   per_process = -(-n // jax.process_count())
   step = step_lib.jit_eval_step(step_lib.make_eval_step(module), mesh)
-  return evaluation.evaluate_model(step, parallel.replicate(variables, mesh), loader, mesh,
-                                   batch_size=config.eval_batch_size, key=jax.random.key(0),
-                                   num_batches=-(-per_process // (config.eval_batch_size // jax.process_count())))
+  return evaluation.evaluate_model(
+    step,
+    parallel.replicate(variables, mesh),
+    loader,
+    mesh,
+    batch_size=config.eval_batch_size,
+    key=jax.random.key(0),
+    num_batches=-(-per_process // (config.eval_batch_size // jax.process_count())),
+  )
 
 
 def run(config, workdir: str) -> dict:
   src = config.source
   if not src.file:
-    raise UserError("source.file is empty: give the weights file "
-                    "(configs/import_teacher.py:source=FILE,arch=NAME,dataset=...)")
+    raise UserError(
+      "source.file is empty: give the weights file (configs/import_teacher.py:source=FILE,arch=NAME,dataset=...)"
+    )
   arch = archs_lib.get_arch(src.arch)
   if arch.layout != "flax" and config.model.name != arch.model:
-    raise UserError(f"config.model.name is {config.model.name!r} but arch {src.arch} is model {arch.model!r}: "
-                    f"give the arch in the config argument (configs/import_teacher.py:arch=...), which sets "
-                    f"the model")
+    raise UserError(
+      f"config.model.name is {config.model.name!r} but arch {src.arch} is model {arch.model!r}: "
+      f"give the arch in the config argument (configs/import_teacher.py:arch=...), which sets "
+      f"the model"
+    )
   path = os.path.abspath(os.path.expanduser(src.file))
   state = files.read_state_dict(path)
   exported = _exported_model(path) if arch.layout == "flax" else None
   info = data_lib.dataset_info(config.data.name, **data_lib.data_kwargs(config))
   if arch.input_shape is not None and tuple(info.image_shape) != tuple(arch.input_shape):
-    raise UserError(f"arch {src.arch} was built for {tuple(arch.input_shape)} inputs, dataset "
-                    f"{config.data.name!r} has {tuple(info.image_shape)}")
+    raise UserError(
+      f"arch {src.arch} was built for {tuple(arch.input_shape)} inputs, dataset "
+      f"{config.data.name!r} has {tuple(info.image_shape)}"
+    )
   mean, std, norm_from = resolve_normalisation(src, arch, config.data.name, state, exported)
   if mean is not None and len(mean) not in (1, info.image_shape[-1]):
-    raise UserError(f"normalisation mean has {len(mean)} values, dataset {config.data.name!r} has "
-                    f"{info.image_shape[-1]} channels")
+    raise UserError(
+      f"normalisation mean has {len(mean)} values, dataset {config.data.name!r} has {info.image_shape[-1]} channels"
+    )
   with config.unlocked():
     if exported is not None:
       config.model.name = exported["name"]
@@ -148,22 +170,29 @@ def run(config, workdir: str) -> dict:
   result = clean_accuracy(module, variables, config, info)
   accuracy, count = float(result["accuracy"]), int(result["num_examples"])
   record = {
-      "file": path, "sha256": _sha256(path), "format": files.file_format(path), "arch": src.arch,
-      "source": arch.source, "convention": arch.convention,
-      "normalisation": {"mean": list(mean) if mean else None, "std": list(std) if std else None,
-                        "from": norm_from},
-      "bn_epsilon": archs_lib.SOURCE_BN_EPSILON,
-      "test_accuracy": accuracy, "test_examples": count, "test_split": info.test_split,
+    "file": path,
+    "sha256": _sha256(path),
+    "format": files.file_format(path),
+    "arch": src.arch,
+    "source": arch.source,
+    "convention": arch.convention,
+    "normalisation": {"mean": list(mean) if mean else None, "std": list(std) if std else None, "from": norm_from},
+    "bn_epsilon": archs_lib.SOURCE_BN_EPSILON,
+    "test_accuracy": accuracy,
+    "test_examples": count,
+    "test_split": info.test_split,
   }
 
   os.makedirs(workdir, exist_ok=True)
   # config.json first: a run interrupted before the checkpoint leaves no checkpoint, so importing again works
-  workdir_lib.write_config(config, workdir, {"num_classes": info.num_classes,
-                                             "image_shape": list(info.image_shape), "import": record})
+  workdir_lib.write_config(
+    config, workdir, {"num_classes": info.num_classes, "image_shape": list(info.image_shape), "import": record}
+  )
   params = {"model": variables["params"], "projectors": {}}
   stats = {"model": variables.get("batch_stats", {}), "projectors": {}}
-  tstate = TrainState.create(params=params, batch_stats=stats, tx=optax.identity(),
-                             rng=jax.random.key_data(jax.random.key(config.seed)))
+  tstate = TrainState.create(
+    params=params, batch_stats=stats, tx=optax.identity(), rng=jax.random.key_data(jax.random.key(config.seed))
+  )
   ckpt = checkpointing.Checkpointer(workdir, keep=1, best_metric="test/accuracy", best_mode="max")
   try:
     ckpt.save(tstate, metrics={"test/accuracy": accuracy}, force=True)
@@ -172,6 +201,8 @@ def run(config, workdir: str) -> dict:
   writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"))
   writer.write(step=0, epoch=0, **{"test/accuracy": accuracy, "test/num_examples": count})
   writer.close()
-  log(f"imported {src.arch} from {path}: clean accuracy {accuracy:.4f} on {count} examples of "
-      f"{config.data.name}/{info.test_split}; teacher workdir {workdir}")
+  log(
+    f"imported {src.arch} from {path}: clean accuracy {accuracy:.4f} on {count} examples of "
+    f"{config.data.name}/{info.test_split}; teacher workdir {workdir}"
+  )
   return {"test/accuracy": accuracy, "test/num_examples": count}
