@@ -139,8 +139,11 @@ def get_config(arg=None):
   s.source_dir = ""
   s.log_every_steps = 50
   # A previous study.json (e.g. docs/study_fashion_mnist/study.json): its finished cells are taken over when
-  # their config equals this study's and their teachers were retrained to the same records ('' = none).
+  # their config equals this study's and their teachers have the same records ('' = none).
   s.restore = ""
+  # With study.restore: import each teacher from teachers/<name>.safetensors next to that study.json (when the
+  # snapshot trained it with this config) instead of training it again.
+  s.restore_teachers = True
   s.table_titles = ml_collections.ConfigDict(
     {
       "2": "SA-MDRAD's setting, standard teachers only",

@@ -18,10 +18,13 @@ seeds per row) and plots (``study_robust_vs_clean.png``, ``study_robust_vs_compu
 at any point and run again: finished cells are skipped (a cell is finished when ``cell.json`` is written after
 its evaluations), interrupted ones resume from their checkpoints.  ``study.only`` runs a subset.
 
-A study can also be continued on another machine from its ``study.json`` alone (``study.restore=PATH``): the
-teachers are retrained (training is deterministic for a fixed config and machine type), and a finished cell of
-the snapshot is taken over only when its config equals the cell's and every teacher it used was retrained to the
-same record (config, test accuracy, PGD accuracy); it is marked ``restored_from``.  A restored cell has no
+A study can also be continued on another machine from its ``study.json`` (``study.restore=PATH``).  Each
+teacher is imported from its exported network, ``teachers/<name>.safetensors`` next to that ``study.json`` (the
+study writes ``DIR/teachers/<name>.safetensors`` for every teacher), when the snapshot trained it with the same
+config and the network gives the recorded clean accuracy (``study.restore_teachers``, default True); otherwise
+it is retrained (training is deterministic for a fixed config and machine type).  A finished cell of the
+snapshot is taken over only when its config equals the cell's and every teacher it used has the same record
+(config, test accuracy, PGD accuracy); it is marked ``restored_from``.  A restored cell has no
 checkpoint; when the full AutoAttack needs one, the cell is trained again and its clean/PGD-20/CW∞ numbers are
 compared with the restored ones (``reproduced`` in its record).
 """
@@ -31,6 +34,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import shutil
 import time
 
 import ml_collections
@@ -39,10 +43,12 @@ import numpy as np
 from mdrad_jax import config_lib
 from mdrad_jax import evaluation_job
 from mdrad_jax import evaluation_report
+from mdrad_jax import export as export_lib
 from mdrad_jax import runs
 from mdrad_jax import train
 from mdrad_jax import workdir as workdir_lib
 from mdrad_jax.errors import UserError
+from mdrad_jax.importers import job as importer_job
 from mdrad_jax.progress import is_main_process, log
 
 CELL_FILE = "cell.json"
@@ -192,28 +198,74 @@ def _train(config, run_dir: str) -> tuple[dict, float]:
   return {k: float(v) for k, v in metrics.items()}, time.perf_counter() - t0
 
 
-def run_teacher(s, name: str, workdir: str) -> dict:
+def run_teacher(s, name: str, workdir: str, snapshot: dict | None = None) -> dict:
   tdir = os.path.join(workdir, "teachers", name)
   cfg = teacher_config(s, name)
   path = os.path.join(tdir, TEACHER_FILE)
   done = _finished(path, cfg, f"study.teachers.{name}", tdir)
-  if done:
-    return done
-  log(f"== study teacher {name}: {s.teachers[name].method} training of {s.teachers[name].model}")
-  metrics, seconds = _train(cfg, tdir)
-  record = {
-    "name": name,
-    "dir": tdir,
-    "model": s.teachers[name].model,
-    "method": s.teachers[name].method,
-    "config": cfg.to_dict(),
-    "test_accuracy": metrics.get("test/accuracy"),
-    "test_pgd_accuracy": metrics.get("test/pgd_accuracy"),
-    "test_examples": metrics.get("test/num_examples"),
-    "seconds": round(seconds, 1),
-    "train_flops": _flops(tdir),
-  }
-  _write_json(path, record)
+  if done is None and snapshot is not None and s.restore_teachers:
+    done = import_teacher(s, name, tdir, cfg, snapshot)
+  if done is None:
+    log(f"== study teacher {name}: {s.teachers[name].method} training of {s.teachers[name].model}")
+    metrics, seconds = _train(cfg, tdir)
+    done = {
+      "name": name,
+      "dir": tdir,
+      "model": s.teachers[name].model,
+      "method": s.teachers[name].method,
+      "config": cfg.to_dict(),
+      "test_accuracy": metrics.get("test/accuracy"),
+      "test_pgd_accuracy": metrics.get("test/pgd_accuracy"),
+      "test_examples": metrics.get("test/num_examples"),
+      "seconds": round(seconds, 1),
+      "train_flops": _flops(tdir),
+    }
+    _write_json(path, done)
+  exported = teacher_export_path(workdir, name)
+  if is_main_process() and not os.path.isfile(exported):
+    if done.get("imported_from"):
+      shutil.copyfile(done["imported_from"], exported)
+    else:
+      export_lib.export(tdir, exported, which="latest")
+  return done
+
+
+def teacher_export_path(workdir: str, name: str) -> str:
+  """``DIR/teachers/<name>.safetensors``: the trained teacher's network (``mdrad_jax.export``), which a study
+  continued elsewhere from this one's ``study.json`` imports instead of training the teacher again."""
+  return os.path.join(workdir, "teachers", f"{name}.safetensors")
+
+
+def import_teacher(s, name: str, tdir: str, cfg, snapshot: dict) -> dict | None:
+  """The snapshot's teacher ``name`` taken over from its exported network, ``teachers/<name>.safetensors`` next
+  to the snapshot's ``study.json``, when the snapshot trained it with this config (None otherwise: it is then
+  trained).  The import job measures the network's clean accuracy on the record's test points; it must give the
+  recorded accuracy, or the study stops (the file does not hold that teacher)."""
+  before = snapshot["teachers"].get(name)
+  source = teacher_export_path(os.path.dirname(os.path.abspath(s.restore)), name)
+  if before is None or not os.path.isfile(source) or not _same_config(before["config"], cfg.to_dict()):
+    return None
+  count = int(before["test_examples"])
+  icfg = config_lib.load_config_file(
+    "import_teacher", f"source={source},arch=mdrad:export,dataset={s.dataset},num_examples={count}"
+  )
+  icfg.data.data_dir, icfg.data.source_dir = s.data_dir, s.source_dir
+  icfg.eval_batch_size = s.eval.batch_size
+  config_file = os.path.join(tdir, workdir_lib.CONFIG_FILE)
+  partial = _read_json(config_file)
+  if partial is not None and partial.get("import", {}).get("file") == source:
+    shutil.rmtree(tdir)  # an import of this file stopped before its record was written: import it again
+  log(f"== study teacher {name}: imported from {source} (study.restore)")
+  result = importer_job.run(icfg, tdir)
+  accuracy, got = float(result["test/accuracy"]), int(result["test/num_examples"])
+  if got != count or abs(accuracy - float(before["test_accuracy"])) * count > 0.5:
+    raise UserError(
+      f"study.restore: teacher {name} imported from {source} has clean accuracy {accuracy:.4f} on {got} test "
+      f"points, the snapshot recorded {float(before['test_accuracy']):.4f} on {count}: the file does not hold that "
+      f"teacher (--config.study.restore_teachers=false trains it instead)"
+    )
+  record = dict(before, dir=tdir, imported_from=source)
+  _write_json(os.path.join(tdir, TEACHER_FILE), record)
   return record
 
 
@@ -610,11 +662,11 @@ def run(config, workdir: str) -> dict:
     wanted = (wanted - {t for t in wanted if _is_rank(t)}) | set(s.ranked_teachers)
   needed = sorted(wanted, key=list(s.teachers).index)
   log(f"study {s.name}: {len(cells_todo)} cells ({len(row_names)} rows), {len(needed)} teachers, in {workdir}")
-  teachers = {name: run_teacher(s, name, workdir) for name in needed}
+  snapshot = load_snapshot(s.restore)
+  teachers = {name: run_teacher(s, name, workdir, snapshot) for name in needed}
   for name, t in teachers.items():
     log(f"teacher {name} ({t['model']}, {t['method']}): test accuracy {100 * t['test_accuracy']:.2f}%")
   by_name = resolve_teachers(s, teachers)
-  snapshot = load_snapshot(s.restore)
   cells = []
   for i, (row, seed) in enumerate(cells_todo):
     cells.append(run_cell(s, row, seed, workdir, by_name, snapshot))

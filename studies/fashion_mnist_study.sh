@@ -3,8 +3,8 @@
 # Resumable: run it again on the same directory and it skips finished cells and resumes the interrupted one.
 # Usage: bash studies/fashion_mnist_study.sh [RUN_DIR] [extra main.py flags, e.g. --config.study.only=table2]
 # On a new machine it continues from the committed snapshot docs/study_fashion_mnist/study.json: the teachers are
-# retrained and the snapshot's finished cells taken over where config and teachers match (RESTORE='' to retrain
-# everything).
+# imported from docs/study_fashion_mnist/teachers/*.safetensors (or retrained where a file is missing) and the
+# snapshot's finished cells taken over where config and teachers match (RESTORE='' to train everything again).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

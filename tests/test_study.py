@@ -171,3 +171,51 @@ def test_restore_needs_the_same_teacher_records(finished):
   other["teachers"][names[0]]["test_accuracy"] += 0.01
   assert study_lib._restorable(other, "sa_mdrad", 0, cfg, teachers, names) is None
   assert study_lib._restorable(snap, "sa_mdrad", 1, cfg, teachers, names) is None
+
+
+def _snapshot_with_teachers(workdir, where, edit=None):
+  """study_full.json and the teachers' exported networks copied to ``where``, as a committed snapshot is."""
+  os.makedirs(os.path.join(where, "teachers"))
+  snap = _read(os.path.join(workdir, "study_full.json"))
+  for name in snap["teachers"]:
+    shutil.copy(study_lib.teacher_export_path(workdir, name), os.path.join(where, "teachers"))
+  if edit is not None:
+    edit(snap)
+  path = os.path.join(where, "study.json")
+  with open(path, "w") as f:
+    json.dump(snap, f)
+  return path
+
+
+def test_restore_imports_the_teachers_and_a_cell_trained_from_them_is_the_same(finished, tmp_path):
+  """Continued elsewhere: the teachers come from the snapshot's exported networks (not trained), and a cell
+  trained from them gives exactly the numbers of the cell trained from the original teachers."""
+  workdir, _ = finished
+
+  def drop_sa_mdrad(snap):  # so that the continued study trains that cell
+    snap["cells"] = [c for c in snap["cells"] if c["row"] != "sa_mdrad"]
+
+  snapshot = _snapshot_with_teachers(workdir, str(tmp_path / "snap"), drop_sa_mdrad)
+  out = runtime.run(small_config(only="sa_mdrad", restore=snapshot), str(tmp_path / "new"))
+  original = next(c for c in _read(os.path.join(workdir, "study_full.json"))["cells"] if c["row"] == "sa_mdrad")
+  (cell,) = out["cells"]
+  assert "restored_from" not in cell and os.path.isdir(os.path.join(cell["dir"], "checkpoints"))
+  for name in original["teachers"]:
+    t = _read(os.path.join(tmp_path, "new", "teachers", name, study_lib.TEACHER_FILE))
+    assert t["imported_from"] == os.path.join(tmp_path, "snap", "teachers", f"{name}.safetensors")
+    with open(os.path.join(t["dir"], "metrics.jsonl")) as f:
+      assert [json.loads(line)["step"] for line in f] == [0]  # the import's record only: no training step
+  assert cell["in_training"] == original["in_training"]
+  for key, numbers in original["attacks"].items():
+    assert cell["attacks"][key]["correct"] == numbers["correct"], key
+
+
+def test_restore_refuses_a_teacher_file_that_does_not_give_its_record(finished, tmp_path):
+  workdir, _ = finished
+
+  def shift_accuracy(snap):
+    snap["teachers"]["tiny"]["test_accuracy"] += 0.25
+
+  snapshot = _snapshot_with_teachers(workdir, str(tmp_path / "snap"), shift_accuracy)
+  with pytest.raises(ValueError, match="teacher tiny imported from .* does not hold that teacher"):
+    runtime.run(small_config(only="sa_mdrad", restore=snapshot), str(tmp_path / "new"))
