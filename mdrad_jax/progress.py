@@ -1,11 +1,9 @@
-"""Progress bars, log lines and the ``metrics.jsonl`` writer (all only on process 0)."""
+"""Progress bars and log lines (both only on process 0); a run's metrics are written by :mod:`mdrad_jax.metric_writers`."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import time
 
 import jax
 from tqdm.auto import tqdm
@@ -36,23 +34,3 @@ def progress_bar(total: int, *, initial: int = 0, desc: str = "", unit: str = "s
 def log(msg: str) -> None:
   if is_main_process():
     tqdm.write(msg, file=sys.stderr)
-
-
-class MetricsWriter:
-  """Appends one JSON object per call to a ``.jsonl`` file (process 0 only)."""
-
-  def __init__(self, path: str):
-    self.path = path
-    self._f = open(path, "a") if is_main_process() else None
-
-  def write(self, **record) -> None:
-    if self._f is None:
-      return
-    record.setdefault("time", time.time())
-    self._f.write(json.dumps(record, sort_keys=True, default=float) + "\n")
-    self._f.flush()
-
-  def close(self) -> None:
-    if self._f is not None:
-      self._f.close()
-      self._f = None

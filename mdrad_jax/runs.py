@@ -6,7 +6,8 @@ A training run (``train.train_and_evaluate``, or the ``import_teacher`` job) lea
   :mod:`mdrad_jax.workdir`: only once validated, never replaced by another run's);
 * ``checkpoints/<step>/``: orbax checkpoints of the whole train state (:mod:`mdrad_jax.checkpointing`), the last
   ones and the best by ``checkpoint.best_metric``;
-* ``metrics.jsonl`` and :data:`COST_FILE`.
+* ``metrics.jsonl``, TensorBoard event files with its scalars and steps/s (:mod:`mdrad_jax.metric_writers`) and
+  :data:`COST_FILE`.
 
 This module is the one place that reads such a workdir back, for the teachers of a distillation run, the
 evaluation job, the quickstart, the study, export and the benchmarks:

@@ -4,8 +4,10 @@
 the data pipeline, the student, the frozen teachers (``runs.load_teachers``), the optimizer and the train
 state, resumes from ``workdir/checkpoints`` when a checkpoint is there, and jits the single step of
 ``mdrad_jax.train_step`` (:func:`build_train_step`) with the batch sharded over a one-axis data mesh; it writes
-``config.json`` once the checkpoint is restored.  The loop appends metrics to ``metrics.jsonl``, writes
-``cost.json`` and the checkpoints, and shows a progress bar with loss, accuracy and throughput.
+``config.json`` once the checkpoint is restored.  The loop writes metrics to ``metrics.jsonl`` and TensorBoard
+event files (``mdrad_jax.metric_writers``; steps/s and uptime from ``clu.periodic_actions.ReportProgress`` go to
+TensorBoard alone), writes ``cost.json`` and the checkpoints, and shows a progress bar with loss, accuracy and
+throughput.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 from mdrad_jax import checkpointing
 from mdrad_jax import data as data_lib
 from mdrad_jax import methods as methods_lib
+from mdrad_jax import metric_writers
 from mdrad_jax import models as models_lib
 from mdrad_jax import optim
 from mdrad_jax import parallel
@@ -38,7 +41,8 @@ from mdrad_jax.errors import Interrupted, UserError
 # The in-training evaluation (pad_batch: kept here for compatibility).
 from mdrad_jax.evaluation import evaluate_model, pad_batch  # noqa: F401
 from mdrad_jax.preemption import StopOnSignal
-from mdrad_jax.progress import MetricsWriter, progress_bar, log
+from mdrad_jax.metric_writers import periodic_actions  # clu's, once clu.metric_writers imports without TensorFlow
+from mdrad_jax.progress import progress_bar, log
 from mdrad_jax.train_state import TrainState, split_variables
 
 
@@ -228,7 +232,7 @@ class Experiment:
   schedule: Callable
   train_iter: Any
   checkpointer: checkpointing.Checkpointer
-  writer: MetricsWriter
+  writer: metric_writers.RunWriter  # metrics.jsonl and TensorBoard (process 0 only)
 
   def evaluate(self, state: TrainState) -> dict:
     """``test/...`` metrics of ``state``'s network on the first ``eval_size`` test examples (clean accuracy,
@@ -360,7 +364,7 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str) -> Experim
     p_eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(model, pgd=eval_pgd), mesh)
 
     start_step = int(parallel.to_host(state.step))
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    metrics_path = os.path.join(workdir, metric_writers.METRICS_FILE)
     if jax.process_index() == 0:
       dropped = drop_replayed_metrics(metrics_path, start_step)
       if dropped:
@@ -368,7 +372,10 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str) -> Experim
           f"metrics.jsonl: dropped {dropped} line(s) after step {start_step}, written before the run "
           f"stopped and trained again from the checkpoint"
         )
-    writer = MetricsWriter(metrics_path)
+      dropped = metric_writers.drop_replayed_events(workdir, start_step)
+      if dropped:
+        log(f"TensorBoard event files: dropped {dropped} event(s) after step {start_step}, as in metrics.jsonl")
+    writer = metric_writers.create_writer(workdir)
   except BaseException:
     ckpt.close()
     raise
@@ -415,6 +422,11 @@ def train_loop(exp: Experiment) -> dict:
   if start_step >= total_steps:
     log(f"training already complete ({start_step}/{total_steps} steps)")
   bar = progress_bar(total=total_steps, initial=start_step, desc=f"{config.method.name}")
+  # steps/s and uptime to TensorBoard at the logged steps, where the loop has just waited for the device (the
+  # metrics to the host), so no other sync is added; its ETA note goes to absl's INFO log
+  report = periodic_actions.ReportProgress(
+    num_train_steps=total_steps, writer=writer.tensorboard, every_steps=config.log_every_steps, every_secs=None
+  )
   t_window, n_window = time.perf_counter(), 0
   acc_metrics: list = []
   step = start_step
@@ -448,18 +460,19 @@ def train_loop(exp: Experiment) -> dict:
           dt = time.perf_counter() - t_window
           mean["images_per_sec"] = n_window * config.batch_size / max(dt, 1e-9)
           mean["lr"] = float(exp.schedule(step - 1))
-          writer.write(step=step, epoch=step / steps_per_epoch, **{f"train/{k}": v for k, v in mean.items()})
+          writer.write_scalars(step, {"epoch": step / steps_per_epoch, **{f"train/{k}": v for k, v in mean.items()}})
           bar.set_postfix(
             loss=f"{mean['loss']:.4f}", acc=f"{mean['accuracy']:.3f}", img_s=f"{mean['images_per_sec']:.1f}"
           )
           acc_metrics, t_window, n_window = [], time.perf_counter(), 0
+        report(step)
         saved = False
         if end_of_epoch:
           epoch = step // steps_per_epoch if step % steps_per_epoch == 0 else step / steps_per_epoch
           do_eval = step == total_steps or (ev.every_epochs > 0 and (step // steps_per_epoch) % ev.every_epochs == 0)
           if do_eval:
             last_eval = exp.evaluate(state)
-            writer.write(step=step, epoch=epoch, **last_eval)
+            writer.write_scalars(step, {"epoch": epoch, **last_eval})
             bar.write(
               f"epoch {epoch}: "
               + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in last_eval.items())

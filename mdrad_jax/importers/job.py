@@ -4,9 +4,10 @@
 ``config.source.arch`` (:mod:`mdrad_jax.importers.archs`) into the zoo's network ``config.model`` with the
 source's input normalisation inside the model, evaluates its clean accuracy on the dataset's test split, and
 writes the layout of a trained run: ``config.json`` (with an ``import`` block: file, SHA-256, arch, source,
-normalisation and where it came from, BatchNorm ε, clean accuracy), ``metrics.jsonl`` and one orbax checkpoint
-(step 0, the best by ``test/accuracy``) through :class:`mdrad_jax.checkpointing.Checkpointer`.  Any method
-then takes the workdir in ``teachers=`` like a trained teacher's.
+normalisation and where it came from, BatchNorm ε, clean accuracy), ``metrics.jsonl`` (and its TensorBoard
+event file) and one orbax checkpoint (step 0, the best by ``test/accuracy``) through
+:class:`mdrad_jax.checkpointing.Checkpointer`.  Any method then takes the workdir in ``teachers=`` like a
+trained teacher's.
 
 Nothing is written before the file has been read, matched key by key and evaluated; a workdir that already
 holds a checkpoint is refused rather than overwritten.
@@ -32,7 +33,8 @@ from mdrad_jax import workdir as workdir_lib
 from mdrad_jax.errors import UserError
 from mdrad_jax.importers import archs as archs_lib
 from mdrad_jax.importers import files
-from mdrad_jax.progress import MetricsWriter, log
+from mdrad_jax import metric_writers
+from mdrad_jax.progress import log
 from mdrad_jax.train_state import TrainState
 
 
@@ -198,8 +200,8 @@ def run(config, workdir: str) -> dict:
     ckpt.save(tstate, metrics={"test/accuracy": accuracy}, force=True)
   finally:
     ckpt.close()
-  writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"))
-  writer.write(step=0, epoch=0, **{"test/accuracy": accuracy, "test/num_examples": count})
+  writer = metric_writers.create_writer(workdir)
+  writer.write_scalars(0, {"epoch": 0, "test/accuracy": accuracy, "test/num_examples": count})
   writer.close()
   log(
     f"imported {src.arch} from {path}: clean accuracy {accuracy:.4f} on {count} examples of "
