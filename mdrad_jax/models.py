@@ -42,6 +42,8 @@ __all__ = [
   "get_model",
   "init_model",
   "count_params",
+  "model_options",
+  "depthwise_conv_shifted",
   "FeatureProjector",
   "ResNet",
   "PreActResNet",
@@ -871,6 +873,13 @@ def _accepted_kwargs(factory) -> set[str]:
 
 def _as_tuple(value):
   return tuple(_as_tuple(v) if isinstance(v, (list, tuple)) else v for v in value)
+
+
+def model_options(name: str) -> set[str]:
+  """The options (keyword arguments besides ``num_classes``) model ``name`` of ``MODELS`` accepts."""
+  if name not in MODELS:
+    raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
+  return _accepted_kwargs(MODELS[name]) - {"num_classes"}
 
 
 def get_model(name: str, *, num_classes: int, **kwargs) -> nn.Module:

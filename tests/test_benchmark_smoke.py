@@ -251,3 +251,112 @@ def test_autoattack_cost_on_paper(capsys):
   assert worst == typical  # every point robust: the assumed case is the worst case
   expected = 100 * (f + (101 + 909 + 900) * g + 5000 * f) / 1e15
   assert abs(worst - expected) <= 5e-3 * expected  # printed to 3 significant digits
+
+
+# ---------------------------------------------------------------------------------------------
+# The depthwise lowering: its kernels and its variant of the train step (tiny configurations).
+# ---------------------------------------------------------------------------------------------
+def _have_torch():
+  import importlib.util
+
+  return importlib.util.find_spec("torch") is not None
+
+
+def _load_benchmark(name):
+  import importlib.util
+
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "benchmarks", f"{name}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def _bench(script, args, timeout=900):
+  env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="true")
+  proc = subprocess.run(
+    [sys.executable, os.path.join(REPO, "benchmarks", script), *args],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    timeout=timeout,
+  )
+  assert proc.returncode == 0, proc.stdout[-3000:]
+  return proc.stdout
+
+
+def test_depthwise_variant_of_the_train_step(tmp_path):
+  """--depthwise shifted reaches the MobileNetV2 teacher (and only the networks that have the option), and the
+  step computes the same loss as with the grouped convolution (same initial variables and batch)."""
+  out = tmp_path / "dw.json"
+  _bench(
+    "bench_train_step.py",
+    ["--methods", "rslad", "--configs", "tiny_cnn:4", "--teacher-set", "tiny_depthwise", "--image-size", "8"]
+    + ["--steps", "1", "--warmup", "0", "--pgd-steps", "1", "--matmul-size", "64", "--torch", "off"]
+    + ["--necessary", "false", "--depthwise", "conv,shifted", "--json", str(out)],
+  )
+  (case,) = json.loads(out.read_text())["results"]
+  conv, shifted = case["variants"]["jax[default]"], case["variants"]["jax[default,depthwise=shifted]"]
+  assert "error" not in conv and "error" not in shifted
+  assert conv["teachers"][0][0] == "mobilenet_v2" and "depthwise" not in conv["teachers"][0][1]
+  assert shifted["teachers"][0][1]["depthwise"] == "shifted"
+  assert "depthwise" not in shifted["student_kwargs"]  # tiny_cnn has no depthwise convolutions
+  assert conv["param_counts"] == shifted["param_counts"]
+  assert abs(conv["loss"] - shifted["loss"]) <= 1e-4 * max(1.0, abs(conv["loss"]))
+
+
+def test_conv_benchmark_depthwise_layers_tiny(tmp_path):
+  out = tmp_path / "dw_conv.json"
+  layers = "mobilenet_v2 dw 4x4 c960 s1 b32,mobilenet_v2 dw 8x8 c576 s2 b32"
+  torch_on = _have_torch()
+  _bench(
+    "bench_conv.py",
+    ["--layers", layers, "--depthwise", "conv,shifted", "--frameworks", "jax,torch" if torch_on else "jax"]
+    + ["--dtypes", "float32", "--reps", "1", "--warmup", "0", "--json", str(out)],
+    timeout=300,
+  )
+  res = json.loads(out.read_text())
+  assert res["depthwise_impls"] == ["conv", "shifted"]
+  rows = res["rows"]
+  assert {(r["layer"], r["kernel"]) for r in rows} == {
+    (n, k) for n in layers.split(",") for k in ("forward", "input_grad", "weight_grad")
+  }
+  for r in rows:
+    assert r["groups"] == r["cin"] == r["cout"] and r["flops"] > 0
+    assert r["xla_s_by_impl"]["conv"] > 0 and r["xla_s_by_impl"]["shifted"] > 0
+    assert (r["torch_s"] > 0) if torch_on else (r["torch_s"] is None)
+  # the totals weight each layer by how many MobileNetV2 has: 3 of 4x4x960 s1, 1 of 8x8x576 s2
+  fwd = next(t for t in res["network_totals"] if t["kernel"] == "forward")
+  assert fwd["layers"] == 4
+  by = {r["layer"]: r["xla_s_by_impl"]["shifted"] for r in rows if r["kernel"] == "forward"}
+  assert abs(fwd["xla_s_by_impl"]["shifted"] - (3 * by[layers.split(",")[0]] + by[layers.split(",")[1]])) < 1e-12
+
+
+def test_conv_benchmark_depthwise_list_is_mobilenet_v2s():
+  """bench_conv's MobileNetV2 depthwise layers (input size, channels, stride, count) are the model's, at 32x32."""
+  import collections
+
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+
+  from mdrad_jax import models
+
+  seen = collections.Counter()
+
+  def record(next_fun, args, kwargs, context):
+    mod = context.module
+    if context.method_name == "__call__" and isinstance(mod, nn.Conv) and mod.feature_group_count > 1:
+      x = args[0]
+      assert mod.feature_group_count == x.shape[-1] == mod.features and mod.kernel_size == (3, 3)
+      seen[(x.shape[1], x.shape[-1], mod.strides[0])] += 1
+    return next_fun(*args, **kwargs)
+
+  model = models.get_model("mobilenet_v2", num_classes=10)
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+  conv = _load_benchmark("bench_conv")
+  assert seen == {(hw, c, s): n for hw, c, s, n in conv.MOBILENETV2_DEPTHWISE}
+  assert {layer.batch for layer in conv.DEPTHWISE_LAYERS} == {32, 128}
