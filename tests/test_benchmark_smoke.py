@@ -254,7 +254,7 @@ def test_autoattack_cost_on_paper(capsys):
 
 
 # ---------------------------------------------------------------------------------------------
-# The depthwise lowering: its kernels and its variant of the train step (tiny configurations).
+# The per-part breakdown, the depthwise lowering's variants and the cost curves (tiny configurations).
 # ---------------------------------------------------------------------------------------------
 def _have_torch():
   import importlib.util
@@ -285,6 +285,54 @@ def _bench(script, args, timeout=900):
   )
   assert proc.returncode == 0, proc.stdout[-3000:]
   return proc.stdout
+
+
+def test_breakdown_tiny_configuration(tmp_path):
+  """Every part of the SA-MDRAD step is timed on both sides (the reference when torch is installed), with the
+  same part names, positive times, and a table row per part."""
+  out = tmp_path / "breakdown.json"
+  torch_on = _have_torch()
+  stdout = _bench(
+    "bench_breakdown.py",
+    ["--configs", "tiny_cnn:4", "--image-size", "8", "--pgd-steps", "2", "--steps", "2", "--warmup", "0"]
+    + ["--torch", "on" if torch_on else "off", "--json", str(out)],
+  )
+  assert "| part | JAX ms |" in stdout and "load average" in stdout
+  res = json.loads(out.read_text())
+  assert res["complete"] is True
+  (case,) = res["results"]
+  jax_run = case["jax"]["jax[default]"]
+  assert "error" not in jax_run, jax_run
+  parts = jax_run["parts"]
+  want = [
+    "teacher0 tiny_cnn forward (clean)",
+    "teacher1 mlp forward (clean)",
+    "teacher2 tiny_cnn forward (clean)",
+    "attack: PGD-2",
+    "student forward+backward (adv)",
+    "student forward+backward (clean)",
+    "projectors forward+backward x3",
+    "loss forward+backward",
+    "optimizer update",
+    "whole step",
+  ]
+  assert list(parts) == want
+  for name, p in parts.items():
+    assert len(p["times_s"]) == 2 and p["median_s"] > 0 and p["compile_s"] > 0, name
+  # the attack does two student forwards + input gradients, the student's outer view one forward + backward
+  assert parts["attack: PGD-2"]["flops"] > parts["teacher0 tiny_cnn forward (clean)"]["flops"] > 0
+  assert parts["whole step"]["flops"] > parts["attack: PGD-2"]["flops"]
+  rows = {r["part"]: r for r in case["tables"]["jax[default]"]}
+  assert list(rows) == want[:-1] + ["sum of parts", "whole step"]
+  assert abs(rows["sum of parts"]["jax_s"] - sum(p["median_s"] for n, p in parts.items() if n != "whole step")) < 1e-9
+  if torch_on:
+    t = case["torch"]["torch[fp32]"]
+    assert "error" not in t, t
+    assert list(t["parts"]) == want
+    assert all(p["median_s"] > 0 for p in t["parts"].values())
+    assert t["views_with_gradient"] == jax_run["views_with_gradient"] == ["adv", "clean"]
+    assert t["param_counts"] == jax_run["param_counts"]
+    assert all(rows[n]["ratio"]["torch[fp32]"] > 0 for n in want)
 
 
 def test_depthwise_variant_of_the_train_step(tmp_path):
@@ -360,3 +408,43 @@ def test_conv_benchmark_depthwise_list_is_mobilenet_v2s():
   conv = _load_benchmark("bench_conv")
   assert seen == {(hw, c, s): n for hw, c, s, n in conv.MOBILENETV2_DEPTHWISE}
   assert {layer.batch for layer in conv.DEPTHWISE_LAYERS} == {32, 128}
+
+
+def test_curves_tiny_configuration(tmp_path):
+  """Two axes sharing their base point (measured once), JSON and markdown with a row per point and fits."""
+  out = tmp_path / "curves.json"
+  stdout = _bench(
+    "bench_curves.py",
+    ["--student", "tiny_cnn", "--image-size", "8", "--axes", "teachers,pgd_steps", "--teacher-counts", "1,2"]
+    + ["--pgd-steps", "1,2", "--base-teachers", "1", "--base-pgd-steps", "1", "--base-batch", "2"]
+    + ["--steps", "1", "--warmup", "0", "--matmul-size", "64", "--torch", "off", "--quiet", "--json", str(out)],
+  )
+  res = json.loads(out.read_text())
+  assert res["complete"] is True
+  teachers, pgd = res["curves"]["teachers"], res["curves"]["pgd_steps"]
+  assert [(p["teachers"], p["pgd_steps"], p["batch"]) for p in teachers] == [(1, 1, 2), (2, 1, 2)]
+  assert [(p["teachers"], p["pgd_steps"], p["batch"]) for p in pgd] == [(1, 1, 2), (1, 2, 2)]
+  assert teachers[0]["runs"] == pgd[0]["runs"]  # the shared point, one child
+  assert [t[0] for t in teachers[1]["teacher_list"]] == ["tiny_cnn", "mlp"]  # cycled from the set
+  for p in teachers + pgd:
+    assert p["jax_s"] > 0 and p["jax_rss"] > 0 and p["xla_temp"] is not None and p["torch_s"] is None
+    assert len(p["load_before"]) == 3 and len(p["load_after"]) == 3 and not p["errors"]
+  quantities = {(s["axis"], s["quantity"]) for s in res["summary"]}
+  assert ("teachers", "JAX step") in quantities and ("pgd_steps", "JAX peak RSS") in quantities
+  md = (tmp_path / "curves.md").read_text()
+  assert "### teachers" in md and "### Linear fits" in md and "ms per PGD step" in md
+  assert "### Linear fits" in stdout
+
+
+def test_curve_fits():
+  curves = _load_benchmark("bench_curves")
+  xs = [1, 2, 4, 8, 16]
+  ys = [2 * x + 1 for x in xs[:4]] + [60.0]  # linear through 8, then 60 instead of 33
+  fit = curves.linear_fit(xs[:4], ys[:4])
+  assert abs(fit["slope"] - 2) < 1e-12 and abs(fit["intercept"] - 1) < 1e-12 and abs(fit["r2"] - 1) < 1e-12
+  lin = curves.linearity(xs, ys, fit_points=3, tolerance=0.15)
+  assert lin["linear_through"] == 8 and lin["departs_at"] == 16
+  assert abs(lin["deviation"][-1][1] - (60 / 33 - 1)) < 1e-12
+  assert lin["marginal_slopes"][0] == (2.0, 2.0)
+  assert curves.linear_fit([3, 3], [1, 2]) is None  # one distinct x: no line
+  assert curves.cycled([["a", {}], ["b", {}], ["c", {}]], 4) == [["a", {}], ["b", {}], ["c", {}], ["a", {}]]
