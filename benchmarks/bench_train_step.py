@@ -6,7 +6,8 @@
         --steps 1 --warmup 0 --pgd-steps 1 --matmul-size 128 --torch off  # a tiny configuration
 
 For every method x (student model, batch size) case and every variant of the levers asked for (XLA flags,
-rolled/unrolled attack loop, buffer donation), one child process builds the student, random teachers and a
+rolled/unrolled attack loop, buffer donation, compute dtype, student options, the lowering of the depthwise
+convolutions of the networks that have them), one child process builds the student, random teachers and a
 train state (random 32x32x3 images, 10 classes, PGD-k) and reports
 
 * compile time (``lower`` + ``compile`` of the jitted step);
@@ -71,6 +72,8 @@ TEACHER_SETS = {
   "wrn34_10": [["wrn34_10", {}], ["resnet18", {}], ["mobilenet_v2", {}]],
   # tiny_cnn student (smoke tests, 8x8 inputs)
   "tiny_cnn": [["tiny_cnn", {"widths": [16, 32]}], ["mlp", {"hidden": [32]}], ["tiny_cnn", {"widths": [8, 16]}]],
+  # smoke tests of --depthwise: a two-stage MobileNetV2 (depthwise layers of stride 1 and 2) and a tiny CNN
+  "tiny_depthwise": [["mobilenet_v2", {"cfg": [[1, 16, 1, 1], [6, 24, 1, 2]]}], ["tiny_cnn", {"widths": [8, 16]}]],
 }
 
 
@@ -114,6 +117,13 @@ def parse_args(argv=None):
     default=None,
     metavar="JSON",
     help="student model option variant, repeatable, e.g. '{\"max_pool\": \"reduce_window\"}' ('{}' = the defaults)",
+  )
+  p.add_argument(
+    "--depthwise",
+    type=_csv,
+    default=["conv"],
+    help="lowering variants of the depthwise convolutions of every network that has them (the MobileNetV2 "
+    "teachers): conv (the default), shifted (mdrad_jax.models.depthwise_conv_shifted), e.g. conv,shifted",
   )
   p.add_argument(
     "--jax-dtypes",
@@ -346,9 +356,10 @@ def measure_peak_matmul(n: int, reps: int = 5) -> dict:
   return {"n": n, "median_s": med, "flops_per_s": 2.0 * n**3 / med}
 
 
-def views_with_gradient(*, method, hparams, plan, state, teacher_models, teacher_vars, projectors, model, x, y) -> set:
-  """The student views whose logits (or projected features) the method's loss depends on: the gradient of the
-  loss with respect to them, at random values, is not identically zero."""
+def loss_inputs(*, method, hparams, plan, state, teacher_models, teacher_vars, model, x, y):
+  """Random values, of the step's shapes, for what the method's outer loss reads, and the loss as a function of
+  the student's part: returns ``(views, projected, loss)`` with ``views`` {view: logits}, ``projected`` the
+  projected features (or None) and ``loss(views, projected) -> scalar``."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -397,6 +408,26 @@ def views_with_gradient(*, method, hparams, plan, state, teacher_models, teacher
     )
     return method.loss(out, state.method_state, hparams)[0]
 
+  return views, projected, loss
+
+
+def views_with_gradient(*, method, hparams, plan, state, teacher_models, teacher_vars, projectors, model, x, y) -> set:
+  """The student views whose logits (or projected features) the method's loss depends on: the gradient of the
+  loss with respect to them, at random values, is not identically zero."""
+  import jax
+  import numpy as np
+
+  views, projected, loss = loss_inputs(
+    method=method,
+    hparams=hparams,
+    plan=plan,
+    state=state,
+    teacher_models=teacher_models,
+    teacher_vars=teacher_vars,
+    model=model,
+    x=x,
+    y=y,
+  )
   g_views, g_proj = jax.jit(jax.grad(loss, argnums=(0, 1)))(views, projected)
   need = {v for v, g in g_views.items() if np.any(np.asarray(g) != 0)}
   if projected is not None and any(np.any(np.asarray(g) != 0) for g in g_proj):
@@ -529,8 +560,9 @@ def necessary_flops(
   return {"parts": parts, "total": float(sum(parts.values()))}
 
 
-def run_child(spec: dict) -> dict:
-  """Builds and times one case; returns a JSON-able dict."""
+def setup_xla(spec: dict) -> str:
+  """Sets XLA_FLAGS for this child (the library's defaults, or none, plus the variant's flags) before JAX
+  starts; returns them."""
   if spec.get("xla_mode") == "none":
     os.environ["MDRAD_NO_DEFAULT_XLA_FLAGS"] = "1"
   sys.path.insert(0, REPO)
@@ -542,45 +574,53 @@ def run_child(spec: dict) -> dict:
     names = {f.split("=", 1)[0] for f in extra.split()}
     kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if f.split("=", 1)[0] not in names]
     os.environ["XLA_FLAGS"] = " ".join(kept + extra.split())
-  xla_flags_used = os.environ.get("XLA_FLAGS", "")
+  return os.environ.get("XLA_FLAGS", "")
+
+
+def with_options(name: str, kwargs: dict, options: dict) -> dict:
+  """``kwargs`` of model ``name`` plus those of ``options`` (e.g. ``{"depthwise": "shifted"}``) the model
+  accepts; the others are left out (a ResNet has no depthwise convolutions)."""
+  from mdrad_jax import models
+
+  accepted = models.model_options(name)
+  return {**kwargs, **{k: v for k, v in (options or {}).items() if k in accepted}}
+
+
+def build_case(spec: dict):
+  """The student, teachers (``spec['teachers']``), train state and un-jitted step of one case, on the mesh;
+  JAX must be configured (:func:`setup_xla`) first.  Returns a namespace; ``info`` holds what the JSON
+  reports about the case (parameter counts, teachers, attack, plan)."""
+  import types
 
   import jax
   import numpy as np
   from mdrad_jax import config_lib, methods, models, parallel, train
-  from mdrad_jax import train_step as ts
 
-  out: dict = {
-    "backend": jax.default_backend(),
-    "device": str(jax.devices()[0].device_kind),
-    "num_devices": jax.device_count(),
-    "xla_flags": xla_flags_used,
-  }
   n_img, c = spec["image_size"], spec["channels"]
   shape = (n_img, n_img, c)
   ncls = spec["num_classes"]
   batch_size = spec["batch"]
-
-  mm = spec.get("matmul_size") or (2048 if jax.default_backend() == "cpu" else 8192)
-  out["peak_matmul"] = measure_peak_matmul(mm)
-
   method = methods.get_method(spec["method"])
-  tset = TEACHER_SETS[spec["teacher_set"]]
+  tset = [list(t) for t in spec["teachers"]]
   k = num_teachers_for(method, len(tset))
   init = models.init_model if spec.get("real_init") else fast_init
   t_setup = time.perf_counter()
   dtype = spec.get("dtype", "float32")
   dkw = {} if dtype == "float32" else {"dtype": dtype}  # as models.build_model: config.model.dtype / teacher_dtype
-  tmods = tuple(models.get_model(n, num_classes=ncls, **kw, **dkw) for n, kw in tset[:k])
+  options = spec.get("model_options") or {}
+  teachers = [[n, with_options(n, kw, options)] for n, kw in tset[:k]]
+  tmods = tuple(models.get_model(n, num_classes=ncls, **kw, **dkw) for n, kw in teachers)
   tvars = tuple(init(m, jax.random.key(100 + i), shape) for i, m in enumerate(tmods))
   cfg = config_lib.base_config()
   cfg.method = config_lib.method_config(spec["method"])
   cfg.model.name = spec["model"]
   cfg.attack.num_steps = spec["pgd_steps"]
-  cfg.attack.unroll = bool(spec["unroll"])
+  cfg.attack.unroll = bool(spec.get("unroll", True))
   cfg.num_epochs = 1
   cfg.model.dtype = dtype
   cfg.teacher_dtype = dtype
-  model = models.get_model(spec["model"], num_classes=ncls, **dkw, **spec.get("student_kwargs", {}))
+  student_kwargs = with_options(spec["model"], spec.get("student_kwargs") or {}, options)
+  model = models.get_model(spec["model"], num_classes=ncls, **dkw, **student_kwargs)
   steps_per_epoch = 1000
   state, step, projs, _, attack = train.build_train_step(
     cfg,
@@ -603,19 +643,63 @@ def run_child(spec: dict) -> dict:
   state = parallel.replicate(state, mesh)
   tvars = parallel.replicate(tvars, mesh)
   batch = parallel.shard_batch(host_batch, mesh)
-  out["setup_s"] = time.perf_counter() - t_setup
-  out["param_counts"] = {
-    "student": models.count_params(state.params["model"]),
-    "teachers": [models.count_params(v) for v in tvars],
-    "projectors": [models.count_params(p) for p in state.params["projectors"].values()],
+  info = {
+    "setup_s": time.perf_counter() - t_setup,
+    "param_counts": {
+      "student": models.count_params(state.params["model"]),
+      "teachers": [models.count_params(v) for v in tvars],
+      "projectors": [models.count_params(p) for p in state.params["projectors"].values()],
+    },
+    "teachers": teachers,
+    "student_kwargs": student_kwargs,
+    "attack": attack._asdict(),
+    "plan": {
+      "student_views": list(plan.student_views),
+      "teacher_views": [list(v) for v in plan.teacher_views],
+      "features": bool(plan.student_features),
+    },
   }
-  out["teachers"] = [[n, kw] for n, kw in tset[:k]]
-  out["attack"] = attack._asdict()
-  out["plan"] = {
-    "student_views": list(plan.student_views),
-    "teacher_views": [list(v) for v in plan.teacher_views],
-    "features": bool(plan.student_features),
+  return types.SimpleNamespace(
+    method=method,
+    hparams=hparams,
+    plan=plan,
+    attack=attack,
+    model=model,
+    teacher_models=tmods,
+    teacher_vars=tvars,
+    projectors=projs,
+    state=state,
+    step=step,
+    mesh=mesh,
+    batch=batch,
+    host_batch=host_batch,
+    batch_size=batch_size,
+    info=info,
+  )
+
+
+def run_child(spec: dict) -> dict:
+  """Builds and times one case; returns a JSON-able dict."""
+  xla_flags_used = setup_xla(spec)
+
+  import jax
+  import numpy as np
+  from mdrad_jax import train_step as ts
+
+  out: dict = {
+    "backend": jax.default_backend(),
+    "device": str(jax.devices()[0].device_kind),
+    "num_devices": jax.device_count(),
+    "xla_flags": xla_flags_used,
   }
+  mm = spec.get("matmul_size") or (2048 if jax.default_backend() == "cpu" else 8192)
+  out["peak_matmul"] = measure_peak_matmul(mm)
+
+  case = build_case(spec)
+  out.update(case.info)
+  method, hparams, plan, attack, model = case.method, case.hparams, case.plan, case.attack, case.model
+  tmods, projs, mesh, batch, host_batch = case.teacher_models, case.projectors, case.mesh, case.batch, case.host_batch
+  state, tvars, step, batch_size = case.state, case.teacher_vars, case.step, case.batch_size
   out["rss_before_compile_bytes"] = _rss_bytes()
 
   jitted = ts.jit_train_step(step, mesh, donate=bool(spec["donate"]))
@@ -708,10 +792,12 @@ def _run_process(cmd, env, timeout, quiet) -> tuple[int, str]:
   return proc.returncode, proc.stdout
 
 
-def run_jax_case(spec: dict, args) -> dict:
+def run_jax_case(spec: dict, args, script: str = "") -> dict:
+  """Runs one JAX child (``script --child-spec SPEC --child-out FILE``; default: this script) and returns its
+  result with the wall time and the load average before and after."""
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "out.json")
-    cmd = [sys.executable, os.path.abspath(__file__), "--child-spec", json.dumps(spec), "--child-out", path]
+    cmd = [sys.executable, script or os.path.abspath(__file__), "--child-spec", json.dumps(spec), "--child-out", path]
     env = dict(os.environ)
     env.pop("MDRAD_NO_DEFAULT_XLA_FLAGS", None)
     before = loadavg()
@@ -785,6 +871,64 @@ def summarise(runs: list[dict]) -> dict:
   return s
 
 
+DEPTHWISE_IMPLS = ("conv", "shifted")  # mdrad_jax.models.DEPTHWISE_IMPLS (the parent does not import JAX)
+
+
+def case_spec(args, *, method: str, model: str, batch: int, teacher_set: str, teachers=None, pgd_steps=None) -> dict:
+  """What every child of one (method, student, batch) case gets, from the command line's options;
+  ``teachers`` (default: the set's) and ``pgd_steps`` (default: ``args.pgd_steps``) override."""
+  return dict(
+    method=method,
+    model=model,
+    batch=batch,
+    teacher_set=teacher_set,
+    image_size=args.image_size,
+    channels=args.channels,
+    num_classes=args.num_classes,
+    pgd_steps=args.pgd_steps if pgd_steps is None else pgd_steps,
+    steps=args.steps,
+    warmup=args.warmup,
+    necessary=getattr(args, "necessary", False),
+    matmul_size=getattr(args, "matmul_size", 0),
+    real_init=getattr(args, "real_init", False),
+    teachers=[list(t) for t in (TEACHER_SETS[teacher_set] if teachers is None else teachers)],
+    count_flops=getattr(args, "torch_count_flops", False),
+  )
+
+
+def jax_spec(base, *, xla=None, unroll=True, donate=True, dtype="float32", student_kwargs=None, depthwise="conv"):
+  """A JAX child's spec: the case's ``base`` and one variant of the levers."""
+  if dtype not in ("float32", "bfloat16"):
+    raise SystemExit(f"JAX dtypes are float32 or bfloat16, got {dtype!r}")
+  if depthwise not in DEPTHWISE_IMPLS:
+    raise SystemExit(f"--depthwise entries are {', '.join(DEPTHWISE_IMPLS)}, got {depthwise!r}")
+  xla = xla or {"name": "default", "xla_mode": "default", "xla_extra": ""}
+  return dict(
+    base,
+    unroll=bool(unroll),
+    donate=bool(donate),
+    xla_mode=xla["xla_mode"],
+    xla_extra=xla["xla_extra"],
+    xla_name=xla["name"],
+    dtype=dtype,
+    student_kwargs=dict(student_kwargs or {}),
+    model_options={} if depthwise == "conv" else {"depthwise": depthwise},
+  )
+
+
+def jax_variant_name(spec) -> str:
+  """``jax[<xla variant>,<levers that differ from the defaults>]``."""
+  return (
+    f"jax[{spec.get('xla_name', 'default')}"
+    + ("" if spec["unroll"] else ",rolled")
+    + ("" if spec["donate"] else ",no-donate")
+    + ("" if spec["dtype"] == "float32" else ",bf16")
+    + "".join(f",{k}={v}" for k, v in sorted(spec["student_kwargs"].items()))
+    + "".join(f",{k}={v}" for k, v in sorted(spec["model_options"].items()))
+    + "]"
+  )
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
   if args.child_spec:
@@ -843,53 +987,18 @@ def main(argv=None) -> int:
     tset = args.teacher_set or model
     if tset not in TEACHER_SETS:
       raise SystemExit(f"no teacher set for {model!r}; give --teacher-set (one of {sorted(TEACHER_SETS)})")
-    base = dict(
-      method=method,
-      model=model,
-      batch=batch,
-      teacher_set=tset,
-      image_size=args.image_size,
-      channels=args.channels,
-      num_classes=args.num_classes,
-      pgd_steps=args.pgd_steps,
-      steps=args.steps,
-      warmup=args.warmup,
-      necessary=args.necessary,
-      matmul_size=args.matmul_size,
-      real_init=args.real_init,
-      teachers=TEACHER_SETS[tset],
-      count_flops=args.torch_count_flops,
-    )
+    base = case_spec(args, method=method, model=model, batch=batch, teacher_set=tset)
     variants = []
     for xv in xla_variants(args):
       for un in args.unroll:
         for dn in args.donate:
           for dt in args.jax_dtypes:
-            if dt not in ("float32", "bfloat16"):
-              raise SystemExit(f"--jax-dtypes entries are float32 or bfloat16, got {dt!r}")
             for skw in student_kwargs:
-              name = (
-                f"jax[{xv['name']}"
-                + ("" if _bool(un) else ",rolled")
-                + ("" if _bool(dn) else ",no-donate")
-                + ("" if dt == "float32" else ",bf16")
-                + "".join(f",{k}={v}" for k, v in sorted(skw.items()))
-                + "]"
-              )
-              variants.append(
-                (
-                  name,
-                  dict(
-                    base,
-                    unroll=_bool(un),
-                    donate=_bool(dn),
-                    xla_mode=xv["xla_mode"],
-                    xla_extra=xv["xla_extra"],
-                    dtype=dt,
-                    student_kwargs=skw,
-                  ),
+              for dw in args.depthwise:
+                spec = jax_spec(
+                  base, xla=xv, unroll=_bool(un), donate=_bool(dn), dtype=dt, student_kwargs=skw, depthwise=dw
                 )
-              )
+                variants.append((jax_variant_name(spec), spec))
     torch_variants = [(f"torch[{d}]", d) for d in args.torch_dtypes] if use_torch else []
     runs: dict[str, list] = {name: [] for name, _ in variants + torch_variants}
     for rep in range(args.repeats):

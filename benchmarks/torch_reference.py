@@ -25,6 +25,9 @@ The step is the one the library compiles, written the way the official PyTorch c
 ``dtype``: 'fp32', or 'bf16' for ``torch.autocast`` with bfloat16 (forward/backward of every network; losses
 in float32).  Optional ``count_flops``: one extra untimed step under ``torch.utils.flop_counter`` (matmuls and
 convolutions, 2 FLOPs per multiply-add), to compare the work with the JAX step's necessary FLOPs.
+
+``"breakdown": true`` times each part of the step on its own instead (:func:`breakdown`, for
+``benchmarks/bench_breakdown.py``).
 """
 
 from __future__ import annotations
@@ -284,7 +287,7 @@ def build_model(name: str, kwargs: dict, num_classes: int, image_shape) -> nn.Mo
   if name.startswith("vgg") and name.endswith("_bn"):
     return VGG(num_classes, VGG_CFGS[name[:-3]], in_ch=c)
   if name == "mobilenet_v2":
-    return MobileNetV2(num_classes, in_ch=c)
+    return MobileNetV2(num_classes, cfg=tuple(tuple(r) for r in kw.get("cfg", MOBILENETV2_CFG)), in_ch=c)
   wrn = {"wrn28_10": (28, 10), "wrn34_10": (34, 10), "wrn34_20": (34, 20)}
   if name in wrn or name == "wide_resnet":
     depth, k = wrn.get(name, (34, 10))
@@ -466,7 +469,10 @@ def library_plan(method_name: str, num_available: int):
   return hp, plan, attack, k
 
 
-def run(spec: dict) -> dict:
+def build(spec: dict):
+  """The networks, optimizer, batch and step closure of one case (see :func:`run`), as a namespace."""
+  import types
+
   device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   if spec.get("threads"):
     torch.set_num_threads(int(spec["threads"]))
@@ -540,9 +546,7 @@ def run(spec: dict) -> dict:
         logits.append(out)
     return logits, feats
 
-  def step(leaf_input=True):
-    t_clean, t_feats = teacher_views(x, t_clean_on, plan.teacher_features)
-    x_adv = x
+  def attack(t_clean, leaf_input=True):
     if att["bn_mode"] == "eval":
       student.eval()
     elif att["bn_mode"] == "train_update":
@@ -552,7 +556,7 @@ def run(spec: dict) -> dict:
     objective = make_objective(
       name, hp, student=student, teachers=teachers, labels=y, t_clean=t_clean, autocast=autocast
     )
-    x_adv = pgd(
+    return pgd(
       objective,
       x,
       eps=eps,
@@ -562,23 +566,20 @@ def run(spec: dict) -> dict:
       clip_start=att["clip_start"],
       leaf_input=leaf_input,
     )
-    student.train()
-    projectors.train()
-    t_adv, _ = teacher_views(x_adv, t_adv_on)
-    s_adv = s_clean = projected = None
-    for view in plan.student_views:
-      xin = x_adv if view == "adv" else x
-      want = plan.student_features and view == plan.feature_view
-      with autocast():
-        out = student(xin, return_features=want)
-        if want:
-          out, f = out
-          projected = [p(f) for p in projectors]
-      if view == "adv":
-        s_adv = out
-      else:
-        s_clean = out
-    loss = method_loss(
+
+  def student_view(view, xin):
+    """One train-mode student forward: (logits, projected features or None)."""
+    want = plan.student_features and view == plan.feature_view
+    with autocast():
+      out = student(xin, return_features=want)
+      projected = None
+      if want:
+        out, f = out
+        projected = [p(f) for p in projectors]
+    return out, projected
+
+  def loss_of(s_adv, s_clean, projected, t_clean, t_adv, t_feats):
+    return method_loss(
       name,
       hp,
       labels=y,
@@ -589,6 +590,23 @@ def run(spec: dict) -> dict:
       projected=projected,
       t_feats=t_feats,
     )
+
+  def step(leaf_input=True):
+    t_clean, t_feats = teacher_views(x, t_clean_on, plan.teacher_features)
+    x_adv = attack(t_clean, leaf_input=leaf_input)
+    student.train()
+    projectors.train()
+    t_adv, _ = teacher_views(x_adv, t_adv_on)
+    s_adv = s_clean = projected = None
+    for view in plan.student_views:
+      out, proj = student_view(view, x_adv if view == "adv" else x)
+      if proj is not None:
+        projected = proj
+      if view == "adv":
+        s_adv = out
+      else:
+        s_clean = out
+    loss = loss_of(s_adv, s_clean, projected, t_clean, t_adv, t_feats)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in student.parameters() if p.grad is not None))
@@ -600,7 +618,7 @@ def run(spec: dict) -> dict:
     if device.type == "cuda":
       torch.cuda.synchronize()
 
-  out = {
+  info = {
     "device": str(device),
     "torch": torch.__version__,
     "threads": torch.get_num_threads(),
@@ -613,6 +631,33 @@ def run(spec: dict) -> dict:
     },
     "attack": dict(att, eps=eps, step_size=step_size, num_steps=spec["pgd_steps"]),
   }
+  return types.SimpleNamespace(
+    device=device,
+    autocast=autocast,
+    hp=hp,
+    plan=plan,
+    student=student,
+    teachers=teachers,
+    projectors=projectors,
+    opt=opt,
+    x=x,
+    y=y,
+    t_clean_on=t_clean_on,
+    t_adv_on=t_adv_on,
+    teacher_views=teacher_views,
+    attack=attack,
+    student_view=student_view,
+    loss_of=loss_of,
+    step=step,
+    sync=sync,
+    info=info,
+  )
+
+
+def run(spec: dict) -> dict:
+  case = build(spec)
+  step, sync = case.step, case.sync
+  out = dict(case.info)
   rss_reset = _reset_peak_rss()  # the peak RSS mark then covers the steps only
   t0 = time.perf_counter()
   for _ in range(spec.get("warmup", 1)):
@@ -633,7 +678,7 @@ def run(spec: dict) -> dict:
   out["loss"] = float(loss)
   out["peak_rss_bytes"] = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
   out["peak_rss_steps_bytes"] = _vm_hwm() if rss_reset else None
-  out["device_peak_bytes"] = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+  out["device_peak_bytes"] = torch.cuda.max_memory_allocated() if case.device.type == "cuda" else None
   if spec.get("count_flops"):
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -641,6 +686,122 @@ def run(spec: dict) -> dict:
       step(leaf_input=False)
     out["step_flops_counted"] = float(counter.get_total_flops())
   return out
+
+
+def _timed(fn, sync, warmup: int, reps: int) -> dict:
+  for _ in range(warmup):
+    fn()
+  sync()
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    fn()
+    sync()
+    times.append(time.perf_counter() - t)
+  return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times}
+
+
+def breakdown(spec: dict) -> dict:
+  """Times each part of the step on its own, on the step's shapes (``benchmarks/bench_breakdown.py`` names
+  the same parts on the JAX side): each teacher's eval-mode forward per view, the attack, the student's
+  train-mode forward + backward per view (a forward alone for a view the loss does not use), the feature
+  projectors' forward + backward, the loss's forward + backward, the optimizer update, and the whole step.
+  Cotangents are random tensors of the outputs' shapes; ``steps`` timed calls of each after ``warmup``."""
+  case = build(spec)
+  reps, warmup = spec.get("steps", 5), spec.get("warmup", 1)
+  plan, x, sync, autocast = case.plan, case.x, case.sync, case.autocast
+  student, projectors, opt = case.student, case.projectors, case.opt
+  names = [n for n, _ in spec["teachers"][: len(case.teachers)]]
+  k = len(case.teachers)
+  parts: dict = {}
+
+  def timed(name, fn):
+    parts[name] = _timed(fn, sync, warmup, reps)
+
+  def only(i):
+    return [j == i for j in range(k)]
+
+  t_clean, t_feats = case.teacher_views(x, case.t_clean_on, plan.teacher_features)
+  for i, on in enumerate(case.t_clean_on):
+    if on:
+      timed(
+        f"teacher{i} {names[i]} forward (clean)",
+        lambda i=i: case.teacher_views(x, only(i), plan.teacher_features),
+      )
+  x_adv = case.attack(t_clean)
+  timed(f"attack: PGD-{spec['pgd_steps']}", lambda: case.attack(t_clean))
+  t_adv, _ = case.teacher_views(x_adv, case.t_adv_on)
+  for i, on in enumerate(case.t_adv_on):
+    if on:
+      timed(f"teacher{i} {names[i]} forward (adv)", lambda i=i: case.teacher_views(x_adv, only(i)))
+
+  # the loss's inputs as leaves: which views it uses, and its own forward + backward
+  student.train()
+  projectors.train()
+  with torch.no_grad(), autocast():
+    logits_shape = student(x[:2]).shape[1:]
+  leaf = {v: torch.randn((x.shape[0], *logits_shape), device=x.device, requires_grad=True) for v in plan.student_views}
+  proj_leaf = (
+    [torch.randn(f.shape, device=x.device, requires_grad=True) for f in t_feats] if plan.student_features else None
+  )
+
+  def loss_fn():
+    return case.loss_of(leaf.get("adv"), leaf.get("clean"), proj_leaf, t_clean, t_adv, t_feats)
+
+  grads = torch.autograd.grad(loss_fn(), list(leaf.values()) + (proj_leaf or []), allow_unused=True)
+  used = {v for v, g in zip(leaf, grads) if g is not None and bool(torch.any(g != 0))}
+  if proj_leaf and any(g is not None and bool(torch.any(g != 0)) for g in grads[len(leaf) :]):
+    used.add(plan.feature_view)
+
+  for view in plan.student_views:
+    xin = x_adv if view == "adv" else x
+    want = plan.student_features and view == plan.feature_view
+    if view not in used:
+
+      def fwd(xin=xin):
+        with autocast():
+          student(xin)
+
+      timed(f"student forward, statistics only ({view})", fwd)
+      continue
+    with torch.no_grad(), autocast():
+      out = student(xin, return_features=want)
+    cot = [torch.randn_like(o) for o in (out if want else (out,))]
+
+    def fwd_bwd(xin=xin, want=want, cot=cot):
+      opt.zero_grad(set_to_none=True)
+      with autocast():
+        out = student(xin, return_features=want)
+      torch.autograd.backward(list(out) if want else [out], cot)
+
+    timed(f"student forward+backward ({view})", fwd_bwd)
+
+  if plan.student_features and len(projectors):
+    with torch.no_grad(), autocast():
+      _, fs = student(x, return_features=True)
+    f_in = torch.randn(fs.shape, device=x.device, dtype=torch.float32, requires_grad=True)
+    with torch.no_grad(), autocast():
+      cot = [torch.randn_like(p(f_in)) for p in projectors]
+
+    def proj_fwd_bwd():
+      opt.zero_grad(set_to_none=True)
+      f_in.grad = None
+      with autocast():
+        outs = [p(f_in) for p in projectors]
+      torch.autograd.backward(outs, cot)
+
+    timed(f"projectors forward+backward x{len(projectors)}", proj_fwd_bwd)
+
+  def loss_fwd_bwd():
+    for t in list(leaf.values()) + (proj_leaf or []):
+      t.grad = None
+    loss_fn().backward()
+
+  timed("loss forward+backward", loss_fwd_bwd)
+  case.step()  # every parameter has a gradient for the update
+  timed("optimizer update", opt.step)
+  timed("whole step", lambda: float(case.step()[0]))
+  return dict(case.info, parts=parts, views_with_gradient=sorted(used))
 
 
 def _reset_peak_rss() -> bool:
@@ -668,7 +829,8 @@ def main(argv=None) -> int:
   p.add_argument("--spec", required=True, help="JSON: method, model, batch, teachers, pgd_steps, steps, ...")
   p.add_argument("--out", default="", help="write the result JSON here (default: print it)")
   args = p.parse_args(argv)
-  res = run(json.loads(args.spec))
+  spec = json.loads(args.spec)
+  res = breakdown(spec) if spec.get("breakdown") else run(spec)
   if args.out:
     with open(args.out, "w") as f:
       json.dump(res, f)

@@ -42,6 +42,8 @@ __all__ = [
   "get_model",
   "init_model",
   "count_params",
+  "model_options",
+  "depthwise_conv_shifted",
   "FeatureProjector",
   "ResNet",
   "PreActResNet",
@@ -77,12 +79,23 @@ def _conv(
   groups: int = 1,
   use_bias: bool = False,
   padding=None,
+  depthwise: str = "conv",
 ) -> nn.Conv:
   """A conv with PyTorch's symmetric zero padding ``kernel // 2`` (or the explicit ``padding`` given as
-  ``((top, bottom), (left, right))``)."""
+  ``((top, bottom), (left, right))``).  For a depthwise conv (``groups == features``), ``depthwise`` picks
+  its lowering (:data:`DEPTHWISE_IMPLS`); the parameter is the same either way."""
   p = kernel // 2
   if padding is None:
     padding = ((p, p), (p, p))
+  extra = {}
+  if depthwise != "conv":
+    if depthwise not in DEPTHWISE_IMPLS:
+      raise ValueError(f"depthwise must be one of {DEPTHWISE_IMPLS}, got {depthwise!r}")
+    if groups != features:
+      raise ValueError(
+        f"depthwise={depthwise!r} is for depthwise convolutions, got groups={groups}, {features} features"
+      )
+    extra["conv_general_dilated"] = shifted_conv_general_dilated
   return nn.Conv(
     features,
     (kernel, kernel),
@@ -94,6 +107,7 @@ def _conv(
     param_dtype=jnp.float32,
     kernel_init=conv_init,
     name=name,
+    **extra,
   )
 
 
@@ -135,6 +149,75 @@ def _max_pool(x, window: int = 2, impl: str = "reshape"):
     x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)), constant_values=-jnp.inf)
   x = x.reshape(n, (h + ph) // window, window, (w + pw) // window, window, c)
   return jnp.max(x, axis=(2, 4))
+
+
+DEPTHWISE_IMPLS = ("conv", "shifted")
+
+
+def depthwise_conv_shifted(x, kernel, strides=(1, 1), padding=((1, 1), (1, 1))):
+  """Depthwise convolution of NHWC ``x`` with an HWIO ``kernel [kh, kw, 1, C]`` as a sum of ``kh * kw``
+  shifted elementwise products: zero-pad, then for every kernel tap the strided slice of ``x`` it sees times
+  that tap's per-channel weights.
+
+  The same function as ``lax.conv_general_dilated(x, kernel, strides, padding, feature_group_count=C)``
+  with NHWC/HWIO layouts (up to the order of the float additions).  Its forward and both gradients are
+  elementwise products, sums, pads and slices, which XLA fuses into loops over the map, instead of a grouped
+  convolution kernel.  ``padding`` is ``((top, bottom), (left, right))``; low-precision (bfloat16) products
+  are summed in float32 and the result cast back.
+  """
+  kh, kw, one, c = kernel.shape
+  if x.ndim != 4 or one != 1 or x.shape[-1] != c:
+    raise ValueError(
+      f"depthwise_conv_shifted takes NHWC x and an HWIO kernel [kh, kw, 1, C] with C = x's channels, "
+      f"got x {tuple(x.shape)} and kernel {tuple(kernel.shape)}"
+    )
+  sh, sw = (int(s) for s in strides)
+  (pt, pb), (pl, pr) = ((int(a), int(b)) for a, b in padding)
+  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  n, hp, wp, _ = xp.shape
+  ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+  if ho < 1 or wo < 1:
+    raise ValueError(f"a {kh}x{kw} kernel does not fit the padded {hp}x{wp} map")
+  acc = jnp.promote_types(jnp.result_type(x, kernel), jnp.float32)  # bfloat16 products summed in float32
+  out = None
+  for i in range(kh):
+    for j in range(kw):
+      tap = jax.lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c), (1, sh, sw, 1))
+      term = tap.astype(acc) * kernel[i, j, 0].astype(acc)
+      out = term if out is None else out + term
+  return out.astype(jnp.result_type(x, kernel))
+
+
+def shifted_conv_general_dilated(
+  lhs,
+  rhs,
+  window_strides,
+  padding,
+  lhs_dilation=None,
+  rhs_dilation=None,
+  dimension_numbers=None,
+  feature_group_count=1,
+  precision=None,
+):
+  """``lax.conv_general_dilated``'s signature for ``nn.Conv(conv_general_dilated=...)``: the depthwise case
+  (NHWC/HWIO, no dilation, one filter per channel) by :func:`depthwise_conv_shifted`; anything else is an
+  error (``precision`` does not apply: the products are elementwise)."""
+  del precision
+  nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+  if dimension_numbers is not None and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != nhwc:
+    raise ValueError(f"the shifted depthwise convolution takes NHWC/HWIO layouts, got {dimension_numbers}")
+  for nm, d in (("lhs_dilation", lhs_dilation), ("rhs_dilation", rhs_dilation)):
+    if d is not None and any(int(v) != 1 for v in d):
+      raise ValueError(f"the shifted depthwise convolution has no dilation, got {nm}={tuple(d)}")
+  c = lhs.shape[-1]
+  if feature_group_count != c or rhs.shape[-2:] != (1, c):
+    raise ValueError(
+      f"the shifted lowering is for depthwise convolutions (one filter per channel), got {c} channels, "
+      f"feature_group_count={feature_group_count}, kernel {tuple(rhs.shape)}"
+    )
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+  return depthwise_conv_shifted(lhs, rhs, window_strides, padding)
 
 
 _ACTIVATIONS = {"relu": nn.relu, "swish": nn.swish}
@@ -435,13 +518,14 @@ class InvertedResidual(nn.Module):
   features: int
   stride: int = 1
   dtype: Dtype = jnp.float32
+  depthwise: str = "conv"
 
   @nn.compact
   def __call__(self, x, train: bool):
     planes = self.expansion * x.shape[-1]
     out = _conv(planes, 1, dtype=self.dtype, name="conv1")(x)
     out = nn.relu(_bn(train, dtype=self.dtype, name="bn1")(out))
-    out = _conv(planes, 3, self.stride, groups=planes, dtype=self.dtype, name="conv2")(out)
+    out = _conv(planes, 3, self.stride, groups=planes, dtype=self.dtype, name="conv2", depthwise=self.depthwise)(out)
     out = nn.relu(_bn(train, dtype=self.dtype, name="bn2")(out))
     out = _conv(self.features, 1, dtype=self.dtype, name="conv3")(out)
     out = _bn(train, dtype=self.dtype, name="bn3")(out)
@@ -454,13 +538,17 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-  """MobileNetV2 for 32x32 inputs: 3x3 stride-1 stem (32), inverted residual stages, 1x1 conv to 1280."""
+  """MobileNetV2 for 32x32 inputs: 3x3 stride-1 stem (32), inverted residual stages, 1x1 conv to 1280.
+
+  ``depthwise`` is the lowering of the 3x3 depthwise convolutions: ``'conv'`` (the default, XLA's grouped
+  convolution) or ``'shifted'`` (:func:`depthwise_conv_shifted`); same parameters, same function."""
 
   num_classes: int
   dtype: Dtype = jnp.float32
   mean: tuple | None = None
   std: tuple | None = None
   cfg: Sequence[Sequence[int]] = MOBILENETV2_CIFAR_CFG
+  depthwise: str = "conv"  # 'conv' | 'shifted' (see depthwise_conv_shifted)
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
@@ -470,7 +558,9 @@ class MobileNetV2(nn.Module):
     feats = {}
     for i, (e, c, n, s) in enumerate(self.cfg):
       for j in range(n):
-        x = InvertedResidual(e, c, s if j == 0 else 1, dtype=self.dtype, name=f"layer{i + 1}_{j}")(x, train)
+        x = InvertedResidual(
+          e, c, s if j == 0 else 1, dtype=self.dtype, depthwise=self.depthwise, name=f"layer{i + 1}_{j}"
+        )(x, train)
       feats[f"stage{i + 1}"] = x
     x = _conv(1280, 1, dtype=self.dtype, name="conv2")(x)
     x = nn.relu(_bn(train, dtype=self.dtype, name="bn2")(x))
@@ -507,6 +597,7 @@ class TorchvisionInvertedResidual(nn.Module):
   features: int
   stride: int = 1
   dtype: Dtype = jnp.float32
+  depthwise: str = "conv"
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -516,7 +607,7 @@ class TorchvisionInvertedResidual(nn.Module):
     if self.expansion != 1:
       out = _conv(hidden, 1, dtype=self.dtype, name="expand_conv")(out)
       out = nn.relu6(_bn(train, dtype=self.dtype, name="expand_bn")(out))
-    out = _conv(hidden, 3, self.stride, groups=hidden, dtype=self.dtype, name="dw_conv")(out)
+    out = _conv(hidden, 3, self.stride, groups=hidden, dtype=self.dtype, name="dw_conv", depthwise=self.depthwise)(out)
     out = nn.relu6(_bn(train, dtype=self.dtype, name="dw_bn")(out))
     out = _conv(self.features, 1, dtype=self.dtype, name="project_conv")(out)
     out = _bn(train, dtype=self.dtype, name="project_bn")(out)
@@ -531,7 +622,7 @@ class MobileNetV2Torchvision(nn.Module):
   chenyaofo/pytorch-cifar-models' ``mobilenetv2_x*`` and huyvnphan/PyTorch_CIFAR10's ``mobilenet_v2``;
   ``stem_stride=2`` with ``MOBILENETV2_TORCHVISION_CFG`` is torchvision's ImageNet network.  Blocks are
   ``block1``..``blockN`` in order (torchvision's ``features.1``..``features.N``); the classifier's dropout is
-  not built (identity in eval mode)."""
+  not built (identity in eval mode).  ``depthwise``: as :class:`MobileNetV2`'s."""
 
   num_classes: int
   dtype: Dtype = jnp.float32
@@ -542,6 +633,7 @@ class MobileNetV2Torchvision(nn.Module):
   cfg: Sequence[Sequence[int]] = MOBILENETV2_CIFAR_CFG
   last_channel: int = 1280
   round_nearest: int = 8
+  depthwise: str = "conv"  # 'conv' | 'shifted' (see depthwise_conv_shifted)
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
@@ -556,7 +648,9 @@ class MobileNetV2Torchvision(nn.Module):
       out_ch = make_divisible(c * self.width_mult, self.round_nearest)
       for j in range(n):
         k += 1
-        x = TorchvisionInvertedResidual(e, out_ch, s if j == 0 else 1, dtype=self.dtype, name=f"block{k}")(x, train)
+        x = TorchvisionInvertedResidual(
+          e, out_ch, s if j == 0 else 1, dtype=self.dtype, depthwise=self.depthwise, name=f"block{k}"
+        )(x, train)
       feats[f"stage{i + 1}"] = x
     x = _conv(last, 1, dtype=self.dtype, name="head_conv")(x)
     x = nn.relu6(_bn(train, dtype=self.dtype, name="head_bn")(x))
@@ -779,6 +873,13 @@ def _accepted_kwargs(factory) -> set[str]:
 
 def _as_tuple(value):
   return tuple(_as_tuple(v) if isinstance(v, (list, tuple)) else v for v in value)
+
+
+def model_options(name: str) -> set[str]:
+  """The options (keyword arguments besides ``num_classes``) model ``name`` of ``MODELS`` accepts."""
+  if name not in MODELS:
+    raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
+  return _accepted_kwargs(MODELS[name]) - {"num_classes"}
 
 
 def get_model(name: str, *, num_classes: int, **kwargs) -> nn.Module:

@@ -251,3 +251,200 @@ def test_autoattack_cost_on_paper(capsys):
   assert worst == typical  # every point robust: the assumed case is the worst case
   expected = 100 * (f + (101 + 909 + 900) * g + 5000 * f) / 1e15
   assert abs(worst - expected) <= 5e-3 * expected  # printed to 3 significant digits
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-part breakdown, the depthwise lowering's variants and the cost curves (tiny configurations).
+# ---------------------------------------------------------------------------------------------
+def _have_torch():
+  import importlib.util
+
+  return importlib.util.find_spec("torch") is not None
+
+
+def _load_benchmark(name):
+  import importlib.util
+
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "benchmarks", f"{name}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def _bench(script, args, timeout=900):
+  env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="true")
+  proc = subprocess.run(
+    [sys.executable, os.path.join(REPO, "benchmarks", script), *args],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    timeout=timeout,
+  )
+  assert proc.returncode == 0, proc.stdout[-3000:]
+  return proc.stdout
+
+
+def test_breakdown_tiny_configuration(tmp_path):
+  """Every part of the SA-MDRAD step is timed on both sides (the reference when torch is installed), with the
+  same part names, positive times, and a table row per part."""
+  out = tmp_path / "breakdown.json"
+  torch_on = _have_torch()
+  stdout = _bench(
+    "bench_breakdown.py",
+    ["--configs", "tiny_cnn:4", "--image-size", "8", "--pgd-steps", "2", "--steps", "2", "--warmup", "0"]
+    + ["--torch", "on" if torch_on else "off", "--json", str(out)],
+  )
+  assert "| part | JAX ms |" in stdout and "load average" in stdout
+  res = json.loads(out.read_text())
+  assert res["complete"] is True
+  (case,) = res["results"]
+  jax_run = case["jax"]["jax[default]"]
+  assert "error" not in jax_run, jax_run
+  parts = jax_run["parts"]
+  want = [
+    "teacher0 tiny_cnn forward (clean)",
+    "teacher1 mlp forward (clean)",
+    "teacher2 tiny_cnn forward (clean)",
+    "attack: PGD-2",
+    "student forward+backward (adv)",
+    "student forward+backward (clean)",
+    "projectors forward+backward x3",
+    "loss forward+backward",
+    "optimizer update",
+    "whole step",
+  ]
+  assert list(parts) == want
+  for name, p in parts.items():
+    assert len(p["times_s"]) == 2 and p["median_s"] > 0 and p["compile_s"] > 0, name
+  # the attack does two student forwards + input gradients, the student's outer view one forward + backward
+  assert parts["attack: PGD-2"]["flops"] > parts["teacher0 tiny_cnn forward (clean)"]["flops"] > 0
+  assert parts["whole step"]["flops"] > parts["attack: PGD-2"]["flops"]
+  rows = {r["part"]: r for r in case["tables"]["jax[default]"]}
+  assert list(rows) == want[:-1] + ["sum of parts", "whole step"]
+  assert abs(rows["sum of parts"]["jax_s"] - sum(p["median_s"] for n, p in parts.items() if n != "whole step")) < 1e-9
+  if torch_on:
+    t = case["torch"]["torch[fp32]"]
+    assert "error" not in t, t
+    assert list(t["parts"]) == want
+    assert all(p["median_s"] > 0 for p in t["parts"].values())
+    assert t["views_with_gradient"] == jax_run["views_with_gradient"] == ["adv", "clean"]
+    assert t["param_counts"] == jax_run["param_counts"]
+    assert all(rows[n]["ratio"]["torch[fp32]"] > 0 for n in want)
+
+
+def test_depthwise_variant_of_the_train_step(tmp_path):
+  """--depthwise shifted reaches the MobileNetV2 teacher (and only the networks that have the option), and the
+  step computes the same loss as with the grouped convolution (same initial variables and batch)."""
+  out = tmp_path / "dw.json"
+  _bench(
+    "bench_train_step.py",
+    ["--methods", "rslad", "--configs", "tiny_cnn:4", "--teacher-set", "tiny_depthwise", "--image-size", "8"]
+    + ["--steps", "1", "--warmup", "0", "--pgd-steps", "1", "--matmul-size", "64", "--torch", "off"]
+    + ["--necessary", "false", "--depthwise", "conv,shifted", "--json", str(out)],
+  )
+  (case,) = json.loads(out.read_text())["results"]
+  conv, shifted = case["variants"]["jax[default]"], case["variants"]["jax[default,depthwise=shifted]"]
+  assert "error" not in conv and "error" not in shifted
+  assert conv["teachers"][0][0] == "mobilenet_v2" and "depthwise" not in conv["teachers"][0][1]
+  assert shifted["teachers"][0][1]["depthwise"] == "shifted"
+  assert "depthwise" not in shifted["student_kwargs"]  # tiny_cnn has no depthwise convolutions
+  assert conv["param_counts"] == shifted["param_counts"]
+  assert abs(conv["loss"] - shifted["loss"]) <= 1e-4 * max(1.0, abs(conv["loss"]))
+
+
+def test_conv_benchmark_depthwise_layers_tiny(tmp_path):
+  out = tmp_path / "dw_conv.json"
+  layers = "mobilenet_v2 dw 4x4 c960 s1 b32,mobilenet_v2 dw 8x8 c576 s2 b32"
+  torch_on = _have_torch()
+  _bench(
+    "bench_conv.py",
+    ["--layers", layers, "--depthwise", "conv,shifted", "--frameworks", "jax,torch" if torch_on else "jax"]
+    + ["--dtypes", "float32", "--reps", "1", "--warmup", "0", "--json", str(out)],
+    timeout=300,
+  )
+  res = json.loads(out.read_text())
+  assert res["depthwise_impls"] == ["conv", "shifted"]
+  rows = res["rows"]
+  assert {(r["layer"], r["kernel"]) for r in rows} == {
+    (n, k) for n in layers.split(",") for k in ("forward", "input_grad", "weight_grad")
+  }
+  for r in rows:
+    assert r["groups"] == r["cin"] == r["cout"] and r["flops"] > 0
+    assert r["xla_s_by_impl"]["conv"] > 0 and r["xla_s_by_impl"]["shifted"] > 0
+    assert (r["torch_s"] > 0) if torch_on else (r["torch_s"] is None)
+  # the totals weight each layer by how many MobileNetV2 has: 3 of 4x4x960 s1, 1 of 8x8x576 s2
+  fwd = next(t for t in res["network_totals"] if t["kernel"] == "forward")
+  assert fwd["layers"] == 4
+  by = {r["layer"]: r["xla_s_by_impl"]["shifted"] for r in rows if r["kernel"] == "forward"}
+  assert abs(fwd["xla_s_by_impl"]["shifted"] - (3 * by[layers.split(",")[0]] + by[layers.split(",")[1]])) < 1e-12
+
+
+def test_conv_benchmark_depthwise_list_is_mobilenet_v2s():
+  """bench_conv's MobileNetV2 depthwise layers (input size, channels, stride, count) are the model's, at 32x32."""
+  import collections
+
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+
+  from mdrad_jax import models
+
+  seen = collections.Counter()
+
+  def record(next_fun, args, kwargs, context):
+    mod = context.module
+    if context.method_name == "__call__" and isinstance(mod, nn.Conv) and mod.feature_group_count > 1:
+      x = args[0]
+      assert mod.feature_group_count == x.shape[-1] == mod.features and mod.kernel_size == (3, 3)
+      seen[(x.shape[1], x.shape[-1], mod.strides[0])] += 1
+    return next_fun(*args, **kwargs)
+
+  model = models.get_model("mobilenet_v2", num_classes=10)
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+  conv = _load_benchmark("bench_conv")
+  assert seen == {(hw, c, s): n for hw, c, s, n in conv.MOBILENETV2_DEPTHWISE}
+  assert {layer.batch for layer in conv.DEPTHWISE_LAYERS} == {32, 128}
+
+
+def test_curves_tiny_configuration(tmp_path):
+  """Two axes sharing their base point (measured once), JSON and markdown with a row per point and fits."""
+  out = tmp_path / "curves.json"
+  stdout = _bench(
+    "bench_curves.py",
+    ["--student", "tiny_cnn", "--image-size", "8", "--axes", "teachers,pgd_steps", "--teacher-counts", "1,2"]
+    + ["--pgd-steps", "1,2", "--base-teachers", "1", "--base-pgd-steps", "1", "--base-batch", "2"]
+    + ["--steps", "1", "--warmup", "0", "--matmul-size", "64", "--torch", "off", "--quiet", "--json", str(out)],
+  )
+  res = json.loads(out.read_text())
+  assert res["complete"] is True
+  teachers, pgd = res["curves"]["teachers"], res["curves"]["pgd_steps"]
+  assert [(p["teachers"], p["pgd_steps"], p["batch"]) for p in teachers] == [(1, 1, 2), (2, 1, 2)]
+  assert [(p["teachers"], p["pgd_steps"], p["batch"]) for p in pgd] == [(1, 1, 2), (1, 2, 2)]
+  assert teachers[0]["runs"] == pgd[0]["runs"]  # the shared point, one child
+  assert [t[0] for t in teachers[1]["teacher_list"]] == ["tiny_cnn", "mlp"]  # cycled from the set
+  for p in teachers + pgd:
+    assert p["jax_s"] > 0 and p["jax_rss"] > 0 and p["xla_temp"] is not None and p["torch_s"] is None
+    assert len(p["load_before"]) == 3 and len(p["load_after"]) == 3 and not p["errors"]
+  quantities = {(s["axis"], s["quantity"]) for s in res["summary"]}
+  assert ("teachers", "JAX step") in quantities and ("pgd_steps", "JAX peak RSS") in quantities
+  md = (tmp_path / "curves.md").read_text()
+  assert "### teachers" in md and "### Linear fits" in md and "ms per PGD step" in md
+  assert "### Linear fits" in stdout
+
+
+def test_curve_fits():
+  curves = _load_benchmark("bench_curves")
+  xs = [1, 2, 4, 8, 16]
+  ys = [2 * x + 1 for x in xs[:4]] + [60.0]  # linear through 8, then 60 instead of 33
+  fit = curves.linear_fit(xs[:4], ys[:4])
+  assert abs(fit["slope"] - 2) < 1e-12 and abs(fit["intercept"] - 1) < 1e-12 and abs(fit["r2"] - 1) < 1e-12
+  lin = curves.linearity(xs, ys, fit_points=3, tolerance=0.15)
+  assert lin["linear_through"] == 8 and lin["departs_at"] == 16
+  assert abs(lin["deviation"][-1][1] - (60 / 33 - 1)) < 1e-12
+  assert lin["marginal_slopes"][0] == (2.0, 2.0)
+  assert curves.linear_fit([3, 3], [1, 2]) is None  # one distinct x: no line
+  assert curves.cycled([["a", {}], ["b", {}], ["c", {}]], 4) == [["a", {}], ["b", {}], ["c", {}], ["a", {}]]

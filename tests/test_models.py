@@ -524,6 +524,124 @@ def test_max_pool_option_gives_the_same_network(name):
 
 
 # ---------------------------------------------------------------------------------------------
+# The shifted lowering of the depthwise convolution (models.depthwise_conv_shifted).
+# ---------------------------------------------------------------------------------------------
+def _np_depthwise(x, k, stride, pad):
+  """float64 reference: depthwise conv y[n, a, b, c] = sum_ij xpad[n, s*a + i, s*b + j, c] * k[i, j, 0, c], and
+  its adjoints for a cotangent ``g`` (returned as a function of g)."""
+  (pt, pb), (pl, pr) = pad
+  xp = np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  kh, kw = k.shape[:2]
+  ho, wo = (xp.shape[1] - kh) // stride + 1, (xp.shape[2] - kw) // stride + 1
+  y = np.zeros((x.shape[0], ho, wo, x.shape[3]))
+  for a in range(ho):
+    for b in range(wo):
+      win = xp[:, a * stride : a * stride + kh, b * stride : b * stride + kw, :]
+      y[:, a, b, :] = np.einsum("nijc,ijc->nc", win, k[:, :, 0, :])
+
+  def adjoints(g):
+    dxp = np.zeros_like(xp)
+    dk = np.zeros_like(k)
+    for a in range(ho):
+      for b in range(wo):
+        sl = (slice(None), slice(a * stride, a * stride + kh), slice(b * stride, b * stride + kw), slice(None))
+        dxp[sl] += np.einsum("nc,ijc->nijc", g[:, a, b, :], k[:, :, 0, :])
+        dk[:, :, 0, :] += np.einsum("nc,nijc->ijc", g[:, a, b, :], xp[sl])
+    return dxp[:, pt : pt + x.shape[1], pl : pl + x.shape[2], :], dk
+
+  return y, adjoints
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("hw", [(8, 8), (7, 5)])
+def test_depthwise_shifted_matches_grouped_conv_and_numpy(stride, hw):
+  rng = np.random.default_rng(stride)
+  c, pad = 6, ((1, 1), (1, 1))  # the models' PyTorch-style symmetric padding of a 3x3 conv
+  x = rng.standard_normal((2, *hw, c))
+  k = rng.standard_normal((3, 3, 1, c))
+  want, adjoints = _np_depthwise(x, k, stride, pad)
+  g = rng.standard_normal(want.shape)
+  want_dx, want_dk = adjoints(g)
+
+  def grouped(xx, kk):
+    return jax.lax.conv_general_dilated(
+      xx, kk, (stride, stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c
+    )
+
+  def shifted(xx, kk):
+    return models.depthwise_conv_shifted(xx, kk, (stride, stride), pad)
+
+  xj, kj, gj = (jnp.asarray(a, jnp.float32) for a in (x, k, g))
+  results = {}
+  for name, f in (("grouped", grouped), ("shifted", shifted)):
+    y, vjp = jax.vjp(jax.jit(f), xj, kj)
+    dx, dk = vjp(gj)
+    results[name] = (np.asarray(y), np.asarray(dx), np.asarray(dk))
+  y, dx, dk = results["shifted"]
+  assert y.shape == want.shape and y.dtype == np.float32
+  for got, ref in ((y, want), (dx, want_dx), (dk, want_dk)):
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+  for got, ref in zip(results["shifted"], results["grouped"]):
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+  # the same on 'SAME' padding given as a string (nn.Conv's other spelling)
+  same = models.shifted_conv_general_dilated(xj, kj, (stride, stride), "SAME", feature_group_count=c)
+  ref = jax.lax.conv_general_dilated(
+    xj, kj, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c
+  )
+  np.testing.assert_allclose(np.asarray(same), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_depthwise_shifted_bfloat16_and_errors():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 8, 8, 4)), jnp.bfloat16)
+  k = jnp.asarray(rng.standard_normal((3, 3, 1, 4)), jnp.bfloat16)
+  y = models.depthwise_conv_shifted(x, k)
+  want, _ = _np_depthwise(np.asarray(x, np.float64), np.asarray(k, np.float64), 1, ((1, 1), (1, 1)))
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=2e-2, atol=2e-2)  # bfloat16 output rounding
+  with pytest.raises(ValueError, match="depthwise"):
+    models.shifted_conv_general_dilated(x, jnp.zeros((3, 3, 2, 4)), (1, 1), ((1, 1), (1, 1)), feature_group_count=2)
+  with pytest.raises(ValueError, match="dilation"):
+    models.shifted_conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), rhs_dilation=(2, 2), feature_group_count=4)
+
+
+@pytest.mark.parametrize(
+  "name,kwargs",
+  [
+    ("mobilenet_v2", {"cfg": ((1, 16, 1, 1), (6, 24, 1, 2), (6, 24, 1, 1))}),  # stride 1 and 2, a residual
+    ("mobilenetv2_x0_5", {"cfg": ((1, 16, 1, 1), (6, 24, 2, 2))}),
+  ],
+)
+def test_depthwise_option_gives_the_same_network(name, kwargs):
+  # same parameter tree, same initial values, same logits and gradients (input and parameters) in train mode
+  conv = models.get_model(name, num_classes=10, **kwargs)
+  shifted = models.get_model(name, num_classes=10, depthwise="shifted", **kwargs)
+  x = jax.random.uniform(jax.random.key(3), (2, 16, 16, 3))
+  v_conv = jax.jit(functools.partial(conv.init, train=False))(jax.random.key(0), x)
+  v_shifted = jax.jit(functools.partial(shifted.init, train=False))(jax.random.key(0), x)
+  assert jax.tree.structure(v_conv) == jax.tree.structure(v_shifted)
+  for a, b in zip(jax.tree.leaves(v_conv), jax.tree.leaves(v_shifted)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  variables = _np_variables(conv, x.shape)
+
+  def loss(params, xx, m):
+    out, _ = m.apply({**variables, "params": params}, xx, train=True, mutable=["batch_stats"])
+    return jnp.sum(out * jnp.arange(10.0))
+
+  got = [
+    jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)(variables["params"], x, m)
+    for m in (conv, shifted)
+  ]
+  (l0, (dp0, dx0)), (l1, (dp1, dx1)) = got
+  np.testing.assert_allclose(float(l1), float(l0), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(dx1), np.asarray(dx0), rtol=1e-4, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(dp1), jax.tree.leaves(dp0)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="depthwise must be one of"):
+    models.get_model(name, num_classes=10, depthwise="fft", **kwargs).init(jax.random.key(0), x)
+
+
+# ---------------------------------------------------------------------------------------------
 # Networks of public checkpoints (see docs/teachers.md): published parameter counts, traced only.
 # ---------------------------------------------------------------------------------------------
 # chenyaofo/pytorch-cifar-models' README (CIFAR-10, millions to 2 decimals), torchvision's model docs
