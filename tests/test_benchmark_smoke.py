@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "bench_train_step.py")
 
@@ -335,6 +337,7 @@ def test_breakdown_tiny_configuration(tmp_path):
     assert all(rows[n]["ratio"]["torch[fp32]"] > 0 for n in want)
 
 
+@pytest.mark.slow  # about a minute of child processes; the lowering's equality is in test_models
 def test_depthwise_variant_of_the_train_step(tmp_path):
   """--depthwise shifted reaches the MobileNetV2 teacher (and only the networks that have the option), and the
   step computes the same loss as with the grouped convolution (same initial variables and batch)."""
@@ -410,6 +413,7 @@ def test_conv_benchmark_depthwise_list_is_mobilenet_v2s():
   assert {layer.batch for layer in conv.DEPTHWISE_LAYERS} == {32, 128}
 
 
+@pytest.mark.slow  # about a minute of child processes; the fits are tested alone below
 def test_curves_tiny_configuration(tmp_path):
   """Two axes sharing their base point (measured once), JSON and markdown with a row per point and fits."""
   out = tmp_path / "curves.json"
