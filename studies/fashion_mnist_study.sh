@@ -13,6 +13,10 @@ shift || true
 mkdir -p "$R"
 export MDRAD_PROGRESS=${MDRAD_PROGRESS:-0}
 RESTORE=${RESTORE-docs/study_fashion_mnist/study.json}
+if [ -n "$RESTORE" ] && [ ! -f "$RESTORE" ]; then
+  echo "note: no snapshot at $RESTORE; the study starts from nothing"
+  RESTORE=
+fi
 CMD="bash studies/fashion_mnist_study.sh $R $*"
 $PY main.py --config=configs/study.py:fashion_mnist --workdir="$R" --config.study.command="$CMD" \
   --config.study.restore="$RESTORE" "$@" 2>&1 \
