@@ -16,7 +16,7 @@ The attacks follow the reference algorithm of Croce & Hein (``autoattack``, ``se
 
 Every attack is a function of ``(x, y, mask, key)`` over a fixed-size batch, built from pure parts (start,
 one iteration, merge of a run's result) that are compiled separately and called from a host loop: XLA:CPU runs
-a model 3-4x slower inside a compiled loop than as a top-level program.  ``_apgd_single_run`` and
+a model several times slower inside a compiled loop than as a top-level program (docs/performance.md).  ``_apgd_single_run`` and
 ``_fab_single_run`` chain the same parts in a ``lax`` loop.  ``mask`` marks the real rows of a padded batch.  The public functions (``apgd``, ``apgd_targeted``,
 ``fab_targeted``, ``square``) attack a whole array in one batch and return ``x`` itself for every point that
 was not turned into an adversarial example, as the reference does.  ``autoattack`` is the Python driver: it
@@ -331,7 +331,7 @@ class _Apgd:
   """APGD with restarts (and APGD-T over target ranks) on a padded batch: each part compiled with ``jit``, the
   iterations, restarts and targets driven from the host.
 
-  XLA:CPU runs a model's forward and backward 3-4x slower inside a ``while`` loop than the same computation
+  XLA:CPU runs a model's forward and backward several times slower inside a ``while`` loop than the same computation
   as a top-level program (docs/performance.md, "AutoAttack"), so each iteration is one call of the compiled
   step.  Calls are dispatched asynchronously; the host waits only to check, between restarts and targets,
   whether any point is left to attack (the early stop the reference has)."""
@@ -476,7 +476,7 @@ def _check_targets(n_classes: int, n_target_classes: int, need: int) -> None:
 def _argsort_rows(v: Array) -> Array:
   """``jnp.argsort(v, axis=1)`` (stable) for float32 rows of fewer than 2**31 entries, as one integer sort.
 
-  XLA:CPU sorts a (value, index) pair with a float comparator 5-7x slower than one int64 array
+  XLA:CPU sorts a (value, index) pair with a float comparator several times slower than one int64 array
   (docs/performance.md, "AutoAttack").  Each entry becomes ``order-preserving int32 bits << 32 | column``, so the
   sorted keys are ordered by value and then by column, exactly the stable argsort (with -0.0 taken as +0.0,
   as the float comparison does); the low 32 bits are the permutation.  The int64 keys exist only inside this

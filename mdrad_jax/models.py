@@ -133,8 +133,8 @@ def _max_pool(x, window: int = 2, impl: str = "reshape"):
 
   The reshape form's forward equals
   ``nn.max_pool(x, (w, w), strides=(w, w), padding='SAME')`` exactly; its gradient is elementwise (a mask of
-  the maxima) instead of XLA's ``select_and_scatter``, whose forward+backward took 4-10x as long on the CPU
-  (docs/performance.md).  The gradients agree wherever a window's maximum is unique;
+  the maxima) instead of XLA's ``select_and_scatter``, whose forward+backward took several times as long on
+  the CPU (docs/performance.md).  The gradients agree wherever a window's maximum is unique;
   where several entries of a window tie for the maximum, the gradient is shared equally between them (PyTorch
   and ``select_and_scatter`` give it all to one).  After a ReLU, ties are mostly zeros, whose gradient the ReLU
   drops either way.
@@ -911,7 +911,7 @@ def build_model(model_config, num_classes: int) -> nn.Module:
 
 
 # Compiling the random initialisers dominates initialisation on CPU (XLA spends seconds optimising each
-# threefry draw: ~40 s for ResNet-18 against ~14 s with these options). Initialisation runs once, so its
+# threefry draw; with these options it takes about a third of the time for ResNet-18). Initialisation runs once, so its
 # code is compiled with the backend optimisations off; the values equal those of ``model.init`` up to
 # float rounding.
 _FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}

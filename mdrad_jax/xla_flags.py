@@ -3,9 +3,8 @@
 A flag becomes a default only where it was measured to help the library's own train step in a same-run
 comparison (``benchmarks/bench_train_step.py``, ``docs/performance.md``).  On the CPU:
 ``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution`` makes XLA:CPU compile convolutions itself
-instead of handing each one to YNNPACK.  On an idle 2-core machine (jaxlib 0.10.2) it made the PGD-AT step
-1.28-1.36x faster on the small CNN (batch 128) and 1.46-1.49x faster on ResNet-18 (batch 32), in each
-of two interleaved repeats (docs/performance.md, "Levers").
+instead of handing each one to YNNPACK, which made the PGD-AT step faster on the small CNN and on ResNet-18
+(the measurement: docs/performance.md, "Levers").
 
 XLA reads ``XLA_FLAGS`` once, when JAX starts its first backend, so :func:`apply_defaults` must run before
 anything touches a device: ``main.py`` calls it through ``runtime.configure_xla()`` before parsing flags (no

@@ -8,8 +8,8 @@ that would have come next, mid-epoch included.
 
 The pipeline shuffles and batches record *indices* (``grain.MapDataset.range(n).shuffle().repeat().batch()``)
 and then reads each batch with one ``__getitems__`` call on the tfds data source. Reading records one at a
-time (as ``grain.DataLoader`` does) pays ArrayRecord's per-call overhead on every example: on the CIFAR-10
-JPEG copy it measured about 7x slower per batch here.
+time (as ``grain.DataLoader`` does) pays ArrayRecord's per-call overhead on every example, several times slower
+per batch on the CIFAR-10 JPEG copy.
 
 Batches are ``dict(image=float32 [b, H, W, C] in [0, 1], label=int32 [b])`` where ``b`` is the per-process
 batch. uint8 pixels become ``pixel / 255`` (float32 division); digits are stored as float32 already.
