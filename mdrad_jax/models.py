@@ -911,7 +911,7 @@ def build_model(model_config, num_classes: int) -> nn.Module:
 
 
 # Compiling the random initialisers dominates initialisation on CPU (XLA spends seconds optimising each
-# threefry draw; with these options it takes about a third of the time for ResNet-18). Initialisation runs once, so its
+# threefry draw; these options cut that to a fraction for ResNet-18). Initialisation runs once, so its
 # code is compiled with the backend optimisations off; the values equal those of ``model.init`` up to
 # float rounding.
 _FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
