@@ -81,7 +81,7 @@ def test_logits_fn_from_model_uses_eval_mode():
 
   net = Net()
   x = jnp.ones((2,) + SHAPE)
-  variables = net.init(jax.random.PRNGKey(0), x)
+  variables = net.init(jax.random.key(0), x)
   fn = evaluation.logits_fn_from_model(net, variables)
   np.testing.assert_allclose(fn(x), net.apply(variables, x, train=False))
   fn2 = evaluation.logits_fn_from_apply(net.apply, variables, train=False)
