@@ -391,8 +391,8 @@ def method_loss(name, hp, *, labels, s_adv, s_clean, t_clean, t_adv, projected, 
       loss = loss + (1 - hp["alpha"]) * kl_from_logits(t_clean[0].float(), s_clean, reduction=hp["reduction"])
     return loss
   if name == "sa_mdrad":
-    if (hp["rectifier"], hp["fusion"], hp["teacher_view"]) != ("swap", "camkd", "nat"):
-      raise NotImplementedError("the reference implements SA-MDRAD's defaults (swap, camkd, teacher_view nat)")
+    if (hp["rectifier"], hp["fusion"], hp["teacher_view"]) != ("swap", "camkd", "clean"):
+      raise NotImplementedError("the reference implements SA-MDRAD's defaults (swap, camkd, teacher_view clean)")
     tau = hp["temperature"]
     t = torch.stack([z.float() for z in t_clean])
     p_hat, w = fused_target(t, labels, temperature=tau)
@@ -568,7 +568,7 @@ def run(spec: dict) -> dict:
     s_adv = s_clean = projected = None
     for view in plan.student_views:
       xin = x_adv if view == "adv" else x
-      want = plan.student_features and view == plan.feature_view
+      want = plan.student_features and view == "adv"
       with autocast():
         out = student(xin, return_features=want)
         if want:

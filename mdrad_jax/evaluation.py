@@ -323,8 +323,3 @@ def pad_batch(batch: dict, size: int) -> dict:
   ``'mask'``."""
   padded, mask = batching.pad_rows(batch, size)
   return {**padded, "mask": mask}
-
-
-def format_results(results: dict[str, dict[str, Any]]) -> str:
-  """One line per attack: ``name  accuracy%  (label)``."""
-  return "\n".join(f"{k:<24s} {100 * v['accuracy']:6.2f}%  ({v['label']})" for k, v in results.items())

@@ -171,3 +171,25 @@ def test_restore_needs_the_same_teacher_records(finished):
   other["teachers"][names[0]]["test_accuracy"] += 0.01
   assert study_lib._restorable(other, "sa_mdrad", 0, cfg, teachers, names) is None
   assert study_lib._restorable(snap, "sa_mdrad", 1, cfg, teachers, names) is None
+
+
+def test_the_committed_snapshot_is_taken_over_by_the_fashion_mnist_study():
+  """docs/study_fashion_mnist/study.json, written before SA-MDRAD's ``teacher_view='nat'`` was spelled 'clean',
+  still matches configs/study.py:fashion_mnist cell by cell (so a restored study takes over its finished cells)
+  and teacher by teacher (the retrained teachers' configs)."""
+  spec = importlib.util.spec_from_file_location("study_config", os.path.join(ROOT, "configs", "study.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  s = mod.get_config("fashion_mnist").study
+  snap = study_lib.load_snapshot(os.path.join(ROOT, "docs", "study_fashion_mnist", "study.json"))
+  assert [c for c in snap["cells"] if c["config"]["method"].get("teacher_view") == "nat"]  # the old spelling
+  for name, record in snap["teachers"].items():
+    assert study_lib._same_config(record["config"], study_lib.teacher_config(s, name).to_dict()), name
+  teachers = study_lib.resolve_teachers(s, snap["teachers"])
+  dirs = {k: v["dir"] for k, v in teachers.items()}
+  for cell in snap["cells"]:
+    row, seed = cell["row"], cell["seed"]
+    cfg = study_lib.cell_config(s, row, seed, dirs)
+    names = [teachers[t]["name"] for t in s.rows[row].teachers]
+    assert study_lib._restorable(snap, row, seed, cfg, teachers, names) is cell, (row, seed)
+  assert len(snap["cells"]) == 31
