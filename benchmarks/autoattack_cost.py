@@ -54,7 +54,7 @@ def _flops(fn, *args) -> float:
 def model_flops(name: str, *, num_classes: int, image_shape, batch: int) -> tuple[float, float]:
   """FLOPs per image of one eval-mode forward and of one forward + input gradient of the cross-entropy."""
   model = models.get_model(name, num_classes=num_classes)
-  variables = models.init_model(model, jax.random.PRNGKey(0), image_shape)
+  variables = models.init_model(model, jax.random.key(0), image_shape)
   x = jnp.zeros((batch, *image_shape), jnp.float32)
   y = jnp.zeros((batch,), jnp.int32)
   logits = functools.partial(model.apply, train=False)

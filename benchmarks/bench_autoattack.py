@@ -123,7 +123,7 @@ def build_networks(args):
     return model, variables, dict(run_cfg["model"].get("kwargs", {}) or {}), info.num_classes, x, y, eps, desc
   shape = (args.image_size, args.image_size, args.channels)
   model = models_lib.get_model(args.model, num_classes=args.num_classes)
-  variables = models_lib.init_model(model, jax.random.PRNGKey(args.seed), shape)
+  variables = models_lib.init_model(model, jax.random.key(args.seed), shape)
   rng = np.random.default_rng(args.seed)
   x = rng.uniform(0, 1, (args.num_examples,) + shape).astype(np.float32)
   logits = np.asarray(model.apply(variables, jnp.asarray(x), train=False))

@@ -207,7 +207,7 @@ def run_child(spec: dict) -> dict:
   )
   for view in plan.student_views:
     xin = x_adv if view == "adv" else x
-    feat = plan.student_features and view == plan.feature_view
+    feat = plan.student_features and view == "adv"  # features are distilled on the adversarial view
 
     def forward(p, s, xx, feat=feat):
       o, upd = model.apply(

@@ -431,7 +431,7 @@ def views_with_gradient(*, method, hparams, plan, state, teacher_models, teacher
   g_views, g_proj = jax.jit(jax.grad(loss, argnums=(0, 1)))(views, projected)
   need = {v for v, g in g_views.items() if np.any(np.asarray(g) != 0)}
   if projected is not None and any(np.any(np.asarray(g) != 0) for g in g_proj):
-    need.add(plan.feature_view)
+    need.add("adv")  # student features are taken on the adversarial view
   return need
 
 
@@ -505,7 +505,7 @@ def necessary_flops(
     y=y,
   )
   for view in plan.student_views:
-    feat = plan.student_features and view == plan.feature_view
+    feat = plan.student_features and view == "adv"
 
     def fwd_bwd(p, s, xx, feat=feat):
       def f(pp):

@@ -394,8 +394,8 @@ def method_loss(name, hp, *, labels, s_adv, s_clean, t_clean, t_adv, projected, 
       loss = loss + (1 - hp["alpha"]) * kl_from_logits(t_clean[0].float(), s_clean, reduction=hp["reduction"])
     return loss
   if name == "sa_mdrad":
-    if (hp["rectifier"], hp["fusion"], hp["teacher_view"]) != ("swap", "camkd", "nat"):
-      raise NotImplementedError("the reference implements SA-MDRAD's defaults (swap, camkd, teacher_view nat)")
+    if (hp["rectifier"], hp["fusion"], hp["teacher_view"]) != ("swap", "camkd", "clean"):
+      raise NotImplementedError("the reference implements SA-MDRAD's defaults (swap, camkd, teacher_view clean)")
     tau = hp["temperature"]
     t = torch.stack([z.float() for z in t_clean])
     p_hat, w = fused_target(t, labels, temperature=tau)
@@ -569,7 +569,7 @@ def build(spec: dict):
 
   def student_view(view, xin):
     """One train-mode student forward: (logits, projected features or None)."""
-    want = plan.student_features and view == plan.feature_view
+    want = plan.student_features and view == "adv"  # features are distilled on the adversarial view
     with autocast():
       out = student(xin, return_features=want)
       projected = None
@@ -751,11 +751,11 @@ def breakdown(spec: dict) -> dict:
   grads = torch.autograd.grad(loss_fn(), list(leaf.values()) + (proj_leaf or []), allow_unused=True)
   used = {v for v, g in zip(leaf, grads) if g is not None and bool(torch.any(g != 0))}
   if proj_leaf and any(g is not None and bool(torch.any(g != 0)) for g in grads[len(leaf) :]):
-    used.add(plan.feature_view)
+    used.add("adv")  # the projected features are those of the adversarial view
 
   for view in plan.student_views:
     xin = x_adv if view == "adv" else x
-    want = plan.student_features and view == plan.feature_view
+    want = plan.student_features and view == "adv"  # features are distilled on the adversarial view
     if view not in used:
 
       def fwd(xin=xin):

@@ -4,7 +4,7 @@ Recipe of the official code (zhaoshiji123/MTARD-extension resnet18_mtard_cifar10
 momentum 0.9, 300 epochs, lr ×0.1 at epochs 215, 260 and 285, weight decay 2e-4, batch 128, KL ×10 on CIFAR-100;
 the checkpoint kept as best is the one with the highest (clean + PGD) / 2.
 
-Usage: ``python main.py --config=configs/bmtard.py:dataset=cifar10,teachers=runs/t_adv+runs/t_nat --workdir=runs/bmtard``.
+Usage: ``python main.py --config=configs/bmtard.py:dataset=cifar10,teachers=runs/t_adv+runs/t_clean --workdir=runs/bmtard``.
 Arguments: those of every method config (configs/common.py: dataset, student, teachers, epochs, small,
 faithful_lr, source_dir).  Every field can then be overridden, e.g. ``--config.optim.lr=0.05``.
 """

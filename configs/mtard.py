@@ -4,7 +4,7 @@ Recipe of the official code (zhaoshiji123/MTARD mtard_resnet18_cifar10.py / _cif
 momentum 0.9, 300 epochs, lr ×0.1 at epochs 215, 260 and 285, weight decay 2e-4, batch 128; on CIFAR-100 the KL
 terms are multiplied by 10, as RSLAD's.  Teachers: the adversarially trained one first, then the clean one.
 
-Usage: ``python main.py --config=configs/mtard.py:dataset=cifar10,teachers=runs/t_adv+runs/t_nat --workdir=runs/mtard``.
+Usage: ``python main.py --config=configs/mtard.py:dataset=cifar10,teachers=runs/t_adv+runs/t_clean --workdir=runs/mtard``.
 Arguments: those of every method config (configs/common.py: dataset, student, teachers, epochs, small,
 faithful_lr, source_dir).  Every field can then be overridden, e.g. ``--config.optim.lr=0.05``.
 """

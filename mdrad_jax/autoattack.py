@@ -895,7 +895,7 @@ def autoattack(
 
   version: 'standard' (APGD-CE → APGD-T → FAB-T → Square) or 'apgd' (APGD-CE → APGD-T only, labelled as a
   subset).  Each attack runs only on the points still robust, in batches of ``batch_size`` (the last one
-  padded and masked, so each attack compiles once).  Randomness comes from ``jax.random.PRNGKey(seed)``.
+  padded and masked, so each attack compiles once).  Randomness comes from ``jax.random.key(seed)``.
   ``overrides`` changes attack parameters, e.g. ``{'square': {'n_queries': 1000}}``; the label then says the
   parameters are not the standard ones.  ``jit`` wraps every batch function ``f(x, y, mask, key)`` (pass
   ``functools.partial(jax.jit, in_shardings=...)`` to shard the batch dimension).  With fewer than 10 classes
@@ -965,7 +965,7 @@ def autoattack(
   robust_after = {"clean": int(robust.sum())}
   seconds["clean"] = time.perf_counter() - t_stage
   flips, attacked = {}, {}
-  root = jax.random.PRNGKey(seed)
+  root = jax.random.key(seed)
 
   for a_idx, name in enumerate(attacks):
     t_stage = time.perf_counter()

@@ -200,7 +200,7 @@ def evaluate(
   Returns ``{name: {'accuracy', 'correct', 'n', 'label', ...}}``; the AutoAttack entry (key 'autoattack' for
   the standard version, 'autoattack_apgd_subset' for ``aa_version='apgd'``) also holds ``version``,
   ``robust_after``, ``flips``, ``attacked`` and ``params``; the other entries hold their ``params``.
-  Randomness: ``jax.random.PRNGKey(seed)``, one stream per attack (fixed by its name, so an attack gives the
+  Randomness: ``jax.random.key(seed)``, one stream per attack (fixed by its name, so an attack gives the
   same numbers whichever other attacks run with it) and batch, so a call is reproducible.  ``unroll`` unrolls the PGD loops at trace time (faster steps on CPU, longer
   compilation); ``jit`` wraps every batch function ``f(x, y, mask, key)``, e.g. with shardings, and
   ``batch_multiple`` makes every batch a multiple of it (the number of devices the batch is sharded over).
@@ -222,7 +222,7 @@ def evaluate(
     raise ValueError(f"images [N, ...] and labels [N] do not match: {images.shape} and {labels.shape}")
   n = images.shape[0]
   bs = batching.fixed_batch_size(n, batch_size, batch_multiple)
-  root = jax.random.PRNGKey(seed)
+  root = jax.random.key(seed)
   out: dict[str, dict[str, Any]] = {}
 
   for name in attacks:
@@ -323,8 +323,3 @@ def pad_batch(batch: dict, size: int) -> dict:
   ``'mask'``."""
   padded, mask = batching.pad_rows(batch, size)
   return {**padded, "mask": mask}
-
-
-def format_results(results: dict[str, dict[str, Any]]) -> str:
-  """One line per attack: ``name  accuracy%  (label)``."""
-  return "\n".join(f"{k:<24s} {100 * v['accuracy']:6.2f}%  ({v['label']})" for k, v in results.items())

@@ -20,10 +20,16 @@ Everything here is a pure, jit-able function of arrays.  Conventions:
   pointwise form −p·log q + p·log(p + 1e-5) (``rslad_eps=True``), which only changes the constant entropy term.
 * Method losses take keyword arguments only and return ``(scalar_loss, metrics)`` where ``metrics`` maps each
   term's name to a 0-d float32 array.  Teacher logits/features are treated as constants (``stop_gradient``).
+* The un-attacked input x is the ``clean`` view (``student_clean_logits``, ``teacher_clean_logits``, metrics
+  ``kl_clean``, ``ce_clean``); the ``*_nat_*`` keyword names of earlier releases still work, with a
+  ``DeprecationWarning`` (:data:`RENAMED_KEYWORDS`).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import warnings
 from typing import NamedTuple, Sequence
 
 import jax
@@ -37,6 +43,33 @@ FUSIONS = ("uniform", "camkd", "ptrue", "entropy")
 RSLAD_LOG_EPS = 1e-5
 
 sg = jax.lax.stop_gradient
+
+# Keyword names of earlier releases (``nat`` for the clean, un-attacked view), accepted until the next release.
+RENAMED_KEYWORDS = {
+  "student_nat_logits": "student_clean_logits",
+  "teacher_nat_logits": "teacher_clean_logits",
+  "loss_nat": "loss_clean",
+  "entropy_nat": "entropy_clean",
+}
+
+
+def _accepts_old_keywords(fn):
+  """Lets ``fn`` be called with the :data:`RENAMED_KEYWORDS` names it has today's names of, with a
+  ``DeprecationWarning``; passing both spellings of one argument is a ``TypeError``."""
+  params = inspect.signature(fn).parameters
+  renamed = {old: new for old, new in RENAMED_KEYWORDS.items() if new in params}
+
+  @functools.wraps(fn)
+  def wrapper(*args, **kwargs):
+    for old in renamed.keys() & kwargs.keys():
+      new = renamed[old]
+      if new in kwargs:
+        raise TypeError(f"{fn.__name__}() got both {old!r} and its new name {new!r}")
+      warnings.warn(f"{fn.__name__}(): keyword {old!r} is deprecated, use {new!r}", DeprecationWarning, stacklevel=2)
+      kwargs[new] = kwargs.pop(old)
+    return fn(*args, **kwargs)
+
+  return wrapper
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,12 +416,13 @@ def _metrics(**terms):
   return {k: _f32(v) for k, v in terms.items()}
 
 
+@_accepts_old_keywords
 def sa_mdrad_loss(
   *,
   student_adv_logits,
-  teacher_nat_logits,
+  teacher_clean_logits,
   labels,
-  student_nat_logits=None,
+  student_clean_logits=None,
   teacher_adv_logits=None,
   projected_features=None,
   teacher_features=None,
@@ -409,24 +443,24 @@ def sa_mdrad_loss(
   family of the project spec (§1.4) built from the abstract's vocabulary and confirmed components
   (DR-KD / DGAD swap rectification, ADR interpolation, CA-MKD confidence-aware fusion and feature loss):
 
-    p̂^v_i = Σ_k w^v_ki·p̃^v_ki,  p̃ = rectify(z_k, y)/τ,  w = fusion(z_k, y)       (v = nat, adv view)
+    p̂^v_i = Σ_k w^v_ki·p̃^v_ki,  p̃ = rectify(z_k, y)/τ,  w = fusion(z_k, y)       (v = clean, adv view)
     L_adv  = τ²·KL(p̂^{adv} ‖ softmax(S(x')/τ))        (reduced per ``reduction``, default batchmean)
-    L_nat  = τ²·KL(p̂^{nat} ‖ softmax(S(x)/τ))
-    L_feat = Σ_k (1/N) Σ_i w^{nat}_ki·mean_{hwc}(P_k(f_S(x'))_i − f_{T_k}(x_i))²
-    L      = α·L_adv + (1 − α)·L_nat + λ_f·L_feat + λ_ce·CE(S(x'), y)
+    L_clean  = τ²·KL(p̂^{clean} ‖ softmax(S(x)/τ))
+    L_feat = Σ_k (1/N) Σ_i w^{clean}_ki·mean_{hwc}(P_k(f_S(x'))_i − f_{T_k}(x_i))²
+    L      = α·L_adv + (1 − α)·L_clean + λ_f·L_feat + λ_ce·CE(S(x'), y)
 
   With ``rectifier='dynamic'`` both fused targets (swap-rectified) are then mixed per sample with a fallback
   by :func:`rectify_dynamic`: p̂_i ← λ_i·p̂_i + (1 − λ_i)·q_i, λ_i = (1 − P_S(y_i|x'_i))^β, q_i the
   student's own clean prediction at τ (``dynamic_target='student'``) or the one-hot label ('label').
 
-  Teacher view: the nat-view targets come from ``teacher_nat_logits`` = T_k(x) [K, N, C]; the adv-view targets
-  from ``teacher_adv_logits`` = T_k(x') when given (V-adv), else from T_k(x) too (V-nat, default).
+  Teacher view: the clean-view targets come from ``teacher_clean_logits`` = T_k(x) [K, N, C]; the adv-view targets
+  from ``teacher_adv_logits`` = T_k(x') when given (V-adv), else from T_k(x) too (V-clean, default).
 
   Args:
     student_adv_logits: S(x') [N, C] (train mode).
-    teacher_nat_logits: T_k(x) [K, N, C] (or [N, C] for one teacher).
+    teacher_clean_logits: T_k(x) [K, N, C] (or [N, C] for one teacher).
     labels: y [N].
-    student_nat_logits: S(x) [N, C]; required unless α is the Python number 1.
+    student_clean_logits: S(x) [N, C]; required unless α is the Python number 1.
     teacher_adv_logits: optional T_k(x') [K, N, C] (V-adv).
     projected_features / teacher_features: K maps each (P_k(f_S(x')) and f_{T_k}(x)); required unless
       ``feature_weight`` is the Python number 0.
@@ -436,65 +470,65 @@ def sa_mdrad_loss(
     reduction: KL reduction (default 'batchmean').
     dynamic_target / dynamic_beta: fallback q ('student' | 'label') and β of the 'dynamic' rectifier.
   """
-  if student_nat_logits is None and not _is_static(alpha, 1.0):
-    raise ValueError("sa_mdrad_loss: student_nat_logits is required unless alpha == 1")
+  if student_clean_logits is None and not _is_static(alpha, 1.0):
+    raise ValueError("sa_mdrad_loss: student_clean_logits is required unless alpha == 1")
   use_features = projected_features is not None and teacher_features is not None
   if not use_features and not _is_static(feature_weight, 0.0):
     raise ValueError("sa_mdrad_loss: projected_features and teacher_features are required unless feature_weight == 0")
   s_adv = _f32(student_adv_logits)
   _check_logits("student_adv_logits", s_adv)
   _check_labels(labels, s_adv.shape[0])
-  t_nat = sg(_stack_teachers("teacher_nat_logits", teacher_nat_logits))
-  if t_nat.shape[1:] != s_adv.shape:
-    raise ValueError(f"teacher_nat_logits {t_nat.shape} do not match student logits {s_adv.shape}")
+  t_clean = sg(_stack_teachers("teacher_clean_logits", teacher_clean_logits))
+  if t_clean.shape[1:] != s_adv.shape:
+    raise ValueError(f"teacher_clean_logits {t_clean.shape} do not match student logits {s_adv.shape}")
   target_kw = dict(rectifier=rectifier, fusion=fusion, temperature=temperature, adr_lambda=adr_lambda)
-  p_nat, w_nat = fused_soft_target(t_nat, labels, **target_kw)
+  p_clean, w_clean = fused_soft_target(t_clean, labels, **target_kw)
   if teacher_adv_logits is not None:
     t_adv = sg(_stack_teachers("teacher_adv_logits", teacher_adv_logits))
-    _check_same("teacher_adv_logits", t_adv, "teacher_nat_logits", t_nat)
+    _check_same("teacher_adv_logits", t_adv, "teacher_clean_logits", t_clean)
     p_adv, _ = fused_soft_target(t_adv, labels, **target_kw)
   else:
-    p_adv = p_nat
+    p_adv = p_clean
   dyn_lambda = None
   if rectifier == "dynamic":
-    if dynamic_target == "student" and student_nat_logits is None:
-      raise ValueError("sa_mdrad_loss: rectifier='dynamic' with dynamic_target='student' needs student_nat_logits")
+    if dynamic_target == "student" and student_clean_logits is None:
+      raise ValueError("sa_mdrad_loss: rectifier='dynamic' with dynamic_target='student' needs student_clean_logits")
     dyn_kw = dict(
-      student_clean_logits=student_nat_logits, target=dynamic_target, temperature=temperature, beta=dynamic_beta
+      student_clean_logits=student_clean_logits, target=dynamic_target, temperature=temperature, beta=dynamic_beta
     )
     p_adv, dyn_lambda = rectify_dynamic(p_adv, s_adv, labels, **dyn_kw)
-    p_nat, _ = rectify_dynamic(p_nat, s_adv, labels, **dyn_kw)
+    p_clean, _ = rectify_dynamic(p_clean, s_adv, labels, **dyn_kw)
 
   def tempered_kl(p, s):
     log_q = jax.nn.log_softmax(s / temperature, axis=-1)
     return temperature**2 * kl_div(p, log_q, reduction=reduction)
 
   kl_adv = tempered_kl(p_adv, s_adv)
-  if student_nat_logits is None:
-    kl_nat = jnp.zeros_like(kl_adv)
+  if student_clean_logits is None:
+    kl_clean = jnp.zeros_like(kl_adv)
   else:
-    s_nat = _f32(student_nat_logits)
-    _check_same("student_nat_logits", s_nat, "student_adv_logits", s_adv)
-    kl_nat = tempered_kl(p_nat, s_nat)
+    s_clean = _f32(student_clean_logits)
+    _check_same("student_clean_logits", s_clean, "student_adv_logits", s_adv)
+    kl_clean = tempered_kl(p_clean, s_clean)
 
   if not use_features:
     feat = jnp.zeros((), jnp.float32)
   else:
-    feat = weighted_feature_loss(projected_features, teacher_features, w_nat)
+    feat = weighted_feature_loss(projected_features, teacher_features, w_clean)
 
   ce = cross_entropy(s_adv, labels)
-  loss = alpha * kl_adv + (1.0 - alpha) * kl_nat + feature_weight * feat + ce_weight * ce
+  loss = alpha * kl_adv + (1.0 - alpha) * kl_clean + feature_weight * feat + ce_weight * ce
 
-  y = jnp.broadcast_to(labels[None], t_nat.shape[:2])
-  teacher_correct = jnp.argmax(t_nat, axis=-1) == y
+  y = jnp.broadcast_to(labels[None], t_clean.shape[:2])
+  teacher_correct = jnp.argmax(t_clean, axis=-1) == y
   extra = {} if dyn_lambda is None else {"dynamic_trust": jnp.mean(dyn_lambda)}
   return loss, _metrics(
     kl_adv=kl_adv,
-    kl_nat=kl_nat,
+    kl_clean=kl_clean,
     feature=feat,
     ce=ce,
     teacher_acc=jnp.mean(teacher_correct),
-    fusion_max_weight=jnp.mean(jnp.max(w_nat, axis=0)),
+    fusion_max_weight=jnp.mean(jnp.max(w_clean, axis=0)),
     **extra,
   )
 
@@ -530,23 +564,25 @@ def pgd_at_loss(*, student_adv_logits, labels):
   return ce, _metrics(ce_adv=ce)
 
 
-def trades_loss(*, student_nat_logits, student_adv_logits, labels, beta=6.0, reduction="batchmean"):
+@_accepts_old_keywords
+def trades_loss(*, student_clean_logits, student_adv_logits, labels, beta=6.0, reduction="batchmean"):
   """TRADES: L = CE(S(x), y) + β·KL(softmax(S(x)) ‖ softmax(S(x'))), KL batchmean by default.
 
   As in the official code, the clean distribution is NOT detached: gradients flow through both sides.
   """
-  s_nat, s_adv = _f32(student_nat_logits), _f32(student_adv_logits)
-  _check_same("student_nat_logits", s_nat, "student_adv_logits", s_adv)
-  ce = cross_entropy(s_nat, labels)
-  kl = kl_from_logits(s_nat, s_adv, reduction=reduction)
-  return ce + beta * kl, _metrics(ce_nat=ce, kl_robust=kl)
+  s_clean, s_adv = _f32(student_clean_logits), _f32(student_adv_logits)
+  _check_same("student_clean_logits", s_clean, "student_adv_logits", s_adv)
+  ce = cross_entropy(s_clean, labels)
+  kl = kl_from_logits(s_clean, s_adv, reduction=reduction)
+  return ce + beta * kl, _metrics(ce_clean=ce, kl_robust=kl)
 
 
+@_accepts_old_keywords
 def ard_loss(
   *,
   student_adv_logits,
-  teacher_nat_logits,
-  student_nat_logits=None,
+  teacher_clean_logits,
+  student_clean_logits=None,
   labels=None,
   temperature=30.0,
   alpha=1.0,
@@ -555,25 +591,26 @@ def ard_loss(
   """ARD: L = α·τ²·KL(softmax(T(x)/τ) ‖ softmax(S(x')/τ)) + (1 − α)·CE(S(x), y).
 
   Official defaults: τ = 30, α = 1 (so no CE term), KL ``nn.KLDivLoss()`` = 'elem_mean' on every dataset.
-  ``student_nat_logits`` and ``labels`` are required unless α is the Python number 1.
+  ``student_clean_logits`` and ``labels`` are required unless α is the Python number 1.
   """
   s_adv = _f32(student_adv_logits)
-  t = sg(_single_teacher("teacher_nat_logits", teacher_nat_logits))
+  t = sg(_single_teacher("teacher_clean_logits", teacher_clean_logits))
   kl = temperature**2 * kl_from_logits(t, s_adv, temperature=temperature, reduction=reduction)
-  if student_nat_logits is None or labels is None:
+  if student_clean_logits is None or labels is None:
     if not _is_static(alpha, 1.0):
-      raise ValueError("ard_loss: student_nat_logits and labels are required unless alpha == 1")
+      raise ValueError("ard_loss: student_clean_logits and labels are required unless alpha == 1")
     ce = jnp.zeros((), jnp.float32)
   else:
-    ce = cross_entropy(student_nat_logits, labels)
-  return alpha * kl + (1.0 - alpha) * ce, _metrics(kl_adv=kl, ce_nat=ce)
+    ce = cross_entropy(student_clean_logits, labels)
+  return alpha * kl + (1.0 - alpha) * ce, _metrics(kl_adv=kl, ce_clean=ce)
 
 
+@_accepts_old_keywords
 def rslad_loss(
   *,
   student_adv_logits,
-  student_nat_logits,
-  teacher_nat_logits,
+  student_clean_logits,
+  teacher_clean_logits,
   alpha=5.0 / 6.0,
   reduction="elem_mean",
   kl_scale=1.0,
@@ -584,21 +621,22 @@ def rslad_loss(
   Official code: custom pointwise KL −p·log q + p·log(p + 1e-5) (``rslad_eps=True``), ``torch.mean`` over all
   N·C entries ('elem_mean'), s = ``kl_scale`` = 1 on CIFAR-10 and 10 on CIFAR-100.
   """
-  s_adv, s_nat = _f32(student_adv_logits), _f32(student_nat_logits)
-  _check_same("student_adv_logits", s_adv, "student_nat_logits", s_nat)
-  t = sg(_single_teacher("teacher_nat_logits", teacher_nat_logits))
+  s_adv, s_clean = _f32(student_adv_logits), _f32(student_clean_logits)
+  _check_same("student_adv_logits", s_adv, "student_clean_logits", s_clean)
+  t = sg(_single_teacher("teacher_clean_logits", teacher_clean_logits))
   kw = dict(reduction=reduction, rslad_eps=rslad_eps)
   kl_adv = kl_scale * kl_from_logits(t, s_adv, **kw)
-  kl_nat = kl_scale * kl_from_logits(t, s_nat, **kw)
-  return alpha * kl_adv + (1.0 - alpha) * kl_nat, _metrics(kl_adv=kl_adv, kl_nat=kl_nat)
+  kl_clean = kl_scale * kl_from_logits(t, s_clean, **kw)
+  return alpha * kl_adv + (1.0 - alpha) * kl_clean, _metrics(kl_adv=kl_adv, kl_clean=kl_clean)
 
 
+@_accepts_old_keywords
 def adaad_loss(
   *,
   student_adv_logits,
   teacher_adv_logits,
-  student_nat_logits=None,
-  teacher_nat_logits=None,
+  student_clean_logits=None,
+  teacher_clean_logits=None,
   alpha=1.0,
   reduction="elem_mean",
 ):
@@ -610,14 +648,14 @@ def adaad_loss(
   s_adv = _f32(student_adv_logits)
   t_adv = sg(_single_teacher("teacher_adv_logits", teacher_adv_logits))
   kl_adv = kl_from_logits(t_adv, s_adv, reduction=reduction)
-  if student_nat_logits is None or teacher_nat_logits is None:
+  if student_clean_logits is None or teacher_clean_logits is None:
     if not _is_static(alpha, 1.0):
-      raise ValueError("adaad_loss: student_nat_logits and teacher_nat_logits are required unless alpha == 1")
-    kl_nat = jnp.zeros_like(kl_adv)
+      raise ValueError("adaad_loss: student_clean_logits and teacher_clean_logits are required unless alpha == 1")
+    kl_clean = jnp.zeros_like(kl_adv)
   else:
-    t_nat = sg(_single_teacher("teacher_nat_logits", teacher_nat_logits))
-    kl_nat = kl_from_logits(t_nat, student_nat_logits, reduction=reduction)
-  return alpha * kl_adv + (1.0 - alpha) * kl_nat, _metrics(kl_adv=kl_adv, kl_nat=kl_nat)
+    t_clean = sg(_single_teacher("teacher_clean_logits", teacher_clean_logits))
+    kl_clean = kl_from_logits(t_clean, student_clean_logits, reduction=reduction)
+  return alpha * kl_adv + (1.0 - alpha) * kl_clean, _metrics(kl_adv=kl_adv, kl_clean=kl_clean)
 
 
 def introspection_trust(teacher_adv_logits, labels, *, beta=0.1):
@@ -628,11 +666,12 @@ def introspection_trust(teacher_adv_logits, labels, *, beta=0.1):
   return sg(p_y**beta)
 
 
+@_accepts_old_keywords
 def iad1_loss(
   *,
   student_adv_logits,
-  student_nat_logits,
-  teacher_nat_logits,
+  student_clean_logits,
+  teacher_clean_logits,
   teacher_adv_logits,
   labels,
   introspection_on,
@@ -650,26 +689,27 @@ def iad1_loss(
   ``epoch >= begin`` with begin = 60, so the switch is traceable.  The self target S(x) is not detached
   (faithful to the official code) unless ``detach_self_target``.  Defaults: τ = 1, α = 1, β = 0.1.
   """
-  s_adv, s_nat = _f32(student_adv_logits), _f32(student_nat_logits)
-  _check_same("student_adv_logits", s_adv, "student_nat_logits", s_nat)
-  t_nat = sg(_single_teacher("teacher_nat_logits", teacher_nat_logits))
-  _check_same("teacher_nat_logits", t_nat, "student_adv_logits", s_adv)
+  s_adv, s_clean = _f32(student_adv_logits), _f32(student_clean_logits)
+  _check_same("student_adv_logits", s_adv, "student_clean_logits", s_clean)
+  t_clean = sg(_single_teacher("teacher_clean_logits", teacher_clean_logits))
+  _check_same("teacher_clean_logits", t_clean, "student_adv_logits", s_adv)
   on = _f32(introspection_on)
   a = introspection_trust(teacher_adv_logits, labels, beta=beta)
   num_classes = s_adv.shape[-1]
-  kl_teacher = temperature**2 * kl_from_logits(t_nat, s_adv, temperature=temperature, reduction=reduction)
-  self_target = sg(s_nat) if detach_self_target else s_nat
+  kl_teacher = temperature**2 * kl_from_logits(t_clean, s_adv, temperature=temperature, reduction=reduction)
+  self_target = sg(s_clean) if detach_self_target else s_clean
   kl_self_i = kl_from_logits(self_target, s_adv, reduction="none")
   kl_self = reduce_per_sample((1.0 - a) * kl_self_i, num_classes=num_classes, reduction=reduction)
-  ce = cross_entropy(s_nat, labels)
+  ce = cross_entropy(s_clean, labels)
   loss = alpha * kl_teacher + on * alpha * kl_self + (1.0 - alpha) * ce
-  return loss, _metrics(kl_teacher=kl_teacher, kl_self=kl_self, ce_nat=ce, trust=jnp.mean(a), introspection_on=on)
+  return loss, _metrics(kl_teacher=kl_teacher, kl_self=kl_self, ce_clean=ce, trust=jnp.mean(a), introspection_on=on)
 
 
+@_accepts_old_keywords
 def iad2_loss(
   *,
   student_adv_logits,
-  student_nat_logits,
+  student_clean_logits,
   teacher_at_adv_logits,
   teacher_st_adv_logits,
   labels,
@@ -691,8 +731,8 @@ def iad2_loss(
 
   ('batchmean' KL; official defaults τ = 1, α1 = 0.5, α2 = 0.25, β = 0.1, begin = 40.)
   """
-  s_adv, s_nat = _f32(student_adv_logits), _f32(student_nat_logits)
-  _check_same("student_adv_logits", s_adv, "student_nat_logits", s_nat)
+  s_adv, s_clean = _f32(student_adv_logits), _f32(student_clean_logits)
+  _check_same("student_adv_logits", s_adv, "student_clean_logits", s_clean)
   t_at = sg(_single_teacher("teacher_at_adv_logits", teacher_at_adv_logits))
   t_st = sg(_single_teacher("teacher_st_adv_logits", teacher_st_adv_logits))
   _check_same("teacher_at_adv_logits", t_at, "student_adv_logits", s_adv)
@@ -704,7 +744,7 @@ def iad2_loss(
   red = lambda v: reduce_per_sample(v, num_classes=num_classes, reduction=reduction)  # noqa: E731
   kl_at_i = kl_from_logits(t_at, s_adv, temperature=temperature, reduction="none")
   kl_at = tau2 * red((on * a + (1.0 - on)) * kl_at_i)
-  self_target = sg(s_nat) if detach_self_target else s_nat
+  self_target = sg(s_clean) if detach_self_target else s_clean
   kl_self = tau2 * red(on * (1.0 - a) * kl_from_logits(self_target, s_adv, reduction="none"))
   kl_st = tau2 * kl_from_logits(t_st, s_adv, temperature=temperature, reduction=reduction)
   ce = cross_entropy(s_adv, labels)
@@ -717,7 +757,8 @@ def iad2_loss(
 # ---------------------------------------------------------------------------------------------
 class MTARDState(NamedTuple):
   """Adaptive quantities of MTARD / B-MTARD (0-d arrays; a pytree, so it lives in and checkpoints with the
-  train state)."""
+  train state).  The ``*_nat`` fields are the clean view's; their names are the keys checkpoints store them
+  under, so they keep the spelling of earlier releases and old checkpoints restore."""
 
   w_adv: jax.Array
   w_nat: jax.Array
@@ -729,7 +770,7 @@ class MTARDState(NamedTuple):
 
 
 def mtard_init_state() -> MTARDState:
-  """w_adv = w_nat = 1/2, τ_adv = τ_nat = 1, initial losses unset (recorded by the first update)."""
+  """w_adv = w_clean = 1/2, τ_adv = τ_clean = 1, initial losses unset (recorded by the first update)."""
   half, one = jnp.full((), 0.5, jnp.float32), jnp.ones((), jnp.float32)
   return MTARDState(
     w_adv=half,
@@ -742,16 +783,17 @@ def mtard_init_state() -> MTARDState:
   )
 
 
+@_accepts_old_keywords
 def mtard_update_state(
   state: MTARDState,
   loss_adv,
-  loss_nat,
+  loss_clean,
   *,
   lr_w=0.025,
   beta=1.0,
   balanced=False,
   entropy_adv=None,
-  entropy_nat=None,
+  entropy_clean=None,
   lr_tau=0.001,
   tau_min=1.0,
   tau_max=10.0,
@@ -760,53 +802,54 @@ def mtard_update_state(
 
   On the first call (``initialized`` false) L0 = the current losses.  Then with r_v = (L_v / L0_v)^β:
 
-  * MTARD:   w_nat ← w_nat − lr_w·(w_nat − r_nat/(r_adv + r_nat)),  w_adv = 1 − w_nat;
-  * B-MTARD: r_v ← r_v / mean(r); both w_v ← w_v − lr_w·(w_v − r_v/(r_adv + r_nat)); clipped at 0 and
+  * MTARD:   w_clean ← w_clean − lr_w·(w_clean − r_clean/(r_adv + r_clean)),  w_adv = 1 − w_clean;
+  * B-MTARD: r_v ← r_v / mean(r); both w_v ← w_v − lr_w·(w_v − r_v/(r_adv + r_clean)); clipped at 0 and
     renormalised to sum 1; and, when the (negative) teacher entropies H_v = mean p·log(p + 1e-5) are given,
-    τ_adv ← clip(τ_adv − lr_tau·sign(H_adv/H_nat − 1), τ_min, τ_max),
-    τ_nat ← clip(τ_nat − lr_tau·sign(H_nat/H_adv − 1), τ_min, τ_max).
+    τ_adv ← clip(τ_adv − lr_tau·sign(H_adv/H_clean − 1), τ_min, τ_max),
+    τ_clean ← clip(τ_clean − lr_tau·sign(H_clean/H_adv − 1), τ_min, τ_max).
 
   ``lr_w`` (0.025) and ``lr_tau`` (0.001) decay ×0.1 with the learning rate in the official code: pass the
   current values (arrays are fine).
   """
-  l_adv, l_nat = sg(_f32(loss_adv)), sg(_f32(loss_nat))
+  l_adv, l_clean = sg(_f32(loss_adv)), sg(_f32(loss_clean))
   init = state.initialized
   l0_adv = jnp.where(init, state.init_loss_adv, l_adv)
-  l0_nat = jnp.where(init, state.init_loss_nat, l_nat)
+  l0_clean = jnp.where(init, state.init_loss_nat, l_clean)
   r_adv = (l_adv / l0_adv) ** beta
-  r_nat = (l_nat / l0_nat) ** beta
-  tau_adv, tau_nat = state.tau_adv, state.tau_nat
+  r_clean = (l_clean / l0_clean) ** beta
+  tau_adv, tau_clean = state.tau_adv, state.tau_nat
   if not balanced:
-    w_nat = state.w_nat - lr_w * (state.w_nat - r_nat / (r_adv + r_nat))
-    w_adv = 1.0 - w_nat
+    w_clean = state.w_nat - lr_w * (state.w_nat - r_clean / (r_adv + r_clean))
+    w_adv = 1.0 - w_clean
   else:
-    mean_r = (r_adv + r_nat) / 2.0
-    r_adv, r_nat = r_adv / mean_r, r_nat / mean_r
-    w_nat = jnp.maximum(state.w_nat - lr_w * (state.w_nat - r_nat / (r_adv + r_nat)), 0.0)
-    w_adv = jnp.maximum(state.w_adv - lr_w * (state.w_adv - r_adv / (r_adv + r_nat)), 0.0)
-    coef = 1.0 / (w_adv + w_nat)
-    w_adv, w_nat = w_adv * coef, w_nat * coef
-    if entropy_adv is not None and entropy_nat is not None:
-      h_adv, h_nat = sg(_f32(entropy_adv)), sg(_f32(entropy_nat))
-      tau_adv = jnp.clip(tau_adv - lr_tau * jnp.sign(h_adv / h_nat - 1.0), tau_min, tau_max)
-      tau_nat = jnp.clip(tau_nat - lr_tau * jnp.sign(h_nat / h_adv - 1.0), tau_min, tau_max)
+    mean_r = (r_adv + r_clean) / 2.0
+    r_adv, r_clean = r_adv / mean_r, r_clean / mean_r
+    w_clean = jnp.maximum(state.w_nat - lr_w * (state.w_nat - r_clean / (r_adv + r_clean)), 0.0)
+    w_adv = jnp.maximum(state.w_adv - lr_w * (state.w_adv - r_adv / (r_adv + r_clean)), 0.0)
+    coef = 1.0 / (w_adv + w_clean)
+    w_adv, w_clean = w_adv * coef, w_clean * coef
+    if entropy_adv is not None and entropy_clean is not None:
+      h_adv, h_clean = sg(_f32(entropy_adv)), sg(_f32(entropy_clean))
+      tau_adv = jnp.clip(tau_adv - lr_tau * jnp.sign(h_adv / h_clean - 1.0), tau_min, tau_max)
+      tau_clean = jnp.clip(tau_clean - lr_tau * jnp.sign(h_clean / h_adv - 1.0), tau_min, tau_max)
   return MTARDState(
     w_adv=_f32(w_adv),
-    w_nat=_f32(w_nat),
+    w_nat=_f32(w_clean),
     tau_adv=_f32(tau_adv),
-    tau_nat=_f32(tau_nat),
+    tau_nat=_f32(tau_clean),
     init_loss_adv=_f32(l0_adv),
-    init_loss_nat=_f32(l0_nat),
+    init_loss_nat=_f32(l0_clean),
     initialized=jnp.ones((), bool),
   )
 
 
+@_accepts_old_keywords
 def mtard_loss(
   *,
   student_adv_logits,
-  student_nat_logits,
+  student_clean_logits,
   teacher_adv_logits,
-  teacher_nat_logits,
+  teacher_clean_logits,
   state: MTARDState,
   lr_w=0.025,
   beta=1.0,
@@ -816,42 +859,50 @@ def mtard_loss(
   kl_scale=1.0,
   use_updated_weights=True,
 ):
-  """MTARD (B-MTARD with ``balanced``): L = w_adv·KL(T_adv(x') ‖ S(x')) + w_nat·KL(T_nat(x) ‖ S(x)).
+  """MTARD (B-MTARD with ``balanced``): L = w_adv·KL(T_adv(x') ‖ S(x')) + w_clean·KL(T_clean(x) ‖ S(x)).
 
   KL: RSLAD's pointwise form with the teacher tempered by the state's τ_v (always 1 for MTARD) and the student
   untempered, no τ² factor, 'elem_mean' times ``kl_scale`` (1 on CIFAR-10, 10 on CIFAR-100).  T_adv is the
-  robust teacher queried on x', T_nat the clean teacher on x.
+  robust teacher queried on x', T_clean the clean teacher on x.
 
   Ordering (official code): the weights applied at this step are those already updated with this step's losses
   (``use_updated_weights=True``); the temperatures used are the state's current ones.  The loss does not return
   the new state: persist it after the step with
-  ``mtard_update_state(state, m['kl_adv'], m['kl_nat'], entropy_adv=m['teacher_neg_entropy_adv'],
-  entropy_nat=m['teacher_neg_entropy_nat'], lr_w=..., beta=..., balanced=..., lr_tau=...)`` on the returned
+  ``mtard_update_state(state, m['kl_adv'], m['kl_clean'], entropy_adv=m['teacher_neg_entropy_adv'],
+  entropy_clean=m['teacher_neg_entropy_clean'], lr_w=..., beta=..., balanced=..., lr_tau=...)`` on the returned
   metrics ``m`` (the same pure computation, so it yields exactly the weights used here).
   """
-  s_adv, s_nat = _f32(student_adv_logits), _f32(student_nat_logits)
-  _check_same("student_adv_logits", s_adv, "student_nat_logits", s_nat)
+  s_adv, s_clean = _f32(student_adv_logits), _f32(student_clean_logits)
+  _check_same("student_adv_logits", s_adv, "student_clean_logits", s_clean)
   t_adv = sg(_single_teacher("teacher_adv_logits", teacher_adv_logits))
-  t_nat = sg(_single_teacher("teacher_nat_logits", teacher_nat_logits))
+  t_clean = sg(_single_teacher("teacher_clean_logits", teacher_clean_logits))
   kw = dict(student_temperature=1.0, reduction=reduction, rslad_eps=True)
   kl_adv = kl_scale * kl_from_logits(t_adv, s_adv, temperature=state.tau_adv, **kw)
-  kl_nat = kl_scale * kl_from_logits(t_nat, s_nat, temperature=state.tau_nat, **kw)
+  kl_clean = kl_scale * kl_from_logits(t_clean, s_clean, temperature=state.tau_nat, **kw)
   h_adv = _neg_entropy_rslad(jax.nn.softmax(t_adv / state.tau_adv, axis=-1))
-  h_nat = _neg_entropy_rslad(jax.nn.softmax(t_nat / state.tau_nat, axis=-1))
+  h_clean = _neg_entropy_rslad(jax.nn.softmax(t_clean / state.tau_nat, axis=-1))
   new = mtard_update_state(
-    state, kl_adv, kl_nat, lr_w=lr_w, beta=beta, balanced=balanced, entropy_adv=h_adv, entropy_nat=h_nat, lr_tau=lr_tau
+    state,
+    kl_adv,
+    kl_clean,
+    lr_w=lr_w,
+    beta=beta,
+    balanced=balanced,
+    entropy_adv=h_adv,
+    entropy_clean=h_clean,
+    lr_tau=lr_tau,
   )
-  w_adv, w_nat = (new.w_adv, new.w_nat) if use_updated_weights else (state.w_adv, state.w_nat)
-  loss = w_adv * kl_adv + w_nat * kl_nat
+  w_adv, w_clean = (new.w_adv, new.w_nat) if use_updated_weights else (state.w_adv, state.w_nat)
+  loss = w_adv * kl_adv + w_clean * kl_clean
   return loss, _metrics(
     kl_adv=kl_adv,
-    kl_nat=kl_nat,
+    kl_clean=kl_clean,
     w_adv=w_adv,
-    w_nat=w_nat,
+    w_clean=w_clean,
     tau_adv=state.tau_adv,
-    tau_nat=state.tau_nat,
+    tau_clean=state.tau_nat,
     teacher_neg_entropy_adv=h_adv,
-    teacher_neg_entropy_nat=h_nat,
+    teacher_neg_entropy_clean=h_clean,
   )
 
 

@@ -33,9 +33,8 @@ from mdrad_jax import losses
 class Plan:
   student_views: tuple[str, ...]  # train-mode student forwards, in order ('adv' | 'clean')
   teacher_views: tuple[tuple[str, ...], ...]  # per teacher: subset of ('clean', 'adv')
-  student_features: bool = False  # projected student features on ``feature_view``
+  student_features: bool = False  # projected student features on the adversarial batch
   teacher_features: bool = False  # teacher feature maps on the clean batch
-  feature_view: str = "adv"
   # the clean train-mode forward moves BatchNorm statistics only from this epoch on (None = always): a method
   # whose official loop runs no clean forward before a switch epoch (IAD-II), and whose loss does not use it then
   clean_stats_from_epoch: float | None = None
@@ -180,7 +179,7 @@ register(
   Method(
     name="trades",
     loss=lambda out, st, hp: losses.trades_loss(
-      student_nat_logits=out.student_clean,
+      student_clean_logits=out.student_clean,
       student_adv_logits=out.student_adv,
       labels=out.labels,
       beta=hp["beta"],
@@ -230,8 +229,8 @@ def _ard_plan(hp, k):
 def _ard_loss(out, st, hp):
   return losses.ard_loss(
     student_adv_logits=out.student_adv,
-    teacher_nat_logits=stack(out.teacher_clean)[0],
-    student_nat_logits=out.student_clean,
+    teacher_clean_logits=stack(out.teacher_clean)[0],
+    student_clean_logits=out.student_clean,
     labels=out.labels,
     temperature=hp["temperature"],
     alpha=hp["alpha"],
@@ -259,8 +258,8 @@ register(
 def _rslad_loss(out, st, hp):
   return losses.rslad_loss(
     student_adv_logits=out.student_adv,
-    student_nat_logits=out.student_clean,
-    teacher_nat_logits=stack(out.teacher_clean)[0],
+    student_clean_logits=out.student_clean,
+    teacher_clean_logits=stack(out.teacher_clean)[0],
     alpha=hp["alpha"],
     reduction=hp["reduction"],
     kl_scale=hp["kl_scale"],
@@ -291,12 +290,12 @@ def _adaad_plan(hp, k):
 
 
 def _adaad_loss(out, st, hp):
-  nat = stack(out.teacher_clean)[0] if hp["alpha"] != 1.0 else None
+  t_clean = stack(out.teacher_clean)[0] if hp["alpha"] != 1.0 else None
   return losses.adaad_loss(
     student_adv_logits=out.student_adv,
     teacher_adv_logits=stack(out.teacher_adv)[0],
-    student_nat_logits=out.student_clean,
-    teacher_nat_logits=nat,
+    student_clean_logits=out.student_clean,
+    teacher_clean_logits=t_clean,
     alpha=hp["alpha"],
     reduction=hp["reduction"],
   )
@@ -323,8 +322,8 @@ register(
 def _iad1_loss(out, st, hp):
   return losses.iad1_loss(
     student_adv_logits=out.student_adv,
-    student_nat_logits=out.student_clean,
-    teacher_nat_logits=stack(out.teacher_clean)[0],
+    student_clean_logits=out.student_clean,
+    teacher_clean_logits=stack(out.teacher_clean)[0],
     teacher_adv_logits=stack(out.teacher_adv)[0],
     labels=out.labels,
     introspection_on=out.epoch >= hp["begin_epoch"],
@@ -359,7 +358,7 @@ def _iad2_loss(out, st, hp):
   t_adv = stack(out.teacher_adv)
   return losses.iad2_loss(
     student_adv_logits=out.student_adv,
-    student_nat_logits=out.student_clean,
+    student_clean_logits=out.student_clean,
     teacher_at_adv_logits=t_adv[0],
     teacher_st_adv_logits=t_adv[1],
     labels=out.labels,
@@ -422,9 +421,9 @@ def _mtard_kwargs(hp, lr_scale):
 def _mtard_loss(out, st, hp):
   return losses.mtard_loss(
     student_adv_logits=out.student_adv,
-    student_nat_logits=out.student_clean,
+    student_clean_logits=out.student_clean,
     teacher_adv_logits=out.teacher_adv[0],
-    teacher_nat_logits=out.teacher_clean[1],
+    teacher_clean_logits=out.teacher_clean[1],
     state=st,
     reduction=hp["reduction"],
     kl_scale=hp["kl_scale"],
@@ -436,9 +435,9 @@ def _mtard_update(st, m, hp, lr_scale):
   return losses.mtard_update_state(
     st,
     m["kl_adv"],
-    m["kl_nat"],
+    m["kl_clean"],
     entropy_adv=m["teacher_neg_entropy_adv"],
-    entropy_nat=m["teacher_neg_entropy_nat"],
+    entropy_clean=m["teacher_neg_entropy_clean"],
     **_mtard_kwargs(hp, lr_scale),
   )
 
@@ -466,13 +465,17 @@ for _name, _balanced in (("mtard", False), ("bmtard", True)):
   )
 
 
+# SA-MDRAD's teacher view: the teachers queried on the clean batch only, or on the adversarial one too.
+TEACHER_VIEWS = ("clean", "adv")
+
+
 def _sa_mdrad_plan(hp, k):
   uses_features = hp["feature_weight"] != 0.0
   views = ("clean", "adv") if hp["teacher_view"] == "adv" else ("clean",)
   needs_clean = hp["alpha"] != 1.0 or (hp["rectifier"] == "dynamic" and hp["dynamic_target"] == "student")
   s_views = ("adv", "clean") if needs_clean else ("adv",)
-  if hp["teacher_view"] not in ("nat", "adv"):
-    raise ValueError(f"method.teacher_view must be 'nat' or 'adv', got {hp['teacher_view']!r}")
+  if hp["teacher_view"] not in TEACHER_VIEWS:
+    raise ValueError(f"method.teacher_view must be one of {TEACHER_VIEWS}, got {hp['teacher_view']!r}")
   return Plan(
     student_views=s_views, teacher_views=(views,) * k, student_features=uses_features, teacher_features=uses_features
   )
@@ -482,9 +485,9 @@ def _sa_mdrad_loss(out, st, hp):
   t_adv = stack(out.teacher_adv) if hp["teacher_view"] == "adv" else None
   return losses.sa_mdrad_loss(
     student_adv_logits=out.student_adv,
-    teacher_nat_logits=stack(out.teacher_clean),
+    teacher_clean_logits=stack(out.teacher_clean),
     labels=out.labels,
-    student_nat_logits=out.student_clean,
+    student_clean_logits=out.student_clean,
     teacher_adv_logits=t_adv,
     projected_features=out.projected,
     teacher_features=out.teacher_clean_features,
@@ -509,7 +512,7 @@ register(
     loss=_sa_mdrad_loss,
     plan=_sa_mdrad_plan,
     defaults=dict(
-      teacher_view="nat",
+      teacher_view="clean",
       rectifier="swap",
       fusion="camkd",
       temperature=4.0,

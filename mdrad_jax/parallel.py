@@ -23,6 +23,12 @@ DATA_AXIS = "data"
 
 
 DISTRIBUTED_MODES = ("auto", "true", "false")
+_JOIN_FIELDS = ("coordinator_address", "num_processes", "process_id")
+# What jax.distributed.initialize raises (JAX 0.10) before it changes anything: no cluster was detected and no
+# coordinator was given; some of the three values are missing; JAX's backend has already started.
+_NO_CLUSTER = "coordinator_address should be defined"
+_MISSING = (_NO_CLUSTER, "Number of processes must be defined", "process id of the current process must be defined")
+_TOO_LATE = "must be called before any JAX calls"
 
 
 def initialize_distributed(dist_config=None) -> bool:
@@ -30,10 +36,13 @@ def initialize_distributed(dist_config=None) -> bool:
 
   Must run before anything touches a JAX device.  ``dist_config`` (``config.distributed``) fields:
 
-  * ``enabled``: 'auto' (default) | 'true' | 'false'.  With 'auto' the call is made only where there is
-    something to join: explicit values below, or a cluster JAX detects by itself (see ``detect_cluster``), so
-    a plain one-process run is untouched.  'true' always calls it (JAX then fails with its own message when it
-    cannot tell the coordinator, process count or id); 'false' never does.
+  * ``enabled``: 'auto' (default) | 'true' | 'false'.  With 'auto' JAX's own cluster detection decides:
+    ``jax.distributed.initialize`` is called with the explicit values below, and when JAX finds neither a
+    cluster (SLURM, Open MPI, Cloud TPU, Kubernetes with the ``kubernetes`` package) nor explicit values it
+    changes nothing and the process runs alone.  A one-task SLURM job (``SLURM_NTASKS=1``) or a one-rank
+    ``mpirun`` runs alone too, with all its devices (JAX would keep only the device of its local task id).
+    So does a process whose JAX backend has already started (it can no longer join anything).  'true' always
+    calls it and JAX's errors stop the run; 'false' never calls it.
   * ``coordinator_address`` ('host:port' of process 0), ``num_processes``, ``process_id``: give all three
     on a cluster JAX cannot detect (several processes started by hand or by a generic launcher); on
     SLURM, Open MPI and Cloud TPU leave them unset and JAX reads them from the environment.
@@ -59,26 +68,16 @@ def initialize_distributed(dist_config=None) -> bool:
   pid = dist_config.process_id
   method = dist_config.cluster_detection_method or None
   local_ids = parse_device_ids(dist_config.local_device_ids)
-  cluster = detect_cluster()
-  given = [
-    name
-    for name, v in (("coordinator_address", address), ("num_processes", num), ("process_id", pid))
-    if v not in (None, "")
-  ]
-  if enabled == "auto" and not given and method is None and cluster is None:
-    return False
-  if given and len(given) < 3 and cluster is None and method is None:
-    missing = sorted({"coordinator_address", "num_processes", "process_id"} - set(given))
-    raise UserError(
-      f"config.distributed: {', '.join(given)} given without {', '.join(missing)}; outside "
-      f"SLURM/Open MPI/Cloud TPU give coordinator_address, num_processes and process_id together"
-    )
+  given = [name for name, v in zip(_JOIN_FIELDS, (address, num, pid)) if v not in (None, "")]
   if num is not None and int(num) < 1:
     raise UserError(f"config.distributed.num_processes must be >= 1, got {num}")
   if pid is not None and num is not None and not 0 <= int(pid) < int(num):
     raise UserError(f"config.distributed.process_id must lie in [0, {int(num)}), got {pid}")
   if address is not None and ":" not in str(address):
     raise UserError(f"config.distributed.coordinator_address must be 'host:port', got {address!r}")
+  detect_only = enabled == "auto" and not given and method is None
+  if detect_only and _one_task_job():
+    return False
   kwargs: dict[str, Any] = {}
   if address is not None:
     kwargs["coordinator_address"] = str(address)
@@ -93,8 +92,31 @@ def initialize_distributed(dist_config=None) -> bool:
   timeout = dist_config.initialization_timeout
   if timeout:
     kwargs["initialization_timeout"] = int(timeout)
-  jax.distributed.initialize(**kwargs)
+  try:
+    jax.distributed.initialize(**kwargs)
+  except ValueError as e:
+    if detect_only and _NO_CLUSTER in str(e):
+      return False  # no cluster, nothing given: a plain one-process run
+    if given and len(given) < 3 and method is None and any(m in str(e) for m in _MISSING):
+      missing = [name for name in _JOIN_FIELDS if name not in given]
+      raise UserError(
+        f"config.distributed: {', '.join(given)} given without {', '.join(missing)}; outside "
+        f"SLURM/Open MPI/Cloud TPU give coordinator_address, num_processes and process_id together"
+      ) from None
+    raise
+  except RuntimeError as e:
+    if detect_only and _TOO_LATE in str(e):
+      return False  # JAX already runs this process alone
+    raise
   return True
+
+
+def _one_task_job() -> bool:
+  """A one-rank ``mpirun`` or a one-task SLURM job (Open MPI first, as JAX checks it first)."""
+  env = os.environ
+  if "OMPI_MCA_orte_hnp_uri" in env:
+    return env.get("OMPI_COMM_WORLD_SIZE") == "1"
+  return env.get("SLURM_NTASKS") == "1"
 
 
 def parse_device_ids(value) -> list[int] | None:
@@ -111,44 +133,6 @@ def parse_device_ids(value) -> list[int] | None:
     return [int(p) for p in parts]
   except (TypeError, ValueError):
     raise UserError(f"config.distributed.local_device_ids must be comma-separated integers, got {value!r}") from None
-
-
-def detect_cluster() -> str | None:
-  """Which multi-process launcher this process runs under, as JAX 0.10 would detect it, or None.
-
-  * 'slurm': ``srun`` with more than one task (JAX's SLURM variables: SLURM_JOB_ID, SLURM_STEP_NODELIST,
-    SLURM_NTASKS, SLURM_PROCID, SLURM_LOCALID).  One task alone is treated as a plain run: JAX would
-    otherwise restrict it to the device of its local task id.
-  * 'ompi': ``mpirun`` (Open MPI) with more than one rank.
-  * 'tpu': a Cloud TPU VM.  JAX reads the workers of the slice from the TPU metadata (one process on a
-    single-host slice, which costs nothing).
-  """
-  env = os.environ
-  slurm_vars = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
-  if all(v in env for v in slurm_vars) and _int_env("SLURM_NTASKS") > 1:
-    return "slurm"
-  if "OMPI_MCA_orte_hnp_uri" in env and _int_env("OMPI_COMM_WORLD_SIZE") > 1:
-    return "ompi"
-  if _on_cloud_tpu_vm():
-    return "tpu"
-  return None
-
-
-def _int_env(name: str) -> int:
-  try:
-    return int(os.environ.get(name, "1"))
-  except ValueError:
-    return 1
-
-
-def _on_cloud_tpu_vm() -> bool:
-  # Set by ``import jax`` when libtpu and TPU chips are present (without starting a backend).
-  try:
-    from jax._src import cloud_tpu_init
-
-    return bool(cloud_tpu_init.running_in_cloud_tpu_vm)
-  except (ImportError, AttributeError):
-    return bool(os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("TPU_PROCESS_ADDRESSES"))
 
 
 def create_mesh(devices=None) -> Mesh:

@@ -179,7 +179,10 @@ def _write_json(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
-def _same_config(a: dict, b: dict) -> bool:
+def _same_config(a, b) -> bool:
+  """Whether two configs (or recorded values) are equal, saved ones read in today's spelling
+  (``workdir.upgrade_config``: a record written before a value was renamed still matches)."""
+  a, b = workdir_lib.upgrade_config(a), workdir_lib.upgrade_config(b)
   return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
 
@@ -316,9 +319,7 @@ def _restorable(
     return None
   for name in names:
     before = snapshot["teachers"].get(name)
-    if before is None or any(
-      not _same_config({"v": before.get(k)}, {"v": teachers[name].get(k)}) for k in TEACHER_RECORD_FIELDS
-    ):
+    if before is None or any(not _same_config(before.get(k), teachers[name].get(k)) for k in TEACHER_RECORD_FIELDS):
       return None
   return old
 

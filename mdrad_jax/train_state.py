@@ -4,7 +4,9 @@
 ``'projectors'`` entry (feature projectors of feature-distillation methods, one per teacher; empty otherwise).
 The optimizer updates both; ``model_variables`` returns the network alone, which is what evaluation and later
 distillation runs load.  ``method_state`` holds a method's adaptive quantities as arrays (MTARD's weights, B-MTARD's
-temperatures...), so they are compiled, sharded and checkpointed with the rest.
+temperatures...), so they are compiled, sharded and checkpointed with the rest.  ``rng`` is the raw data of a
+typed key (``jax.random.key_data``, uint32 [2]) so that checkpoints hold a plain array; the step rewraps it
+(``jax.random.wrap_key_data``).
 """
 
 from __future__ import annotations

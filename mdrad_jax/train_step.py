@@ -189,7 +189,7 @@ def make_train_step(
       proj_stats = stats.get("projectors", {})
       for view in plan.student_views:
         xin = x_adv if view == "adv" else x
-        want_feats = plan.student_features and view == plan.feature_view
+        want_feats = plan.student_features and view == "adv"
         prev = cur
         out, cur = _apply(model, p["model"], cur, xin, train=True, features=want_feats)
         if view == "clean" and plan.clean_stats_from_epoch is not None:

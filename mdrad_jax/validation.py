@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import warnings
 from typing import Any, Callable
 
 from mdrad_jax.errors import MissingFileError, UserError
@@ -214,6 +215,8 @@ def check_training(config) -> None:
     unknown = sorted(set(_get(config, "method").keys()) - set(method.defaults) - {"name"})
     if unknown:
       fail("method", unknown, f"hyper-parameters of {name!r}: {sorted(method.defaults)}")
+    if "teacher_view" in method.defaults:
+      choice(config, "method.teacher_view", methods_lib.TEACHER_VIEWS)
     for k, t in enumerate(teachers):
       if not isinstance(t, str) or not t:
         fail(f"teachers[{k}]", t, "the path of a teacher's training workdir")
@@ -293,8 +296,30 @@ JOB_CHECKS: dict[str, tuple[Callable[[Any], None], ...]] = {
 }
 
 
+def upgrade_renamed_values(config) -> None:
+  """Replaces, in ``config`` itself, a value an earlier release spelled differently
+  (``workdir.RENAMED_VALUES``, e.g. ``method.teacher_view='nat'``) with today's, with a ``FutureWarning``."""
+  from mdrad_jax import workdir as workdir_lib
+
+  for field, renamed in workdir_lib.RENAMED_VALUES.items():
+    value = _get(config, field)
+    if isinstance(value, str) and value in renamed:
+      warnings.warn(
+        f"config.{field}={value!r} is the old spelling of {renamed[value]!r}; it is read as {renamed[value]!r}",
+        FutureWarning,
+        stacklevel=3,
+      )
+      *parents, leaf = field.split(".")
+      node = config
+      for part in parents:
+        node = node[part]
+      node[leaf] = renamed[value]
+
+
 def validate(config, jobs=None) -> None:
-  """Checks ``config`` for its job; raises ``UserError`` naming the first bad field."""
+  """Checks ``config`` for its job (after :func:`upgrade_renamed_values`); raises ``UserError`` naming the first
+  bad field."""
+  upgrade_renamed_values(config)
   job = _get(config, "job", "train")
   if jobs is not None and job not in jobs:
     fail("job", job, f"one of {tuple(jobs)}")

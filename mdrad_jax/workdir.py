@@ -8,11 +8,14 @@
   validated its config and restored its checkpoint, and a config that trains something else than the run
   already in the workdir is refused with the differing fields listed.  :mod:`mdrad_jax.runs` reads a trained
   run's workdir back (its best or latest checkpoint and the network in it).
+* :func:`upgrade_config`: a saved config in today's spelling (values renamed since, :data:`RENAMED_VALUES`),
+  for every reader of saved configs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import fcntl
 import json
@@ -106,15 +109,40 @@ def read_json(path: str, what: str | None = None) -> Any:
     raise UserError(f"{what or 'file'} {path}: cannot read it: {e.strerror}") from None
 
 
+# Config values spelled differently by earlier releases: field -> {old value: today's value}.  Saved configs
+# (config.json, the study's records and snapshots) are read through :func:`upgrade_config`, so that an old run
+# compares equal to the same run configured today; a config given today with an old value is upgraded, with a
+# warning, by ``validation.validate``.
+RENAMED_VALUES = {
+  "method.teacher_view": {"nat": "clean"},  # SA-MDRAD's teachers on the clean batch only
+}
+
+
+def upgrade_config(config):
+  """A copy of a saved config (a dict, e.g. a parsed ``config.json``) with the :data:`RENAMED_VALUES` of
+  earlier releases replaced by today's; anything that is not a dict is returned unchanged."""
+  if not isinstance(config, dict):
+    return config
+  out = copy.deepcopy(config)
+  for field, renamed in RENAMED_VALUES.items():
+    *parents, leaf = field.split(".")
+    node = out
+    for part in parents:
+      node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict) and isinstance(node.get(leaf), str) and node[leaf] in renamed:
+      node[leaf] = renamed[node[leaf]]
+  return out
+
+
 def read_run_config(workdir: str) -> dict | None:
-  """``WORKDIR/config.json`` parsed, None when there is none."""
+  """``WORKDIR/config.json`` parsed (:func:`upgrade_config`: in today's spelling), None when there is none."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.isfile(path):
     return None
   d = read_json(path, "run config")
   if not isinstance(d, dict):
     raise UserError(f"run config {path}: expected a JSON object, got {type(d).__name__}")
-  return d
+  return upgrade_config(d)
 
 
 def _pick(d: dict, path: str):
@@ -171,7 +199,7 @@ def check_same_run(config, workdir: str, extra: dict | None = None) -> dict | No
   old = read_run_config(workdir)
   if old is None:
     return None
-  new = config_dict(config, extra)
+  new = upgrade_config(config_dict(config, extra))
   diff = differing_fields(old, new)
   if diff:
     shown = ", ".join(f"{k} ({_pick_flat(old, k)!r} -> {_pick_flat(new, k)!r})" for k in diff[:6])

@@ -218,7 +218,7 @@ def test_apgd_run_matches_the_reference_loop_step_by_step():
   fn = lambda xa: jnp.tanh(xa.reshape(xa.shape[0], -1) @ pj[0].T + pj[1]) @ pj[2].T + pj[3]
   x = rng.uniform(0.2, 0.8, (12, H, W_, C_IN)).astype(np.float32)
   y = np.asarray(jnp.argmax(fn(jnp.asarray(x)), 1)).astype(np.int32)
-  key = jax.random.PRNGKey(3)
+  key = jax.random.key(3)
   eps, n_iter = 0.05, 100
   t = np.asarray(jax.random.uniform(key, x.shape, jnp.float32, -1.0, 1.0))
   ref_x_best, ref_loss, ref_step, ref_acc = _reference_apgd_ce_mlp(params, x, y, t, eps, n_iter)
@@ -267,25 +267,25 @@ def _check_inside_outside(fn, x, y, x_adv):
 @pytest.mark.parametrize("loss", ["ce", "dlr"])
 def test_apgd_flips_exactly_the_points_within_eps(binary_like, loss):
   fn, x, y = binary_like
-  x_adv = aa.apgd(fn, x, y, jax.random.PRNGKey(0), eps=EPS, n_iter=10, loss=loss)
+  x_adv = aa.apgd(fn, x, y, jax.random.key(0), eps=EPS, n_iter=10, loss=loss)
   _check_inside_outside(fn, x, y, x_adv)
 
 
 def test_apgd_targeted_flips_exactly_the_points_within_eps(binary_like):
   fn, x, y = binary_like
-  x_adv = aa.apgd_targeted(fn, x, y, jax.random.PRNGKey(0), eps=EPS, n_iter=10, n_target_classes=3)
+  x_adv = aa.apgd_targeted(fn, x, y, jax.random.key(0), eps=EPS, n_iter=10, n_target_classes=3)
   _check_inside_outside(fn, x, y, x_adv)
 
 
 def test_fab_targeted_flips_exactly_the_points_within_eps(binary_like):
   fn, x, y = binary_like
-  x_adv = aa.fab_targeted(fn, x, y, jax.random.PRNGKey(0), eps=EPS, n_iter=20, n_target_classes=3)
+  x_adv = aa.fab_targeted(fn, x, y, jax.random.key(0), eps=EPS, n_iter=20, n_target_classes=3)
   _check_inside_outside(fn, x, y, x_adv)
 
 
 def test_square_flips_exactly_the_points_within_eps(binary_like):
   fn, x, y = binary_like
-  x_adv = aa.square(fn, x, y, jax.random.PRNGKey(0), eps=EPS, n_queries=300)
+  x_adv = aa.square(fn, x, y, jax.random.key(0), eps=EPS, n_queries=300)
   _check_inside_outside(fn, x, y, x_adv)
 
 
@@ -295,7 +295,7 @@ def test_fab_finds_nearly_the_minimal_perturbation_multiclass():
   r = min_flip(wmat, bias, x, y)
   assert r.max() < 0.3  # the box does not bind at the minimal perturbation
   x_adv = np.asarray(
-    aa.fab_targeted(fn, x, y, jax.random.PRNGKey(0), eps=1.0, n_iter=30, n_target_classes=wmat.shape[0] - 1)
+    aa.fab_targeted(fn, x, y, jax.random.key(0), eps=1.0, n_iter=30, n_target_classes=wmat.shape[0] - 1)
   )
   assert fooled(fn, x_adv, y).all()
   found = np.abs(x_adv - x).reshape(len(x), -1).max(1)
@@ -308,7 +308,7 @@ def test_apgd_targeted_multiclass_finds_the_points_within_eps():
   fn = linear_fn(wmat, bias)
   r = min_flip(wmat, bias, x, y)
   eps = float(np.median(r))
-  x_adv = aa.apgd_targeted(fn, x, y, jax.random.PRNGKey(1), eps=eps, n_iter=20, n_target_classes=4)
+  x_adv = aa.apgd_targeted(fn, x, y, jax.random.key(1), eps=eps, n_iter=20, n_target_classes=4)
   f = fooled(fn, x_adv, y)
   assert f[r <= 0.9 * eps].all() and not f[r > eps].any()
   assert_in_ball_and_box(x_adv, x, eps)
@@ -319,7 +319,7 @@ def test_attacks_respect_the_box_with_points_on_its_faces(binary_like):
   rng = np.random.default_rng(7)
   x = rng.choice([0.0, 1.0, 0.02, 0.98], size=x0.shape).astype(np.float32)
   y = np.asarray(jnp.argmax(fn(jnp.asarray(x)), 1)).astype(np.int32)
-  key = jax.random.PRNGKey(2)
+  key = jax.random.key(2)
   # same parameters as the tests above, so the compiled kernels are reused
   outs = (
     aa.apgd(fn, x, y, key, eps=EPS, n_iter=10, loss="ce"),
@@ -334,7 +334,7 @@ def test_attacks_respect_the_box_with_points_on_its_faces(binary_like):
 
 def test_same_seed_same_result_and_seed_matters(binary_like):
   fn, x, y = binary_like
-  k0, k1 = jax.random.PRNGKey(0), jax.random.PRNGKey(1)
+  k0, k1 = jax.random.key(0), jax.random.key(1)
   a = aa.apgd(fn, x, y, k0, eps=EPS, n_iter=10, loss="ce")
   np.testing.assert_array_equal(a, aa.apgd(fn, x, y, k0, eps=EPS, n_iter=10, loss="ce"))
   s = aa.square(fn, x, y, k0, eps=EPS, n_queries=300)
@@ -344,7 +344,7 @@ def test_same_seed_same_result_and_seed_matters(binary_like):
 
 def test_bad_inputs_raise_clear_errors(binary_like):
   fn, x, y = binary_like
-  key = jax.random.PRNGKey(0)
+  key = jax.random.key(0)
   with pytest.raises(ValueError, match="eps"):
     aa.apgd(fn, x, y, key, eps=-1.0)
   with pytest.raises(ValueError, match="loss"):
@@ -448,7 +448,7 @@ def test_padding_rows_do_not_change_the_real_rows(binary_like, kind):
     "square": dict(n_queries=300, p_init=0.8),
   }[kind]
   f = aa.batch_kernel(kind, fn, eps=EPS, **params)
-  key = jax.random.PRNGKey(5)
+  key = jax.random.key(5)
   m = 7
   alone = np.asarray(f(jnp.asarray(x[:m]), jnp.asarray(y[:m]), jnp.ones(m, bool), key))
   xp = np.concatenate([x[:m], x[:3]])

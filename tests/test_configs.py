@@ -62,3 +62,21 @@ def test_teacher_and_quickstart_configs():
   assert q.job == "quickstart" and q.data.name == "digits"
   with pytest.raises(ValueError, match="unknown config argument"):
     _load("teacher").get_config("modle=x")
+
+
+def test_old_teacher_view_spelling_is_read_as_clean_with_a_warning(tmp_path):
+  from mdrad_jax import validation
+  from mdrad_jax.errors import UserError
+
+  c = _load("sa_mdrad").get_config(f"dataset=fashion_mnist,small,teachers={tmp_path}")
+  assert c.method.teacher_view == "clean"
+  c.method.teacher_view = "nat"  # e.g. --config.method.teacher_view=nat
+  with pytest.warns(FutureWarning, match="teacher_view='nat' is the old spelling of 'clean'"):
+    validation.validate(c)
+  assert c.method.teacher_view == "clean"
+  c.method.teacher_view = "adv"
+  validation.validate(c)
+  assert c.method.teacher_view == "adv"
+  c.method.teacher_view = "natural"
+  with pytest.raises(UserError, match=r"config\.method\.teacher_view = 'natural': expected one of \('clean', 'adv'\)"):
+    validation.validate(c)

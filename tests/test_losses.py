@@ -101,8 +101,8 @@ def data():
   f = lambda *s: (3 * rng.standard_normal(s)).astype(np.float32)  # noqa: E731
   return dict(
     s_adv=f(N, C),
-    s_nat=f(N, C),
-    t_nat=f(K, N, C),
+    s_clean=f(N, C),
+    t_clean=f(K, N, C),
     t_adv=f(K, N, C),
     y=rng.integers(0, C, N).astype(np.int32),
     proj=[
@@ -128,7 +128,7 @@ def close(a, b, rtol=RTOL, atol=ATOL):
 @pytest.mark.parametrize("reduction", L.REDUCTIONS)
 @pytest.mark.parametrize("rslad", [False, True])
 def test_kl_matches_numpy(data, reduction, rslad):
-  t, s = data["t_nat"][0], data["s_adv"]
+  t, s = data["t_clean"][0], data["s_adv"]
   p, log_q = np_softmax(t, 2.0), np_log_softmax(s, 3.0)
   want = np_reduce(np_kl_rows(p, log_q, rslad), C, reduction)
   close(L.kl_from_logits(t, s, temperature=2.0, student_temperature=3.0, reduction=reduction, rslad_eps=rslad), want)
@@ -155,24 +155,26 @@ def test_cross_entropy(data, reduction):
 
 def test_bad_names_and_shapes(data):
   with pytest.raises(ValueError, match="batchmean"):
-    L.kl_from_logits(data["s_adv"], data["s_nat"], reduction="mean")
+    L.kl_from_logits(data["s_adv"], data["s_clean"], reduction="mean")
   with pytest.raises(ValueError, match="same shape"):
-    L.kl_from_logits(data["t_nat"], data["s_nat"])
+    L.kl_from_logits(data["t_clean"], data["s_clean"])
   with pytest.raises(ValueError, match="swap"):
-    L.rectify("flip", data["t_nat"], data["y"])
+    L.rectify("flip", data["t_clean"], data["y"])
   with pytest.raises(ValueError, match="camkd"):
-    L.fusion_weights("avg", data["t_nat"], data["y"])
+    L.fusion_weights("avg", data["t_clean"], data["y"])
   with pytest.raises(ValueError, match="labels"):
     L.cross_entropy(data["s_adv"], data["y"][:3])
   with pytest.raises(ValueError, match="single-teacher"):
-    L.rslad_loss(student_adv_logits=data["s_adv"], student_nat_logits=data["s_nat"], teacher_nat_logits=data["t_nat"])
+    L.rslad_loss(
+      student_adv_logits=data["s_adv"], student_clean_logits=data["s_clean"], teacher_clean_logits=data["t_clean"]
+    )
   with pytest.raises(ValueError, match="same shape"):
     L.feature_mse(data["proj"][0], data["feat"][1])
   with pytest.raises(ValueError, match="feature_weight"):
     L.sa_mdrad_loss(
       student_adv_logits=data["s_adv"],
-      student_nat_logits=data["s_nat"],
-      teacher_nat_logits=data["t_nat"],
+      student_clean_logits=data["s_clean"],
+      teacher_clean_logits=data["t_clean"],
       labels=data["y"],
     )
   with pytest.raises(ValueError, match="balanced"):
@@ -183,7 +185,7 @@ def test_bad_names_and_shapes(data):
 # Rectifiers.
 # ---------------------------------------------------------------------------------------------
 def test_rectify_swap_properties(data):
-  z, y = data["t_nat"], data["y"]
+  z, y = data["t_clean"], data["y"]
   out = np.asarray(L.rectify_swap(jnp.asarray(z), y))
   yy = np.broadcast_to(y, z.shape[:-1])
   assert (np.argmax(out, -1) == yy).all()
@@ -210,7 +212,7 @@ def test_rectify_swap_noop_when_correct(data):
 
 
 def test_rectify_adr_and_dispatch(data):
-  z, y = data["t_nat"], data["y"]
+  z, y = data["t_clean"], data["y"]
   p = np_softmax(z, 2.0)
   close(L.rectify_adr(p.astype(np.float32), y, 0.7), np_adr(p, y, 0.7))
   for kind in L.RECTIFIERS:
@@ -225,7 +227,7 @@ def test_rectify_adr_and_dispatch(data):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", L.FUSIONS)
 def test_fusion_weights(data, kind):
-  z, y = data["t_nat"], data["y"]
+  z, y = data["t_clean"], data["y"]
   w = np.asarray(L.fusion_weights(kind, z, y))
   close(w, np_fusion(kind, z, y))
   assert w.shape == (K, N) and (w >= 0).all()
@@ -254,14 +256,14 @@ def test_fusion_entropy_prefers_confident():
 
 
 def test_fusion_is_constant(data):
-  z, y = jnp.asarray(data["t_nat"]), data["y"]
+  z, y = jnp.asarray(data["t_clean"]), data["y"]
   for kind in L.FUSIONS:
     g = jax.grad(lambda zz: jnp.sum(L.fusion_weights(kind, zz, y) * jnp.arange(N)))(z)
     assert not np.any(np.asarray(g))
 
 
 def test_fused_soft_target(data):
-  z, y = data["t_nat"], data["y"]
+  z, y = data["t_clean"], data["y"]
   p_hat, w = L.fused_soft_target(z, y, rectifier="swap", fusion="camkd", temperature=4.0)
   want = (np_fusion("camkd", z, y)[..., None] * np_rectify("swap", z, y, 4.0, 0.9)).sum(0)
   close(p_hat, want)
@@ -274,7 +276,7 @@ def test_fused_soft_target(data):
 def test_feature_losses(data):
   a, b = data["proj"], data["feat"]
   close(L.feature_mse(a[0], b[0]), np_feature_mse(a[0], b[0]))
-  w = np_fusion("camkd", data["t_nat"], data["y"])
+  w = np_fusion("camkd", data["t_clean"], data["y"])
   want = sum((w[k] * np_feature_mse(a[k], b[k])).mean() for k in range(K))
   close(L.weighted_feature_loss(a, b, w.astype(np.float32)), want)
   close(L.weighted_feature_loss(a, b), sum(np_feature_mse(a[k], b[k]).mean() for k in range(K)))
@@ -291,31 +293,31 @@ def np_sa_mdrad(
   d, *, rectifier, fusion, tau, alpha, lam_f, lam_ce, adr_lambda, reduction, view, dyn_target="student", dyn_beta=1.0
 ):
   y = d["y"]
-  w = np_fusion(fusion, d["t_nat"], y)
-  p_nat = (w[..., None] * np_rectify(rectifier, d["t_nat"], y, tau, adr_lambda)).sum(0)
+  w = np_fusion(fusion, d["t_clean"], y)
+  p_clean = (w[..., None] * np_rectify(rectifier, d["t_clean"], y, tau, adr_lambda)).sum(0)
   if view == "adv":
     w_a = np_fusion(fusion, d["t_adv"], y)
     p_adv = (w_a[..., None] * np_rectify(rectifier, d["t_adv"], y, tau, adr_lambda)).sum(0)
   else:
-    p_adv = p_nat
+    p_adv = p_clean
   if rectifier == "dynamic":
     lam_i = np.clip(1 - np_softmax(d["s_adv"])[np.arange(len(y)), y], 0, 1) ** dyn_beta
-    q = np_softmax(d["s_nat"], tau) if dyn_target == "student" else np.eye(C)[y]
+    q = np_softmax(d["s_clean"], tau) if dyn_target == "student" else np.eye(C)[y]
     p_adv = lam_i[:, None] * p_adv + (1 - lam_i[:, None]) * q
-    p_nat = lam_i[:, None] * p_nat + (1 - lam_i[:, None]) * q
+    p_clean = lam_i[:, None] * p_clean + (1 - lam_i[:, None]) * q
   kl_adv = tau**2 * np_reduce(np_kl_rows(p_adv, np_log_softmax(d["s_adv"], tau)), C, reduction)
-  kl_nat = tau**2 * np_reduce(np_kl_rows(p_nat, np_log_softmax(d["s_nat"], tau)), C, reduction)
+  kl_clean = tau**2 * np_reduce(np_kl_rows(p_clean, np_log_softmax(d["s_clean"], tau)), C, reduction)
   feat = sum((w[k] * np_feature_mse(d["proj"][k], d["feat"][k])).mean() for k in range(K))
   ce = np_ce_rows(d["s_adv"], y).mean()
-  return alpha * kl_adv + (1 - alpha) * kl_nat + lam_f * feat + lam_ce * ce, kl_adv, kl_nat, feat
+  return alpha * kl_adv + (1 - alpha) * kl_clean + lam_f * feat + lam_ce * ce, kl_adv, kl_clean, feat
 
 
 @pytest.mark.parametrize(
   "rectifier,fusion,view,reduction",
   [
-    ("swap", "camkd", "nat", "batchmean"),
+    ("swap", "camkd", "clean", "batchmean"),
     ("adr", "ptrue", "adv", "elem_mean"),
-    ("none", "entropy", "nat", "batchmean"),
+    ("none", "entropy", "clean", "batchmean"),
     ("swap", "uniform", "adv", "sum"),
   ],
 )
@@ -326,8 +328,8 @@ def test_sa_mdrad_loss(data, rectifier, fusion, view, reduction):
   )
   loss, m = L.sa_mdrad_loss(
     student_adv_logits=d["s_adv"],
-    student_nat_logits=d["s_nat"],
-    teacher_nat_logits=d["t_nat"],
+    student_clean_logits=d["s_clean"],
+    teacher_clean_logits=d["t_clean"],
     teacher_adv_logits=d["t_adv"] if view == "adv" else None,
     labels=d["y"],
     projected_features=d["proj"],
@@ -341,21 +343,23 @@ def test_sa_mdrad_loss(data, rectifier, fusion, view, reduction):
     adr_lambda=0.6,
     reduction=reduction,
   )
-  want, kl_adv, kl_nat, feat = np_sa_mdrad(d, view=view, **kw)
+  want, kl_adv, kl_clean, feat = np_sa_mdrad(d, view=view, **kw)
   close(loss, want)
   close(m["kl_adv"], kl_adv)
-  close(m["kl_nat"], kl_nat)
+  close(m["kl_clean"], kl_clean)
   close(m["feature"], feat)
   assert all(np.asarray(v).shape == () for v in m.values())
 
 
-@pytest.mark.parametrize("target,beta,view", [("student", 1.0, "nat"), ("label", 2.5, "adv"), ("student", 0.5, "adv")])
+@pytest.mark.parametrize(
+  "target,beta,view", [("student", 1.0, "clean"), ("label", 2.5, "adv"), ("student", 0.5, "adv")]
+)
 def test_sa_mdrad_dynamic_rectifier(data, target, beta, view):
   d = data
   loss, m = L.sa_mdrad_loss(
     student_adv_logits=d["s_adv"],
-    student_nat_logits=d["s_nat"],
-    teacher_nat_logits=d["t_nat"],
+    student_clean_logits=d["s_clean"],
+    teacher_clean_logits=d["t_clean"],
     teacher_adv_logits=d["t_adv"] if view == "adv" else None,
     labels=d["y"],
     projected_features=d["proj"],
@@ -369,7 +373,7 @@ def test_sa_mdrad_dynamic_rectifier(data, target, beta, view):
     dynamic_target=target,
     dynamic_beta=beta,
   )
-  want, kl_adv, kl_nat, _ = np_sa_mdrad(
+  want, kl_adv, kl_clean, _ = np_sa_mdrad(
     d,
     rectifier="dynamic",
     fusion="camkd",
@@ -385,7 +389,7 @@ def test_sa_mdrad_dynamic_rectifier(data, target, beta, view):
   )
   close(loss, want)
   close(m["kl_adv"], kl_adv)
-  close(m["kl_nat"], kl_nat)
+  close(m["kl_clean"], kl_clean)
   lam = np.clip(1 - np_softmax(d["s_adv"])[np.arange(N), d["y"]], 0, 1) ** beta
   close(m["dynamic_trust"], lam.mean())
 
@@ -407,7 +411,7 @@ def test_dynamic_trust_limits():
 def test_sa_mdrad_defaults_and_alpha_one(data):
   d = data
   loss, m = L.sa_mdrad_loss(
-    student_adv_logits=d["s_adv"], teacher_nat_logits=d["t_nat"], labels=d["y"], alpha=1.0, feature_weight=0.0
+    student_adv_logits=d["s_adv"], teacher_clean_logits=d["t_clean"], labels=d["y"], alpha=1.0, feature_weight=0.0
   )
   want, kl_adv, _, _ = np_sa_mdrad(
     d,
@@ -419,29 +423,29 @@ def test_sa_mdrad_defaults_and_alpha_one(data):
     lam_ce=0.0,
     adr_lambda=0.9,
     reduction="batchmean",
-    view="nat",
+    view="clean",
   )
   close(loss, want)
-  with pytest.raises(ValueError, match="student_nat_logits"):
-    L.sa_mdrad_loss(student_adv_logits=d["s_adv"], teacher_nat_logits=d["t_nat"], labels=d["y"], feature_weight=0.0)
+  with pytest.raises(ValueError, match="student_clean_logits"):
+    L.sa_mdrad_loss(student_adv_logits=d["s_adv"], teacher_clean_logits=d["t_clean"], labels=d["y"], feature_weight=0.0)
 
 
 @pytest.mark.parametrize("reduction", ["batchmean", "elem_mean"])
 def test_kd_loss(data, reduction):
   d = data
   loss, _ = L.kd_loss(
-    student_logits=d["s_nat"],
-    teacher_logits=d["t_nat"][0],
+    student_logits=d["s_clean"],
+    teacher_logits=d["t_clean"][0],
     labels=d["y"],
     temperature=4.0,
     alpha=0.9,
     reduction=reduction,
   )
-  kl = 16 * np_reduce(np_kl_rows(np_softmax(d["t_nat"][0], 4), np_log_softmax(d["s_nat"], 4)), C, reduction)
-  close(loss, 0.9 * kl + 0.1 * np_ce_rows(d["s_nat"], d["y"]).mean())
-  loss_k, _ = L.kd_loss(student_logits=d["s_nat"], teacher_logits=d["t_nat"], labels=d["y"], alpha=1.0)
+  kl = 16 * np_reduce(np_kl_rows(np_softmax(d["t_clean"][0], 4), np_log_softmax(d["s_clean"], 4)), C, reduction)
+  close(loss, 0.9 * kl + 0.1 * np_ce_rows(d["s_clean"], d["y"]).mean())
+  loss_k, _ = L.kd_loss(student_logits=d["s_clean"], teacher_logits=d["t_clean"], labels=d["y"], alpha=1.0)
   kls = [
-    16 * np_reduce(np_kl_rows(np_softmax(d["t_nat"][k], 4), np_log_softmax(d["s_nat"], 4)), C, "batchmean")
+    16 * np_reduce(np_kl_rows(np_softmax(d["t_clean"][k], 4), np_log_softmax(d["s_clean"], 4)), C, "batchmean")
     for k in range(K)
   ]
   close(loss_k, np.mean(kls))
@@ -450,9 +454,9 @@ def test_kd_loss(data, reduction):
 def test_pgd_at_and_trades(data):
   d = data
   close(L.pgd_at_loss(student_adv_logits=d["s_adv"], labels=d["y"])[0], np_ce_rows(d["s_adv"], d["y"]).mean())
-  loss, m = L.trades_loss(student_nat_logits=d["s_nat"], student_adv_logits=d["s_adv"], labels=d["y"], beta=6.0)
-  kl = np_kl_rows(np_softmax(d["s_nat"]), np_log_softmax(d["s_adv"])).mean()
-  close(loss, np_ce_rows(d["s_nat"], d["y"]).mean() + 6 * kl)
+  loss, m = L.trades_loss(student_clean_logits=d["s_clean"], student_adv_logits=d["s_adv"], labels=d["y"], beta=6.0)
+  kl = np_kl_rows(np_softmax(d["s_clean"]), np_log_softmax(d["s_adv"])).mean()
+  close(loss, np_ce_rows(d["s_clean"], d["y"]).mean() + 6 * kl)
   close(m["kl_robust"], kl)
 
 
@@ -461,25 +465,28 @@ def test_ard_loss(data, alpha):
   d = data
   loss, _ = L.ard_loss(
     student_adv_logits=d["s_adv"],
-    student_nat_logits=d["s_nat"],
-    teacher_nat_logits=d["t_nat"][:1],
+    student_clean_logits=d["s_clean"],
+    teacher_clean_logits=d["t_clean"][:1],
     labels=d["y"],
     temperature=30.0,
     alpha=alpha,
   )
-  kl = 900 * np_reduce(np_kl_rows(np_softmax(d["t_nat"][0], 30), np_log_softmax(d["s_adv"], 30)), C, "elem_mean")
-  close(loss, alpha * kl + (1 - alpha) * np_ce_rows(d["s_nat"], d["y"]).mean())
+  kl = 900 * np_reduce(np_kl_rows(np_softmax(d["t_clean"][0], 30), np_log_softmax(d["s_adv"], 30)), C, "elem_mean")
+  close(loss, alpha * kl + (1 - alpha) * np_ce_rows(d["s_clean"], d["y"]).mean())
 
 
 @pytest.mark.parametrize("kl_scale", [1.0, 10.0])
 def test_rslad_loss(data, kl_scale):
   d = data
   loss, _ = L.rslad_loss(
-    student_adv_logits=d["s_adv"], student_nat_logits=d["s_nat"], teacher_nat_logits=d["t_nat"][0], kl_scale=kl_scale
+    student_adv_logits=d["s_adv"],
+    student_clean_logits=d["s_clean"],
+    teacher_clean_logits=d["t_clean"][0],
+    kl_scale=kl_scale,
   )
-  p = np_softmax(d["t_nat"][0])
+  p = np_softmax(d["t_clean"][0])
   kl_a = np.mean(-np_log_softmax(d["s_adv"]) * p + np.log(p + 1e-5) * p)
-  kl_n = np.mean(-np_log_softmax(d["s_nat"]) * p + np.log(p + 1e-5) * p)
+  kl_n = np.mean(-np_log_softmax(d["s_clean"]) * p + np.log(p + 1e-5) * p)
   close(loss, kl_scale * (5 / 6 * kl_a + 1 / 6 * kl_n))
 
 
@@ -489,13 +496,13 @@ def test_adaad_loss(data, reduction):
   loss, _ = L.adaad_loss(
     student_adv_logits=d["s_adv"],
     teacher_adv_logits=d["t_adv"][0],
-    student_nat_logits=d["s_nat"],
-    teacher_nat_logits=d["t_nat"][0],
+    student_clean_logits=d["s_clean"],
+    teacher_clean_logits=d["t_clean"][0],
     alpha=0.7,
     reduction=reduction,
   )
   kl_a = np_reduce(np_kl_rows(np_softmax(d["t_adv"][0]), np_log_softmax(d["s_adv"])), C, reduction)
-  kl_n = np_reduce(np_kl_rows(np_softmax(d["t_nat"][0]), np_log_softmax(d["s_nat"])), C, reduction)
+  kl_n = np_reduce(np_kl_rows(np_softmax(d["t_clean"][0]), np_log_softmax(d["s_clean"])), C, reduction)
   close(loss, 0.7 * kl_a + 0.3 * kl_n)
   loss1, _ = L.adaad_loss(student_adv_logits=d["s_adv"], teacher_adv_logits=d["t_adv"][0], reduction=reduction)
   close(loss1, kl_a)
@@ -507,8 +514,8 @@ def test_iad1_loss(data, on):
   tau, alpha, beta = 2.0, 0.8, 0.1
   loss, m = L.iad1_loss(
     student_adv_logits=d["s_adv"],
-    student_nat_logits=d["s_nat"],
-    teacher_nat_logits=d["t_nat"][0],
+    student_clean_logits=d["s_clean"],
+    teacher_clean_logits=d["t_clean"][0],
     teacher_adv_logits=d["t_adv"][0],
     labels=d["y"],
     introspection_on=jnp.asarray(on > 0),
@@ -518,9 +525,9 @@ def test_iad1_loss(data, on):
   )
   y = d["y"]
   a = np_softmax(d["t_adv"][0])[np.arange(N), y] ** beta
-  kl_t = tau**2 * np_kl_rows(np_softmax(d["t_nat"][0], tau), np_log_softmax(d["s_adv"], tau)).mean()
-  kl_s = ((1 - a) * np_kl_rows(np_softmax(d["s_nat"]), np_log_softmax(d["s_adv"]))).mean()
-  want = alpha * kl_t + on * alpha * kl_s + (1 - alpha) * np_ce_rows(d["s_nat"], y).mean()
+  kl_t = tau**2 * np_kl_rows(np_softmax(d["t_clean"][0], tau), np_log_softmax(d["s_adv"], tau)).mean()
+  kl_s = ((1 - a) * np_kl_rows(np_softmax(d["s_clean"]), np_log_softmax(d["s_adv"]))).mean()
+  want = alpha * kl_t + on * alpha * kl_s + (1 - alpha) * np_ce_rows(d["s_clean"], y).mean()
   close(loss, want)
   close(m["kl_self"], kl_s)
   close(m["trust"], a.mean())
@@ -532,7 +539,7 @@ def test_iad2_loss(data, on):
   tau, a1, a2, beta = 2.0, 0.5, 0.25, 0.1
   loss, _ = L.iad2_loss(
     student_adv_logits=d["s_adv"],
-    student_nat_logits=d["s_nat"],
+    student_clean_logits=d["s_clean"],
     teacher_at_adv_logits=d["t_adv"][0],
     teacher_st_adv_logits=d["t_adv"][1],
     labels=d["y"],
@@ -547,7 +554,7 @@ def test_iad2_loss(data, on):
   a_eff = a if on else np.ones(N)
   kl_at = np_kl_rows(np_softmax(d["t_adv"][0], tau), np_log_softmax(d["s_adv"], tau))
   kl_st = np_kl_rows(np_softmax(d["t_adv"][1], tau), np_log_softmax(d["s_adv"], tau))
-  kl_self = np_kl_rows(np_softmax(d["s_nat"]), np_log_softmax(d["s_adv"]))
+  kl_self = np_kl_rows(np_softmax(d["s_clean"]), np_log_softmax(d["s_adv"]))
   want = (
     (1 - a1 - a2) * np_ce_rows(d["s_adv"], y).mean()
     + a1 * tau**2 * ((a_eff * kl_at).mean() + on * ((1 - a) * kl_self).mean())
@@ -561,30 +568,30 @@ def test_iad2_loss(data, on):
 # ---------------------------------------------------------------------------------------------
 def hand_mtard(losses, *, lr_w, bert, balanced, entropies=None, lr_tau=0.001):
   """Plain-Python transcription of the update loop (weights dict, L0 on the first iteration)."""
-  w = {"adv": 0.5, "nat": 0.5}
-  temp = {"adv": 1.0, "nat": 1.0}
+  w = {"adv": 0.5, "clean": 0.5}
+  temp = {"adv": 1.0, "clean": 1.0}
   l0 = None
   out = []
   for t, (la, ln) in enumerate(losses):
     if entropies is not None and balanced:
       ha, hn = entropies[t]
       new_ta = min(max(temp["adv"] - lr_tau * np.sign(ha / hn - 1), 1.0), 10.0)
-      new_tn = min(max(temp["nat"] - lr_tau * np.sign(hn / ha - 1), 1.0), 10.0)
-      temp = {"adv": new_ta, "nat": new_tn}
+      new_tn = min(max(temp["clean"] - lr_tau * np.sign(hn / ha - 1), 1.0), 10.0)
+      temp = {"adv": new_ta, "clean": new_tn}
     if l0 is None:
       l0 = (la, ln)
     ra, rn = (la / l0[0]) ** bert, (ln / l0[1]) ** bert
     if not balanced:
-      w["nat"] = w["nat"] - lr_w * (w["nat"] - rn / (ra + rn))
-      w["adv"] = 1 - w["nat"]
+      w["clean"] = w["clean"] - lr_w * (w["clean"] - rn / (ra + rn))
+      w["adv"] = 1 - w["clean"]
     else:
       avg = (ra + rn) / 2
       ra, rn = ra / avg, rn / avg
-      w["nat"] = max(w["nat"] - lr_w * (w["nat"] - rn / (ra + rn)), 0.0)
+      w["clean"] = max(w["clean"] - lr_w * (w["clean"] - rn / (ra + rn)), 0.0)
       w["adv"] = max(w["adv"] - lr_w * (w["adv"] - ra / (ra + rn)), 0.0)
-      s = w["adv"] + w["nat"]
-      w = {"adv": w["adv"] / s, "nat": w["nat"] / s}
-    out.append((w["adv"], w["nat"], temp["adv"], temp["nat"]))
+      s = w["adv"] + w["clean"]
+      w = {"adv": w["adv"] / s, "clean": w["clean"] / s}
+    out.append((w["adv"], w["clean"], temp["adv"], temp["clean"]))
   return out
 
 
@@ -597,7 +604,7 @@ def test_mtard_update_state_against_hand(balanced, bert):
   assert not bool(state.initialized)
   update = jax.jit(
     lambda s, la, ln, ha, hn: L.mtard_update_state(
-      s, la, ln, lr_w=0.3, beta=bert, balanced=balanced, entropy_adv=ha, entropy_nat=hn, lr_tau=0.5
+      s, la, ln, lr_w=0.3, beta=bert, balanced=balanced, entropy_adv=ha, entropy_clean=hn, lr_tau=0.5
     )
   )
   for (la, ln), (ha, hn), (wa, wn, ta, tn) in zip(losses, ents, want):
@@ -609,7 +616,7 @@ def test_mtard_update_state_against_hand(balanced, bert):
     close(state.init_loss_adv, losses[0][0])
     close(state.init_loss_nat, losses[0][1])
   assert bool(state.initialized)
-  # The weights moved: first step target = 1/2, then the nat share grows as L_adv falls faster.
+  # The weights moved: first step target = 1/2, then the clean share grows as L_adv falls faster.
   assert float(state.w_nat) > 0.5
 
 
@@ -621,9 +628,9 @@ def test_mtard_loss(data, balanced):
     state = state._replace(tau_adv=jnp.float32(2.0), tau_nat=jnp.float32(1.5))
   kw = dict(
     student_adv_logits=d["s_adv"],
-    student_nat_logits=d["s_nat"],
+    student_clean_logits=d["s_clean"],
     teacher_adv_logits=d["t_adv"][0],
-    teacher_nat_logits=d["t_nat"][1],
+    teacher_clean_logits=d["t_clean"][1],
     lr_w=0.025,
     beta=1.0,
     balanced=balanced,
@@ -631,11 +638,11 @@ def test_mtard_loss(data, balanced):
   )
   loss, m = L.mtard_loss(state=state, **kw)
   ta, tn = float(state.tau_adv), float(state.tau_nat)
-  pa, pn = np_softmax(d["t_adv"][0], ta), np_softmax(d["t_nat"][1], tn)
+  pa, pn = np_softmax(d["t_adv"][0], ta), np_softmax(d["t_clean"][1], tn)
   kl_a = 10 * np.mean(-np_log_softmax(d["s_adv"]) * pa + np.log(pa + 1e-5) * pa)
-  kl_n = 10 * np.mean(-np_log_softmax(d["s_nat"]) * pn + np.log(pn + 1e-5) * pn)
+  kl_n = 10 * np.mean(-np_log_softmax(d["s_clean"]) * pn + np.log(pn + 1e-5) * pn)
   close(m["kl_adv"], kl_a)
-  close(m["kl_nat"], kl_n)
+  close(m["kl_clean"], kl_n)
   close(m["teacher_neg_entropy_adv"], np.mean(pa * np.log(pa + 1e-5)))
   # First call: L0 = L, r = 1 each, so the updated weights stay 1/2.
   close(loss, 0.5 * kl_a + 0.5 * kl_n)
@@ -649,11 +656,11 @@ def test_mtard_loss(data, balanced):
   persisted = L.mtard_update_state(
     state2,
     m2["kl_adv"],
-    m2["kl_nat"],
+    m2["kl_clean"],
     lr_w=0.025,
     balanced=balanced,
     entropy_adv=m2["teacher_neg_entropy_adv"],
-    entropy_nat=m2["teacher_neg_entropy_nat"],
+    entropy_clean=m2["teacher_neg_entropy_clean"],
   )
   close(persisted.w_adv, float(m2["w_adv"]), rtol=0, atol=0)
   loss_old, _ = L.mtard_loss(state=state2, use_updated_weights=False, **kw)
@@ -672,8 +679,8 @@ def _method_calls(d):
       L.sa_mdrad_loss,
       dict(
         student_adv_logits=d["s_adv"],
-        student_nat_logits=d["s_nat"],
-        teacher_nat_logits=d["t_nat"],
+        student_clean_logits=d["s_clean"],
+        teacher_clean_logits=d["t_clean"],
         teacher_adv_logits=d["t_adv"],
         projected_features=d["proj"],
         teacher_features=d["feat"],
@@ -681,30 +688,30 @@ def _method_calls(d):
         ce_weight=0.3,
       ),
     ),
-    "kd": (L.kd_loss, dict(student_logits=d["s_nat"], teacher_logits=d["t_nat"], labels=d["y"])),
+    "kd": (L.kd_loss, dict(student_logits=d["s_clean"], teacher_logits=d["t_clean"], labels=d["y"])),
     "pgd_at": (L.pgd_at_loss, dict(student_adv_logits=d["s_adv"], labels=d["y"])),
-    "trades": (L.trades_loss, dict(student_nat_logits=d["s_nat"], student_adv_logits=d["s_adv"], labels=d["y"])),
+    "trades": (L.trades_loss, dict(student_clean_logits=d["s_clean"], student_adv_logits=d["s_adv"], labels=d["y"])),
     "ard": (
       L.ard_loss,
       dict(
         student_adv_logits=d["s_adv"],
-        student_nat_logits=d["s_nat"],
-        teacher_nat_logits=d["t_nat"][0],
+        student_clean_logits=d["s_clean"],
+        teacher_clean_logits=d["t_clean"][0],
         labels=d["y"],
         alpha=0.5,
       ),
     ),
     "rslad": (
       L.rslad_loss,
-      dict(student_adv_logits=d["s_adv"], student_nat_logits=d["s_nat"], teacher_nat_logits=d["t_nat"][0]),
+      dict(student_adv_logits=d["s_adv"], student_clean_logits=d["s_clean"], teacher_clean_logits=d["t_clean"][0]),
     ),
     "adaad": (
       L.adaad_loss,
       dict(
         student_adv_logits=d["s_adv"],
         teacher_adv_logits=d["t_adv"][0],
-        student_nat_logits=d["s_nat"],
-        teacher_nat_logits=d["t_nat"][0],
+        student_clean_logits=d["s_clean"],
+        teacher_clean_logits=d["t_clean"][0],
         alpha=0.5,
       ),
     ),
@@ -712,8 +719,8 @@ def _method_calls(d):
       L.iad1_loss,
       dict(
         student_adv_logits=d["s_adv"],
-        student_nat_logits=d["s_nat"],
-        teacher_nat_logits=d["t_nat"][0],
+        student_clean_logits=d["s_clean"],
+        teacher_clean_logits=d["t_clean"][0],
         teacher_adv_logits=d["t_adv"][0],
         labels=d["y"],
         introspection_on=jnp.bool_(True),
@@ -724,7 +731,7 @@ def _method_calls(d):
       L.iad2_loss,
       dict(
         student_adv_logits=d["s_adv"],
-        student_nat_logits=d["s_nat"],
+        student_clean_logits=d["s_clean"],
         teacher_at_adv_logits=d["t_adv"][0],
         teacher_st_adv_logits=d["t_adv"][1],
         labels=d["y"],
@@ -735,9 +742,9 @@ def _method_calls(d):
       L.mtard_loss,
       dict(
         student_adv_logits=d["s_adv"],
-        student_nat_logits=d["s_nat"],
+        student_clean_logits=d["s_clean"],
         teacher_adv_logits=d["t_adv"][0],
-        teacher_nat_logits=d["t_nat"][0],
+        teacher_clean_logits=d["t_clean"][0],
         state=state,
         balanced=True,
       ),
@@ -745,7 +752,7 @@ def _method_calls(d):
   }
 
 
-STUDENT_KEYS = ("student_adv_logits", "student_nat_logits", "student_logits", "projected_features")
+STUDENT_KEYS = ("student_adv_logits", "student_clean_logits", "student_logits", "projected_features")
 
 
 @pytest.mark.parametrize(
@@ -776,15 +783,15 @@ def test_iad1_self_target_flag(data):
   d = data
   kw = dict(
     student_adv_logits=d["s_adv"],
-    teacher_nat_logits=d["t_nat"][0],
+    teacher_clean_logits=d["t_clean"][0],
     teacher_adv_logits=d["t_adv"][0],
     labels=d["y"],
     introspection_on=jnp.float32(1.0),
     alpha=1.0,
   )
-  g_free = jax.grad(lambda s: L.iad1_loss(student_nat_logits=s, **kw)[0])(jnp.asarray(d["s_nat"]))
-  g_det = jax.grad(lambda s: L.iad1_loss(student_nat_logits=s, detach_self_target=True, **kw)[0])(
-    jnp.asarray(d["s_nat"])
+  g_free = jax.grad(lambda s: L.iad1_loss(student_clean_logits=s, **kw)[0])(jnp.asarray(d["s_clean"]))
+  g_det = jax.grad(lambda s: L.iad1_loss(student_clean_logits=s, detach_self_target=True, **kw)[0])(
+    jnp.asarray(d["s_clean"])
   )
   assert float(jnp.abs(g_free).sum()) > 0  # α = 1: only the undetached self target reaches S(x)
   assert float(jnp.abs(g_det).sum()) == 0
@@ -797,25 +804,25 @@ def test_losses_jit_with_traced_switches(data):
   def f(on, alpha, state):
     a, _ = L.iad1_loss(
       student_adv_logits=d["s_adv"],
-      student_nat_logits=d["s_nat"],
-      teacher_nat_logits=d["t_nat"][0],
+      student_clean_logits=d["s_clean"],
+      teacher_clean_logits=d["t_clean"][0],
       teacher_adv_logits=d["t_adv"][0],
       labels=d["y"],
       introspection_on=on,
     )
     b, _ = L.sa_mdrad_loss(
       student_adv_logits=d["s_adv"],
-      student_nat_logits=d["s_nat"],
-      teacher_nat_logits=d["t_nat"],
+      student_clean_logits=d["s_clean"],
+      teacher_clean_logits=d["t_clean"],
       labels=d["y"],
       alpha=alpha,
       feature_weight=0.0,
     )
     c, _ = L.mtard_loss(
       student_adv_logits=d["s_adv"],
-      student_nat_logits=d["s_nat"],
+      student_clean_logits=d["s_clean"],
       teacher_adv_logits=d["t_adv"][0],
-      teacher_nat_logits=d["t_nat"][0],
+      teacher_clean_logits=d["t_clean"][0],
       state=state,
     )
     return a, b, c
@@ -824,3 +831,57 @@ def test_losses_jit_with_traced_switches(data):
   on = f(jnp.bool_(True), jnp.float32(0.5), L.mtard_init_state())
   assert float(on[0]) > float(off[0])
   assert all(np.isfinite(float(v)) for v in off + on)
+
+
+OLD_NAMES = {new: old for old, new in L.RENAMED_KEYWORDS.items()}
+
+
+@pytest.mark.parametrize("name", ["sa_mdrad", "trades", "ard", "rslad", "adaad", "iad1", "iad2", "mtard"])
+def test_old_keyword_names_still_work_with_a_deprecation_warning(data, name):
+  fn, kw = _method_calls(data)[name]
+  old_kw = {OLD_NAMES.get(k, k): v for k, v in kw.items()}
+  assert old_kw.keys() != kw.keys()
+  want, want_m = fn(**kw)
+  with pytest.warns(DeprecationWarning, match=r"_nat_logits' is deprecated, use '\w+_clean_logits'"):
+    got, got_m = fn(**old_kw)
+  close(got, want, rtol=0, atol=0)
+  assert got_m.keys() == want_m.keys()
+  old, new = next((o, n) for n, o in OLD_NAMES.items() if n in kw)
+  with pytest.raises(TypeError, match=f"both '{old}' and its new name '{new}'"):
+    fn(**kw, **{old: kw[new]})
+
+
+def test_mtard_update_state_old_keyword_names():
+  s = L.mtard_init_state()
+  kw = dict(balanced=True, entropy_adv=-0.5, lr_tau=0.5)
+  want = L.mtard_update_state(L.mtard_update_state(s, 1.0, loss_clean=2.0, entropy_clean=-0.3, **kw), 0.5, 2.5)
+  with pytest.warns(DeprecationWarning, match="'(loss|entropy)_nat' is deprecated"):
+    got = L.mtard_update_state(L.mtard_update_state(s, 1.0, loss_nat=2.0, entropy_nat=-0.3, **kw), 0.5, 2.5)
+  for a, b in zip(got, want):
+    close(a, b, rtol=0, atol=0)
+  assert float(got.tau_nat) != 1.0  # the entropies (one under its old name) were used
+
+
+def test_every_method_loss_with_a_renamed_keyword_accepts_the_old_one():
+  import inspect
+
+  checked = 0
+  for name, fn in vars(L).items():
+    if callable(fn) and (name.endswith("_loss") or name == "mtard_update_state"):
+      if set(inspect.signature(fn).parameters) & set(OLD_NAMES):
+        assert hasattr(fn, "__wrapped__"), f"{name} takes a renamed keyword but not its old name"
+        checked += 1
+  assert checked == 9
+
+
+def test_mtard_state_keeps_its_checkpoint_keys():
+  # checkpoints store the state under these names: renaming one would stop older MTARD checkpoints restoring
+  assert L.MTARDState._fields == (
+    "w_adv",
+    "w_nat",
+    "tau_adv",
+    "tau_nat",
+    "init_loss_adv",
+    "init_loss_nat",
+    "initialized",
+  )

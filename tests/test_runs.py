@@ -117,3 +117,27 @@ def test_load_trained_errors_are_one_line(tmp_path):
   variables, cfg = runs.load_model_variables(step_dir)
   assert cfg is None and "params" in variables
   assert "no config.json with the model" in _one_line_error(runs.load_trained, step_dir)
+
+
+def test_a_config_json_of_an_earlier_release_reads_in_todays_spelling(tmp_path):
+  w = str(tmp_path / "run")
+  _run(w, accuracies=(0.5,))
+  path = os.path.join(w, "config.json")
+  with open(path) as f:
+    old = json.load(f)
+  old["method"] = dict(config_lib.method_config("sa_mdrad").to_dict(), teacher_view="nat")  # as written before
+  with open(path, "w") as f:
+    json.dump(old, f)
+  today = dict(old, method=dict(old["method"], teacher_view="clean"))
+  assert workdir_lib.upgrade_config(old) == today and old["method"]["teacher_view"] == "nat"  # a copy
+  assert workdir_lib.upgrade_config(None) is None and workdir_lib.upgrade_config({"method": "x"}) == {"method": "x"}
+  # every reader of a saved config sees today's spelling (teachers and evaluations load through load_trained)
+  assert workdir_lib.read_run_config(w) == today
+  assert runs.load_trained(w).run_config["method"]["teacher_view"] == "clean"
+  with open(path) as f:
+    assert json.load(f) == old  # read, not rewritten
+  # resuming with today's config is the same run; another view is not
+  assert workdir_lib.check_same_run(today, w)["method"]["teacher_view"] == "clean"
+  assert workdir_lib.check_same_run(old, w) is not None
+  msg = _one_line_error(workdir_lib.check_same_run, dict(today, method=dict(today["method"], teacher_view="adv")), w)
+  assert "method.teacher_view ('clean' -> 'adv')" in msg

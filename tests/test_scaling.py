@@ -19,6 +19,7 @@ import pytest
 
 from mdrad_jax import checkpointing, config_lib, data, methods, models, optim, parallel, precision, runs, train
 from mdrad_jax import workdir as workdir_lib
+from mdrad_jax.errors import UserError
 from mdrad_jax import train_step as ts
 
 import scaling_worker
@@ -295,15 +296,36 @@ def test_checkpoints_resume_across_process_counts(loop_runs):
 # ---------------------------------------------------------------------------------------------
 # Multi-host start-up.
 # ---------------------------------------------------------------------------------------------
+class _Calls(list):
+  """The keyword arguments of each ``jax.distributed.initialize`` call; ``error`` is raised after recording."""
+
+  error = None
+
+
 @pytest.fixture
 def fake_initialize(monkeypatch):
-  calls = []
-  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  calls = _Calls()
+
+  def initialize(**kw):
+    calls.append(kw)
+    if calls.error is not None:
+      raise calls.error
+
+  monkeypatch.setattr(jax.distributed, "initialize", initialize)
   monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
   for k in [k for k in os.environ if k.startswith(("SLURM_", "OMPI_", "TPU_"))] + ["JAX_COORDINATOR_ADDRESS"]:
     monkeypatch.delenv(k, raising=False)
-  monkeypatch.setattr(parallel, "_on_cloud_tpu_vm", lambda: False)
   return calls
+
+
+# What JAX 0.10.2 raises, unchanged, when it finds no cluster and nothing was given, when a value is missing, and
+# once its backend has started (test_initialize_distributed_with_jax checks these against the real JAX).
+NO_CLUSTER = ValueError("coordinator_address should be defined.")
+NO_COUNT = ValueError("Number of processes must be defined.")
+TOO_LATE = RuntimeError(
+  "jax.distributed.initialize() must be called before any JAX calls that might initialise the XLA backend. "
+  "This includes any computation, but also calls to jax.devices, jax.device_put, and others."
+)
 
 
 def _dist(**kw):
@@ -324,9 +346,28 @@ def _slurm_env(monkeypatch, ntasks):
     monkeypatch.setenv(k, v)
 
 
-def test_initialize_distributed_explicit_auto_and_off(fake_initialize, monkeypatch):
-  assert parallel.initialize_distributed(_dist()) is False  # a plain run: nothing to join
-  assert parallel.initialize_distributed(None) is False
+def test_initialize_distributed_auto_leaves_detection_to_jax(fake_initialize):
+  assert parallel.initialize_distributed(None) is False and not fake_initialize
+  # JAX detected a cluster: it is asked with nothing but the timeout and reads the rest itself
+  assert parallel.initialize_distributed(_dist()) is True
+  assert fake_initialize == [dict(initialization_timeout=300)]
+  fake_initialize.error = NO_CLUSTER  # no cluster, nothing given: a plain run
+  assert parallel.initialize_distributed(_dist()) is False and len(fake_initialize) == 2
+  fake_initialize.error = TOO_LATE  # JAX already runs this process alone
+  assert parallel.initialize_distributed(_dist()) is False
+  for kw in (dict(enabled="true"), dict(coordinator_address="h:1", num_processes=2, process_id=0)):
+    with pytest.raises(RuntimeError, match="must be called before"):
+      parallel.initialize_distributed(_dist(**kw))
+  fake_initialize.error = NO_CLUSTER
+  with pytest.raises(ValueError, match="coordinator_address should be defined") as e:
+    parallel.initialize_distributed(_dist(enabled="true"))  # 'true': JAX's own error stops the run
+  assert type(e.value) is ValueError
+  fake_initialize.error = ValueError("Could not parse coordinator IP address")  # anything else is not hidden
+  with pytest.raises(ValueError, match="Could not parse"):
+    parallel.initialize_distributed(_dist())
+
+
+def test_initialize_distributed_explicit_slurm_ompi_and_off(fake_initialize, monkeypatch):
   assert parallel.initialize_distributed(
     _dist(coordinator_address="10.0.0.1:1234", num_processes=4, process_id=3, local_device_ids="0,1")
   )
@@ -337,45 +378,106 @@ def test_initialize_distributed_explicit_auto_and_off(fake_initialize, monkeypat
     local_device_ids=[0, 1],
     initialization_timeout=300,
   )
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.2:99")
+  assert parallel.initialize_distributed(_dist(num_processes=2, process_id=0, initialization_timeout=0))
+  assert fake_initialize[-1] == dict(coordinator_address="10.0.0.2:99", num_processes=2, process_id=0)
+  monkeypatch.delenv("JAX_COORDINATOR_ADDRESS")
   _slurm_env(monkeypatch, ntasks=2)
-  assert parallel.detect_cluster() == "slurm"
   assert parallel.initialize_distributed(_dist())  # JAX reads the rest from SLURM
   assert fake_initialize[-1] == dict(initialization_timeout=300)
   n = len(fake_initialize)
   assert parallel.initialize_distributed(_dist(enabled="false")) is False
-  monkeypatch.setenv("SLURM_NTASKS", "1")  # one task: a plain run, all its devices
-  assert parallel.detect_cluster() is None and parallel.initialize_distributed(_dist()) is False
+  monkeypatch.setenv("SLURM_NTASKS", "1")  # one task: a plain run, all its devices, JAX not asked
+  assert parallel.initialize_distributed(_dist()) is False
+  monkeypatch.setenv("OMPI_MCA_orte_hnp_uri", "1531576320.0;tcp://10.96.0.1:34911")
+  monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "1")  # one rank of mpirun: the same
+  assert parallel.initialize_distributed(_dist()) is False
   assert len(fake_initialize) == n
+  monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")  # 4 ranks inside a one-task allocation: JAX takes Open MPI
+  assert parallel.initialize_distributed(_dist()) and len(fake_initialize) == n + 1
+  monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "1")
+  assert parallel.initialize_distributed(_dist(local_device_ids="0,1")) is False  # still nothing to join
   assert parallel.initialize_distributed(_dist(enabled="True", cluster_detection_method="mpi4py"))
   assert fake_initialize[-1]["cluster_detection_method"] == "mpi4py"
+  assert len(fake_initialize) == n + 2
 
 
 @pytest.mark.parametrize(
-  "kw,msg",
+  "kw,jax_error,msg",
   [
-    (dict(enabled="yes"), "enabled must be one of"),
-    (dict(coordinator_address="10.0.0.1:1234"), "without num_processes, process_id"),
-    (dict(coordinator_address="10.0.0.1", num_processes=2, process_id=0), "must be 'host:port'"),
-    (dict(coordinator_address="h:1", num_processes=2, process_id=2), r"process_id must lie in \[0, 2\)"),
+    (dict(enabled="yes"), None, "enabled must be one of"),
+    (dict(coordinator_address="10.0.0.1:1234"), NO_COUNT, "given without num_processes, process_id"),
+    (dict(num_processes=2, process_id=1), NO_CLUSTER, "process_id given without coordinator_address;"),
+    (dict(coordinator_address="10.0.0.1", num_processes=2, process_id=0), None, "must be 'host:port'"),
+    (dict(coordinator_address="h:1", num_processes=2, process_id=2), None, r"process_id must lie in \[0, 2\)"),
     (
       dict(local_device_ids="0,x", coordinator_address="h:1", num_processes=1, process_id=0),
+      None,
       "comma-separated integers",
     ),
   ],
 )
-def test_initialize_distributed_bad_input_is_one_line(fake_initialize, kw, msg):
-  with pytest.raises(ValueError, match=msg) as e:
+def test_initialize_distributed_bad_input_is_one_line(fake_initialize, kw, jax_error, msg):
+  fake_initialize.error = jax_error
+  with pytest.raises(UserError, match=msg) as e:
     parallel.initialize_distributed(_dist(**kw))
-  assert "\n" not in str(e.value) and not fake_initialize
+  assert "\n" not in str(e.value)
+  assert len(fake_initialize) == (jax_error is not None)  # checked before JAX is asked, or JAX's answer
 
 
-def test_slurm_detection_agrees_with_jax(monkeypatch, fake_initialize):
-  # What JAX 0.10.2 itself derives from the SLURM variables our detection looks at.
-  from jax._src import clusters
+REAL_JAX = """
+import json, os, sys
+import jax
+from mdrad_jax import config_lib, parallel
 
-  _slurm_env(monkeypatch, ntasks=2)
-  address, num, pid, local = clusters.ClusterEnv.auto_detect_unset_distributed_params(None, None, None, None, None, 10)
-  assert (address.split(":")[0], num, pid, list(local)) == ("node003", 2, 1, [1])
+def dist(**kw):
+  d = config_lib.base_config().distributed
+  for k, v in kw.items():
+    d[k] = v
+  return d
+
+def error(**kw):
+  try:
+    parallel.initialize_distributed(dist(**kw))
+  except Exception as e:
+    return [type(e).__name__, str(e)]
+
+out = dict(auto=parallel.initialize_distributed(dist()), partial=error(coordinator_address="localhost:1"))
+out["true"] = error(enabled="true")
+slurm = dict(SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="1", SLURM_PROCID="0",
+             SLURM_LOCALID="1")
+os.environ.update(slurm, JAX_COORDINATOR_PORT=sys.argv[1])
+out["slurm_one_task"] = [parallel.initialize_distributed(dist()), jax.distributed.is_initialized()]
+jax.distributed.initialize(initialization_timeout=30)  # what JAX itself makes of that one task
+out["jax_one_task"] = [jax.process_count(), jax.config.read("jax_cuda_visible_devices")]
+jax.distributed.shutdown()
+for k in slurm:
+  del os.environ[k]
+out["devices"] = len(jax.devices())
+out["auto_after_start"] = parallel.initialize_distributed(dist())
+out["explicit_after_start"] = error(coordinator_address=f"localhost:{sys.argv[1]}", num_processes=1, process_id=0)
+print(json.dumps(out))
+"""
+
+
+def test_initialize_distributed_with_jax():
+  """The real ``jax.distributed.initialize`` in a fresh process (no cluster around it): the errors the stubs
+  above stand for, and why a one-task SLURM job is kept away from JAX's detection."""
+  env = _env(1)
+  for k in ("KUBERNETES_SERVICE_HOST", "JAX_LOCAL_DEVICE_IDS", "JAX_COORDINATOR_PORT"):
+    env.pop(k, None)
+  r = subprocess.run(
+    [sys.executable, "-c", REAL_JAX, str(_free_port())], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
+  )
+  assert r.returncode == 0, r.stderr[-4000:]
+  out = json.loads(r.stdout.strip().splitlines()[-1])
+  assert out["auto"] is False
+  assert out["partial"][0] == "UserError" and "coordinator_address given without num_processes" in out["partial"][1]
+  assert out["true"] == ["ValueError", str(NO_CLUSTER)]
+  assert out["slurm_one_task"] == [False, False]
+  assert out["jax_one_task"] == [1, "1"]  # JAX alone would keep only device SLURM_LOCALID
+  assert out["devices"] == 1 and out["auto_after_start"] is False
+  assert out["explicit_after_start"] == ["RuntimeError", str(TOO_LATE)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -219,3 +219,25 @@ def test_restore_refuses_a_teacher_file_that_does_not_give_its_record(finished, 
   snapshot = _snapshot_with_teachers(workdir, str(tmp_path / "snap"), shift_accuracy)
   with pytest.raises(ValueError, match="teacher tiny imported from .* does not hold that teacher"):
     runtime.run(small_config(only="sa_mdrad", restore=snapshot), str(tmp_path / "new"))
+
+
+def test_the_committed_snapshot_is_taken_over_by_the_fashion_mnist_study():
+  """docs/study_fashion_mnist/first_teachers/study.json, written before ``teacher_view='nat'`` was spelled 'clean',
+  still matches configs/study.py:fashion_mnist cell by cell (so a restored study takes over its finished cells)
+  and teacher by teacher (the retrained teachers' configs)."""
+  spec = importlib.util.spec_from_file_location("study_config", os.path.join(ROOT, "configs", "study.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  s = mod.get_config("fashion_mnist").study
+  snap = study_lib.load_snapshot(os.path.join(ROOT, "docs", "study_fashion_mnist", "first_teachers", "study.json"))
+  assert [c for c in snap["cells"] if c["config"]["method"].get("teacher_view") == "nat"]  # the old spelling
+  for name, record in snap["teachers"].items():
+    assert study_lib._same_config(record["config"], study_lib.teacher_config(s, name).to_dict()), name
+  teachers = study_lib.resolve_teachers(s, snap["teachers"])
+  dirs = {k: v["dir"] for k, v in teachers.items()}
+  for cell in snap["cells"]:
+    row, seed = cell["row"], cell["seed"]
+    cfg = study_lib.cell_config(s, row, seed, dirs)
+    names = [teachers[t]["name"] for t in s.rows[row].teachers]
+    assert study_lib._restorable(snap, row, seed, cfg, teachers, names) is cell, (row, seed)
+  assert len(snap["cells"]) == 31

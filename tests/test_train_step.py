@@ -177,7 +177,7 @@ def test_bmtard_temperature_rate_decays_with_the_learning_rate():
   hp = dict(config_lib.method_config("bmtard"))
   m = methods.get_method("bmtard")
   st = losses.mtard_update_state(losses.mtard_init_state(), 1.0, 2.0, balanced=True)  # initialised
-  metrics = {"kl_adv": 0.8, "kl_nat": 1.5, "teacher_neg_entropy_adv": -0.5, "teacher_neg_entropy_nat": -1.0}
+  metrics = {"kl_adv": 0.8, "kl_clean": 1.5, "teacher_neg_entropy_adv": -0.5, "teacher_neg_entropy_clean": -1.0}
   got = m.update_state(st, metrics, hp, 0.1)
   want = losses.mtard_update_state(
     st,
@@ -187,7 +187,7 @@ def test_bmtard_temperature_rate_decays_with_the_learning_rate():
     beta=hp["beta"],
     balanced=True,
     entropy_adv=-0.5,
-    entropy_nat=-1.0,
+    entropy_clean=-1.0,
     lr_tau=hp["lr_tau"] * 0.1,
   )
   for a, b in zip(got, want):
