@@ -270,6 +270,12 @@ def test_checkpoints_resume_across_process_counts(loop_runs):
   two_to_one, one_to_two = tmp / "two_to_one", tmp / "one_to_two"
   shutil.copytree(r["two"], two_to_one)
   shutil.copytree(r["one"], one_to_two)
+  # The copies become 2-epoch runs stopped after their first epoch: with the constant schedule, the state at
+  # step 4 is the same (num_epochs is a run field, so a finished 1-epoch run is not extended as is).
+  for run in (two_to_one, one_to_two):
+    saved = json.loads((run / "config.json").read_text())
+    saved["num_epochs"] = 2
+    (run / "config.json").write_text(json.dumps(saved))
   e = _start(
     tmp,
     "e",
