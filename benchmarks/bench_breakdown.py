@@ -418,6 +418,11 @@ def main(argv=None) -> int:
       print(f"[{args.method} {model} b{b}] {name} ...", flush=True)
       jax_runs[name] = dict(spec, **bts.run_jax_case(spec, args, script=os.path.abspath(__file__)))
       _print_child(name, jax_runs[name])
+      if "error" not in jax_runs[name]:  # the parts at once: a later child that is stopped loses nothing
+        print_table(f"{args.method} {model} b{b}, {name} (JAX alone)", table_rows(jax_runs[name], {}), [])
+      if args.json:
+        partial = {"method": args.method, "model": model, "batch": int(b), "jax": jax_runs, "torch": {}}
+        _write_json(args.json, cmdline, info, results + [dict(partial, tables={}, partial=True)], complete=False)
     torch_runs = {}
     for d in args.torch_dtypes if use_torch else []:
       name = f"torch[{d}]"
