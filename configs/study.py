@@ -138,8 +138,9 @@ def get_config(arg=None):
   s.data_dir = ""
   s.source_dir = ""
   s.log_every_steps = 50
-  # A previous study.json (e.g. docs/study_fashion_mnist/study.json): its finished cells are taken over when
-  # their config equals this study's and their teachers have the same records ('' = none).
+  # A previous study.json (e.g. docs/study_fashion_mnist/study.json), or several joined by commas (parts of one
+  # study run apart; the first listed wins): their finished cells are taken over when their config equals this
+  # study's and their teachers have the same records ('' = none).
   s.restore = ""
   # With study.restore: import each teacher from teachers/<name>.safetensors next to that study.json (when the
   # snapshot trained it with this config) instead of training it again.

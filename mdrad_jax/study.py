@@ -18,7 +18,9 @@ seeds per row) and plots (``study_robust_vs_clean.png``, ``study_robust_vs_compu
 at any point and run again: finished cells are skipped (a cell is finished when ``cell.json`` is written after
 its evaluations), interrupted ones resume from their checkpoints.  ``study.only`` runs a subset.
 
-A study can also be continued on another machine from its ``study.json`` (``study.restore=PATH``).  Each
+A study can also be continued on another machine from its ``study.json`` (``study.restore=PATH``), or from
+several (``study.restore=A/study.json,B/study.json``: the parts of one study run on different machines or in
+different workdirs, joined; where two hold the same cell or teacher, the first one listed is used).  Each
 teacher is imported from its exported network, ``teachers/<name>.safetensors`` next to that ``study.json`` (the
 study writes ``DIR/teachers/<name>.safetensors`` for every teacher), when the snapshot trained it with the same
 config and the network gives the recorded clean accuracy (``study.restore_teachers``, default True); otherwise
@@ -201,13 +203,15 @@ def _train(config, run_dir: str) -> tuple[dict, float]:
   return {k: float(v) for k, v in metrics.items()}, time.perf_counter() - t0
 
 
-def run_teacher(s, name: str, workdir: str, snapshot: dict | None = None) -> dict:
+def run_teacher(s, name: str, workdir: str, snapshots: list[tuple[str, dict]] = ()) -> dict:
   tdir = os.path.join(workdir, "teachers", name)
   cfg = teacher_config(s, name)
   path = os.path.join(tdir, TEACHER_FILE)
   done = _finished(path, cfg, f"study.teachers.{name}", tdir)
-  if done is None and snapshot is not None and s.restore_teachers:
-    done = import_teacher(s, name, tdir, cfg, snapshot)
+  for path, snapshot in snapshots if s.restore_teachers else ():
+    if done is not None:
+      break
+    done = import_teacher(s, name, tdir, cfg, snapshot, path)
   if done is None:
     log(f"== study teacher {name}: {s.teachers[name].method} training of {s.teachers[name].model}")
     metrics, seconds = _train(cfg, tdir)
@@ -239,13 +243,13 @@ def teacher_export_path(workdir: str, name: str) -> str:
   return os.path.join(workdir, "teachers", f"{name}.safetensors")
 
 
-def import_teacher(s, name: str, tdir: str, cfg, snapshot: dict) -> dict | None:
+def import_teacher(s, name: str, tdir: str, cfg, snapshot: dict, path: str) -> dict | None:
   """The snapshot's teacher ``name`` taken over from its exported network, ``teachers/<name>.safetensors`` next
-  to the snapshot's ``study.json``, when the snapshot trained it with this config (None otherwise: it is then
+  to the snapshot's ``study.json`` (``path``), when the snapshot trained it with this config (None otherwise: it is then
   trained).  The import job measures the network's clean accuracy on the record's test points; it must give the
   recorded accuracy, or the study stops (the file does not hold that teacher)."""
   before = snapshot["teachers"].get(name)
-  source = teacher_export_path(os.path.dirname(os.path.abspath(s.restore)), name)
+  source = teacher_export_path(os.path.dirname(os.path.abspath(path)), name)
   if before is None or not os.path.isfile(source) or not _same_config(before["config"], cfg.to_dict()):
     return None
   count = int(before["test_examples"])
@@ -293,6 +297,15 @@ def _attack_numbers(report: dict) -> dict[str, dict]:
 TEACHER_RECORD_FIELDS = ("config", "test_accuracy", "test_pgd_accuracy", "test_examples")
 
 
+def load_snapshots(spec: str) -> list[tuple[str, dict]]:
+  """``study.restore``: the comma-separated ``study.json`` files, as (path, snapshot) in the order given."""
+  paths = [p.strip() for p in spec.split(",") if p.strip()]
+  repeated = sorted({p for p in paths if paths.count(p) > 1})
+  if repeated:
+    raise UserError(f"study.restore: {repeated[0]} is listed twice")
+  return [(p, load_snapshot(p)) for p in paths]
+
+
 def load_snapshot(path: str) -> dict | None:
   """A previous study's ``study.json`` for ``study.restore`` (None for '')."""
   if not path:
@@ -325,7 +338,7 @@ def _restorable(
 
 
 def run_cell(
-  s, row_name: str, seed: int, workdir: str, teachers: dict[str, dict], snapshot: dict | None = None
+  s, row_name: str, seed: int, workdir: str, teachers: dict[str, dict], snapshots: list[tuple[str, dict]] = ()
 ) -> dict:
   cell_dir = os.path.join(workdir, "runs", row_name, f"seed{seed}")
   cfg = cell_config(s, row_name, seed, {k: v["dir"] for k, v in teachers.items()})
@@ -334,13 +347,14 @@ def run_cell(
   if done:
     return done
   r = s.rows[row_name]
-  old = _restorable(snapshot, row_name, seed, cfg, teachers, [teachers[t]["name"] for t in r.teachers])
-  if old is not None:
-    log(f"== study cell {row_name}/seed{seed}: restored from {s.restore}")
-    os.makedirs(cell_dir, exist_ok=True)
-    record = dict(old, dir=cell_dir, config=cfg.to_dict(), restored_from=old.get("restored_from") or s.restore)
-    _write_json(path, record)
-    return record
+  for source, snapshot in snapshots:
+    old = _restorable(snapshot, row_name, seed, cfg, teachers, [teachers[t]["name"] for t in r.teachers])
+    if old is not None:
+      log(f"== study cell {row_name}/seed{seed}: restored from {source}")
+      os.makedirs(cell_dir, exist_ok=True)
+      record = dict(old, dir=cell_dir, config=cfg.to_dict(), restored_from=old.get("restored_from") or source)
+      _write_json(path, record)
+      return record
   names = [teachers[t]["name"] for t in r.teachers]
   log(f"== study cell {row_name}/seed{seed}: {r.method}" + (f" from {', '.join(names)}" if names else ""))
   prior = _read_json(os.path.join(cell_dir, "progress.json")) or {}
@@ -663,14 +677,14 @@ def run(config, workdir: str) -> dict:
     wanted = (wanted - {t for t in wanted if _is_rank(t)}) | set(s.ranked_teachers)
   needed = sorted(wanted, key=list(s.teachers).index)
   log(f"study {s.name}: {len(cells_todo)} cells ({len(row_names)} rows), {len(needed)} teachers, in {workdir}")
-  snapshot = load_snapshot(s.restore)
-  teachers = {name: run_teacher(s, name, workdir, snapshot) for name in needed}
+  snapshots = load_snapshots(s.restore)
+  teachers = {name: run_teacher(s, name, workdir, snapshots) for name in needed}
   for name, t in teachers.items():
     log(f"teacher {name} ({t['model']}, {t['method']}): test accuracy {100 * t['test_accuracy']:.2f}%")
   by_name = resolve_teachers(s, teachers)
   cells = []
   for i, (row, seed) in enumerate(cells_todo):
-    cells.append(run_cell(s, row, seed, workdir, by_name, snapshot))
+    cells.append(run_cell(s, row, seed, workdir, by_name, snapshots))
     c = cells[-1]
     log(
       f"[{i + 1}/{len(cells_todo)}] {row}/seed{seed}: "

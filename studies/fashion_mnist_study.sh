@@ -4,7 +4,8 @@
 # Usage: bash studies/fashion_mnist_study.sh [RUN_DIR] [extra main.py flags, e.g. --config.study.only=table2]
 # On a new machine it continues from the committed snapshot docs/study_fashion_mnist/study.json: the teachers are
 # imported from docs/study_fashion_mnist/teachers/*.safetensors (or retrained where a file is missing) and the
-# snapshot's finished cells taken over where config and teachers match (RESTORE='' to train everything again).
+# snapshot's finished cells taken over where config and teachers match (RESTORE='' to train everything again;
+# RESTORE=A/study.json,B/study.json joins parts of the study run in other workdirs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -13,7 +14,7 @@ shift || true
 mkdir -p "$R"
 export MDRAD_PROGRESS=${MDRAD_PROGRESS:-0}
 RESTORE=${RESTORE-docs/study_fashion_mnist/study.json}
-if [ -n "$RESTORE" ] && [ ! -f "$RESTORE" ]; then
+if [ "$RESTORE" = docs/study_fashion_mnist/study.json ] && [ ! -f "$RESTORE" ]; then
   echo "note: no snapshot at $RESTORE; the study starts from nothing"
   RESTORE=
 fi

@@ -210,6 +210,40 @@ def test_restore_imports_the_teachers_and_a_cell_trained_from_them_is_the_same(f
     assert cell["attacks"][key]["correct"] == numbers["correct"], key
 
 
+def test_restore_joins_the_parts_of_a_study_run_apart(finished, tmp_path):
+  """study.restore=B,A: a study run in two parts (A with the teachers' networks, B without) is joined; every cell
+  is taken over from the part that holds it, the teachers are imported from A (B has no files), nothing trains."""
+  workdir, _ = finished
+  full = _read(os.path.join(workdir, "study_full.json"))
+  keys = sorted((c["row"], c["seed"]) for c in full["cells"])
+  in_b = set(keys[::2])
+
+  def only_a(snap):
+    snap["cells"] = [c for c in snap["cells"] if (c["row"], c["seed"]) not in in_b]
+
+  part_a = _snapshot_with_teachers(workdir, str(tmp_path / "a"), only_a)
+  os.makedirs(tmp_path / "b")
+  part_b = str(tmp_path / "b" / "study.json")
+  with open(part_b, "w") as f:
+    json.dump(dict(full, cells=[c for c in full["cells"] if (c["row"], c["seed"]) in in_b]), f)
+  out = runtime.run(small_config(restore=f"{part_b},{part_a}"), str(tmp_path / "joined"))
+  original = {(c["row"], c["seed"]): c for c in full["cells"]}
+  cells = {(c["row"], c["seed"]): c for c in out["cells"]}
+  assert sorted(cells) == keys
+  for key, cell in cells.items():
+    assert cell["restored_from"] == (part_b if key in in_b else part_a), key
+    assert not os.path.isdir(os.path.join(cell["dir"], "checkpoints")), key
+    for attack, numbers in original[key]["attacks"].items():
+      assert cell["attacks"][attack]["correct"] == numbers["correct"], (key, attack)
+  for name in full["teachers"]:
+    t = _read(os.path.join(tmp_path, "joined", "teachers", name, study_lib.TEACHER_FILE))
+    assert t["imported_from"] == os.path.join(tmp_path, "a", "teachers", f"{name}.safetensors")
+  with pytest.raises(ValueError, match="listed twice"):
+    study_lib.load_snapshots(f"{part_a}, {part_a}")
+  with pytest.raises(ValueError, match="no such file"):
+    study_lib.load_snapshots(f"{part_a},{tmp_path}/missing.json")
+
+
 def test_restore_refuses_a_teacher_file_that_does_not_give_its_record(finished, tmp_path):
   workdir, _ = finished
 
