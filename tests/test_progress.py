@@ -12,26 +12,16 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from mdrad_jax import config_lib, metric_writers, parallel, train
+from mdrad_jax import metric_writers, parallel, train
+
+import tiny_runs  # tests/ is on sys.path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(data_dir):
   """Two epochs of 4 steps on digits (a tiny CNN, PGD-AT with 2 attack steps), logged every 2 steps."""
-  c = config_lib.base_config()
-  config_lib.apply_dataset_defaults(c, "digits")
-  c.data.data_dir = str(data_dir)
-  c.model.name = "tiny_cnn"
-  c.model.kwargs.widths = (8, 16)
-  c.method = config_lib.method_config("pgd_at")
-  c.attack.num_steps = 2
-  c.num_epochs = 2
-  c.num_train_examples = 256
-  c.batch_size = 64
-  c.eval_batch_size = 128
-  c.eval.num_examples = 128
-  c.log_every_steps = 2
+  c = tiny_runs.digits_pgd_at(data_dir)
   c.checkpoint.best_metric = ""
   return c
 

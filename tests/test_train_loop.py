@@ -10,25 +10,15 @@ import jax
 import numpy as np
 import pytest
 
-from mdrad_jax import checkpointing, config_lib, parallel, runs, train
+from mdrad_jax import checkpointing, parallel, runs, train
+
+import tiny_runs  # tests/ is on sys.path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(data_dir):
-  c = config_lib.base_config()
-  config_lib.apply_dataset_defaults(c, "digits")
-  c.data.data_dir = str(data_dir)
-  c.model.name = "tiny_cnn"
-  c.model.kwargs.widths = (8, 16)
-  c.method = config_lib.method_config("pgd_at")
-  c.attack.num_steps = 2
-  c.num_epochs = 2
-  c.num_train_examples = 256
-  c.batch_size = 64
-  c.eval_batch_size = 128
-  c.eval.num_examples = 128
-  c.log_every_steps = 2
+  c = tiny_runs.digits_pgd_at(data_dir)
   c.optim.schedule = "cosine"
   return c
 
