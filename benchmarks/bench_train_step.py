@@ -196,14 +196,9 @@ def _version(pkg: str) -> str | None:
 
 
 def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
+  from mdrad_jax import runtime
+
+  return runtime.cpu_model()
 
 
 def machine_info() -> dict:

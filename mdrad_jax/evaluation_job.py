@@ -33,6 +33,7 @@ from mdrad_jax import evaluation_report
 from mdrad_jax import gradient_masking
 from mdrad_jax import parallel
 from mdrad_jax import runs
+from mdrad_jax import runtime
 from mdrad_jax import validation
 from mdrad_jax.errors import MissingFileError, UserError
 
@@ -412,6 +413,7 @@ def run(config, workdir: str) -> dict:
     "platform": jax.devices()[0].platform,
     "devices": [str(d) for d in mesh.devices.flat],
     "process_count": jax.process_count(),
+    "host": runtime.host_description(),
     "seconds": round(time.perf_counter() - t_start, 1),
     "evaluate_config": e.to_dict(),
   }

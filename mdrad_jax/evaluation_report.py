@@ -40,7 +40,8 @@ def format_markdown(report: dict) -> str:
       f"- model: `{m.get('model', {}).get('name', '?')}` trained with `{m.get('method', '?')}`; "
       f"checkpoint step {ck.get('step')} ({ck.get('which')}) of `{ck.get('path')}`",
       f"- data: `{m.get('dataset')}`, split `{m.get('split')}`, {report['num_examples']} examples",
-      f"- devices: {m.get('num_devices')} × {m.get('platform')}; seconds: {m.get('seconds', 0):.0f}",
+      f"- devices: {m.get('num_devices')} × {m.get('platform')}; seconds: {m.get('seconds', 0):.0f}"
+      + (f"; CPU: {m['host']['cpu']} ({m['host']['cores']} cores)" if m.get("host") else ""),
     ]
   lines += [
     f"- threat model: L∞, eps = {report['eps']:.5g}; PGD step {report['step_size']:.5g}; seed {report['seed']}",

@@ -49,6 +49,35 @@ def configure_compilation_cache() -> str:
   return path
 
 
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+  """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` where there is none)."""
+  import platform
+
+  try:
+    with open(cpuinfo) as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def host_description() -> dict:
+  """The machine a result was made on, recorded with it: XLA compiles different floating-point code for
+  different CPUs, so a run is bit-reproducible only on the same kind of machine (docs/results.md)."""
+  import jax
+
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return {
+    "cpu": cpu_model(),
+    "cores": cores,
+    "platform": jax.default_backend(),
+    "devices": jax.device_count(),
+    "jax": jax.__version__,
+  }
+
+
 def run(config, workdir: str):
   """Runs ``config.job`` on ``workdir``: the config is validated first (nothing is written for a bad one), then
   the job runs holding the workdir's lock (one writer per workdir; process 0 holds it)."""

@@ -47,6 +47,7 @@ from mdrad_jax import evaluation_job
 from mdrad_jax import evaluation_report
 from mdrad_jax import export as export_lib
 from mdrad_jax import runs
+from mdrad_jax import runtime
 from mdrad_jax import train
 from mdrad_jax import workdir as workdir_lib
 from mdrad_jax.errors import UserError
@@ -388,6 +389,7 @@ def run_cell(
     "eval_seconds": round(eval_seconds, 1),
     "train_flops": _flops(cell_dir),
     "teacher_flops": None if any(f is None for f in teacher_flops) else float(sum(teacher_flops)),
+    "machine": runtime.host_description(),
   }
   _write_json(path, record)
   return record
@@ -573,9 +575,16 @@ def format_markdown(study: dict) -> str:
         + " | ".join(_fmt(r[k]) for k, _ in present)
         + f" | {r['minutes']:.1f} | {tf} | {r['masking_flags']} |"
       )
+  machines: dict[str, int] = {}
+  for c in study["cells"]:
+    m = c.get("machine")
+    name = f"{m['cpu']} ({m['platform']}, {m['cores']} cores, jax {m['jax']})" if m else "not recorded"
+    machines[name] = machines.get(name, 0) + 1
   lines += [
     "",
     f"Cells finished: {len(study['cells'])} of {study['num_cells_selected']} selected. Command: `{study['command']}`",
+    "",
+    "Machines of the cells: " + "; ".join(f"{k}: {v}" for k, v in sorted(machines.items())),
   ]
   return "\n".join(lines) + "\n"
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mdrad_jax import checkpointing, config_lib, data, evaluation_job, gradient_masking, runs, train
+from mdrad_jax import checkpointing, config_lib, data, evaluation_job, gradient_masking, runs, runtime, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPS = 0.03
@@ -139,6 +139,7 @@ def test_report_files_are_written(job):
   assert not [f for f in os.listdir(out) if ".tmp" in f]
   md = open(os.path.join(out, "eval.md")).read()
   assert "| PGD-20 |" in md and "Gradient-masking check" in md and "APGD-T" in md
+  assert f"; CPU: {runtime.cpu_model()} (" in md  # the machine, recorded with the numbers
 
 
 def test_bad_checkpoint_path_is_one_line_error(tmp_path):

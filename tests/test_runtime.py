@@ -1,5 +1,6 @@
-"""Process-level set-up: the persistent compilation cache."""
+"""Process-level set-up: the persistent compilation cache, and the machine description recorded with results."""
 
+import json
 import os
 import subprocess
 import sys
@@ -45,3 +46,24 @@ def test_second_process_reads_compiled_programs_from_the_cache(tmp_path):
   # the second run added no new entry: it read the one the first run wrote
   assert sorted(os.listdir(tmp_path / "cache")) == entries
   assert {e: os.stat(tmp_path / "cache" / e).st_mtime_ns for e in entries} == mtimes
+
+
+def test_cpu_model_reads_the_model_name_line(tmp_path):
+  info = tmp_path / "cpuinfo"
+  info.write_text("processor\t: 0\nvendor_id\t: X\nmodel name\t: Example CPU @ 2.0GHz\nflags\t\t: fpu\n")
+  assert runtime.cpu_model(str(info)) == "Example CPU @ 2.0GHz"
+  assert runtime.cpu_model(str(tmp_path / "missing"))  # falls back to the platform's name, never empty
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this platform")
+def test_host_description_counts_the_cores_the_process_may_use():
+  """A process pinned to one core (``taskset -c 0``) is recorded as using one core, whatever the machine has."""
+  code = (
+    "import os, json\n"
+    "os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})\n"
+    "from mdrad_jax import runtime\n"
+    "print(json.dumps(runtime.host_description()))\n"
+  )
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+  host = json.loads(out.stdout.strip().splitlines()[-1])
+  assert host["cores"] == 1 and host["platform"] == "cpu" and host["cpu"] == runtime.cpu_model()

@@ -58,6 +58,10 @@ def test_every_row_and_method_is_in_the_table(finished):
     assert f"| {r['n_seeds']} |" in lines[found[0]]
   for name in ("study_robust_vs_clean.png", "study_robust_vs_compute.png"):
     assert os.path.getsize(os.path.join(workdir, name)) > 1000
+  # each cell records the machine that made it, and study.md counts the cells per machine
+  assert all(c["machine"]["cpu"] == runtime.cpu_model() for c in study["cells"])
+  (machines,) = [x for x in lines if x.startswith("Machines of the cells: ")]
+  assert machines.endswith(f" cores, jax {study['cells'][0]['machine']['jax']}): {len(study['cells'])}")
 
 
 def test_cell_numbers_come_from_its_own_evaluations(finished):
