@@ -209,10 +209,10 @@ def run_teacher(s, name: str, workdir: str, snapshots: list[tuple[str, dict]] = 
   cfg = teacher_config(s, name)
   path = os.path.join(tdir, TEACHER_FILE)
   done = _finished(path, cfg, f"study.teachers.{name}", tdir)
-  for path, snapshot in snapshots if s.restore_teachers else ():
+  for source, snapshot in snapshots if s.restore_teachers else ():
     if done is not None:
       break
-    done = import_teacher(s, name, tdir, cfg, snapshot, path)
+    done = import_teacher(s, name, tdir, cfg, snapshot, source)
   if done is None:
     log(f"== study teacher {name}: {s.teachers[name].method} training of {s.teachers[name].model}")
     metrics, seconds = _train(cfg, tdir)

@@ -248,6 +248,21 @@ def test_restore_joins_the_parts_of_a_study_run_apart(finished, tmp_path):
     study_lib.load_snapshots(f"{part_a},{tmp_path}/missing.json")
 
 
+def test_restore_without_teacher_files_trains_them_and_leaves_the_snapshot_alone(finished, tmp_path):
+  """A snapshot with no teachers/ folder: the teachers are trained into the new workdir, the file is unchanged."""
+  workdir, _ = finished
+  path = _snapshot_with_teachers(workdir, str(tmp_path / "snap"))
+  shutil.rmtree(tmp_path / "snap" / "teachers")
+  before = open(path, "rb").read()
+  out = runtime.run(small_config(only="kd", restore=path), str(tmp_path / "new"))
+  assert open(path, "rb").read() == before
+  (cell,) = out["cells"]
+  assert cell["restored_from"] == path
+  for name in cell["teachers"]:
+    t = _read(os.path.join(tmp_path, "new", "teachers", name, study_lib.TEACHER_FILE))
+    assert "imported_from" not in t and t["name"] == name
+
+
 def test_restore_refuses_a_teacher_file_that_does_not_give_its_record(finished, tmp_path):
   workdir, _ = finished
 
