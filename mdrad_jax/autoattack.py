@@ -547,8 +547,9 @@ def projection_linf(t: Array, w: Array, b: Array) -> Array:
   return d * nonzero
 
 
-def _fab_step(logits_fn, s, *, alpha_max, eta, beta):
-  """One targeted FAB iteration on the state ``{x, y, y_target, x1, adv, res}`` (all batch-leading)."""
+def _fab_move(logits_fn, s, *, alpha_max, eta):
+  """The first half of a targeted FAB iteration: the linearised step from the gradient of the logit difference
+  at ``x1`` and the biased combination with the step from ``x``; returns the state with the new ``x1``."""
   x, y, y_target, x1 = s["x"], s["y"], s["y_target"], s["x1"]
   n = x.shape[0]
   x0 = x.reshape(n, -1)
@@ -572,13 +573,30 @@ def _fab_step(logits_fn, s, *, alpha_max, eta, beta):
   a1, a2 = a0[:n], a0[n:]
   alpha = _bcast(jnp.clip(a1 / (a1 + a2), 0.0, alpha_max), x)
   x1 = jnp.clip((x1 + eta * d1) * (1.0 - alpha) + (x + d2 * eta) * alpha, 0.0, 1.0)
-  is_adv = _predict(logits_fn, x1) != y
+  return dict(s, x1=x1)
+
+
+def _fab_check(logits_fn, s, *, beta):
+  """The second half: keeps ``x1`` as the best point where it is misclassified and closer than the best so far,
+  and pulls a misclassified ``x1`` back towards ``x`` by ``beta``."""
+  x, x1 = s["x"], s["x1"]
+  is_adv = _predict(logits_fn, x1) != s["y"]
   t = _linf(x1 - x)
   better = is_adv & (t < s["res"])
   adv = jnp.where(_bcast(better, x), x1, s["adv"])
   res = jnp.where(better, t, s["res"])
   x1 = jnp.where(_bcast(is_adv, x), x + (x1 - x) * beta, x1)
   return dict(s, x1=x1, adv=adv, res=res)
+
+
+def _fab_step(logits_fn, s, *, alpha_max, eta, beta):
+  """One targeted FAB iteration on the state ``{x, y, y_target, x1, adv, res}`` (all batch-leading).
+
+  The batch attack compiles its two halves as separate programs: in one program, XLA:CPU shares the broadcasts
+  of the network's per-channel parameters between the gradient's and the prediction's passes and materialises
+  them, which made the step 1.2-1.3x slower than the two halves called one after the other
+  (docs/performance.md, "AutoAttack")."""
+  return _fab_check(logits_fn, _fab_move(logits_fn, s, alpha_max=alpha_max, eta=eta), beta=beta)
 
 
 def _fab_init(x, y, y_target, res=None):
@@ -613,8 +631,11 @@ class _FabTargeted:
     def prepare(x, y, mask):
       return _robust_and_order(logits_fn, x, y, mask)
 
-    def step(state):
-      return _fab_step(logits_fn, state, alpha_max=alpha_max, eta=eta, beta=beta)
+    def move(state):
+      return _fab_move(logits_fn, state, alpha_max=alpha_max, eta=eta)
+
+    def check(state):
+      return _fab_check(logits_fn, state, beta=beta)
 
     def merge(state, robust, adv):
       return _fab_merge(logits_fn, state, robust, adv, eps=eps)
@@ -622,7 +643,8 @@ class _FabTargeted:
     def init(x, y, order, column, res):  # res: host array, laid out like the batch (see _apgd_fill)
       return _fab_init(x, y, _column(order, column), res)
 
-    self._prepare, self._init, self._step, self._merge = jit(prepare), jit(init), jit(step), jit(merge)
+    self._prepare, self._init, self._merge = jit(prepare), jit(init), jit(merge)
+    self._move, self._check = jit(move), jit(check)
 
   def __call__(self, x, y, mask, key):
     del key
@@ -631,7 +653,7 @@ class _FabTargeted:
     def attack(j, robust, adv):
       st = self._init(x, y, order, _rank_column(order, 2 + j), np.full((x.shape[0],), _NOT_FOUND, np.float32))
       for _ in range(self.n_iter):
-        st = self._step(st)
+        st = self._check(self._move(st))
       return self._merge(st, robust, adv)
 
     return _attack_still_robust(attack, range(self.n_target_classes), robust, x)
@@ -698,8 +720,9 @@ def _square_sizes(n_queries: int, p_init: float, h: int, w: int) -> np.ndarray:
   return np.minimum(np.asarray(sizes, np.int32), min(h, w))
 
 
-_SQUARE_QUERIES_PER_CALL = 5  # queries unrolled in one compiled call (5000 queries: 1000 calls)
-_SQUARE_CHECK_EVERY = 20  # calls between the host's checks whether any point is left to attack
+# One query per compiled call: XLA:CPU ran 5 queries in one program 1.6x slower than 5 calls (docs/performance.md).
+_SQUARE_QUERIES_PER_CALL = 1
+_SQUARE_CHECK_EVERY = 100  # calls between the host's checks whether any point is left to attack
 
 
 def _square_init(logits_fn, x, y, mask, key, it, *, eps):

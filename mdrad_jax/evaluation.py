@@ -189,7 +189,7 @@ def evaluate(
   batch_size: int = 500,
   aa_version: str = "standard",
   progress: bool = True,
-  unroll: bool = False,
+  unroll: bool = True,
   jit: Callable = jax.jit,
   aa_overrides: Mapping[str, Mapping[str, Any]] | None = None,
   batch_multiple: int = 1,
@@ -201,8 +201,10 @@ def evaluate(
   the standard version, 'autoattack_apgd_subset' for ``aa_version='apgd'``) also holds ``version``,
   ``robust_after``, ``flips``, ``attacked`` and ``params``; the other entries hold their ``params``.
   Randomness: ``jax.random.key(seed)``, one stream per attack (fixed by its name, so an attack gives the
-  same numbers whichever other attacks run with it) and batch, so a call is reproducible.  ``unroll`` unrolls the PGD loops at trace time (faster steps on CPU, longer
-  compilation); ``jit`` wraps every batch function ``f(x, y, mask, key)``, e.g. with shardings, and
+  same numbers whichever other attacks run with it) and batch, so a call is reproducible.  ``unroll`` (the
+  default) unrolls the PGD loops at trace time: on XLA:CPU a rolled loop of model passes ran PGD-20 2.3x slower
+  (docs/performance.md); ``False`` compiles one loop body.  ``jit`` wraps every batch function
+  ``f(x, y, mask, key)``, e.g. with shardings, and
   ``batch_multiple`` makes every batch a multiple of it (the number of devices the batch is sharded over).
   ``aa_overrides`` changes AutoAttack's parameters (see ``autoattack.autoattack``; the label then says so).
   ``per_point=True`` adds ``'per_point'``: bool [N], correct after the attack (and for AutoAttack
