@@ -171,6 +171,12 @@ def parse_args(argv=None):
   p.add_argument("--matmul-size", type=int, default=0, help="peak matmul n (0: 2048 on CPU, 8192 otherwise)")
   p.add_argument("--real-init", action="store_true", help="initialise with mdrad_jax.models.init_model")
   p.add_argument(
+    "--malloc-trim",
+    action="store_true",
+    help="after compiling, hand the C heap's free memory back to the kernel (glibc malloc_trim) before the steps, "
+    "to tell the compiler's leftovers from the step's own memory",
+  )
+  p.add_argument(
     "--repeats",
     type=int,
     default=1,
@@ -231,14 +237,17 @@ def loadavg() -> list[float]:
 # Child: one JAX case.
 # ---------------------------------------------------------------------------------------------
 def _rss_bytes() -> int | None:
+  return _status_bytes("VmRSS")
+
+
+def _malloc_trim() -> bool:
+  """Returns the C heap's free memory to the kernel (glibc ``malloc_trim(0)``); False where there is none."""
+  import ctypes
+
   try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith("VmRSS:"):
-          return int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  return None
+    return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+  except (OSError, AttributeError):
+    return False
 
 
 def _status_bytes(field: str) -> int | None:
@@ -721,6 +730,10 @@ def run_child(spec: dict) -> dict:
     }
   except Exception:  # noqa: BLE001 - not every backend reports it
     out["xla_memory"] = None
+  out["rss_after_compile_bytes"] = _rss_bytes()
+  if spec.get("malloc_trim"):  # what of that is the compiler's freed memory that the C heap still holds
+    out["malloc_trim_released"] = _malloc_trim()
+    out["rss_after_trim_bytes"] = _rss_bytes()
   # from here on the peak RSS mark covers running the step only (not the compiler's memory)
   out["peak_rss_reset"] = _reset_peak_rss()
   step_flops = _flops(compiled)
@@ -886,6 +899,7 @@ def case_spec(args, *, method: str, model: str, batch: int, teacher_set: str, te
     necessary=getattr(args, "necessary", False),
     matmul_size=getattr(args, "matmul_size", 0),
     real_init=getattr(args, "real_init", False),
+    malloc_trim=getattr(args, "malloc_trim", False),
     teachers=[list(t) for t in (TEACHER_SETS[teacher_set] if teachers is None else teachers)],
     count_flops=getattr(args, "torch_count_flops", False),
   )

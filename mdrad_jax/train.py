@@ -33,6 +33,7 @@ from mdrad_jax import optim
 from mdrad_jax import parallel
 from mdrad_jax import precision
 from mdrad_jax import runs
+from mdrad_jax import runtime
 from mdrad_jax import train_step as step_lib
 from mdrad_jax import validation
 from mdrad_jax import workdir as workdir_lib
@@ -443,6 +444,8 @@ def train_loop(exp: Experiment) -> dict:
             batch_size=config.batch_size,
           )
         state, metrics = exp.train_step(state, exp.teacher_vars, batch)
+        if step == start_step:  # the step has compiled: return the compiler's freed memory to the system
+          runtime.release_free_heap()
         exp.state = state
         step += 1
         n_window += 1
