@@ -240,16 +240,6 @@ def _rss_bytes() -> int | None:
   return _status_bytes("VmRSS")
 
 
-def _malloc_trim() -> bool:
-  """Returns the C heap's free memory to the kernel (glibc ``malloc_trim(0)``); False where there is none."""
-  import ctypes
-
-  try:
-    return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-  except (OSError, AttributeError):
-    return False
-
-
 def _status_bytes(field: str) -> int | None:
   try:
     with open("/proc/self/status") as f:
@@ -732,7 +722,9 @@ def run_child(spec: dict) -> dict:
     out["xla_memory"] = None
   out["rss_after_compile_bytes"] = _rss_bytes()
   if spec.get("malloc_trim"):  # what of that is the compiler's freed memory that the C heap still holds
-    out["malloc_trim_released"] = _malloc_trim()
+    from mdrad_jax import runtime
+
+    out["malloc_trim_released"] = runtime.release_free_heap()
     out["rss_after_trim_bytes"] = _rss_bytes()
   # from here on the peak RSS mark covers running the step only (not the compiler's memory)
   out["peak_rss_reset"] = _reset_peak_rss()
