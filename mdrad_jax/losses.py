@@ -426,7 +426,7 @@ def sa_mdrad_loss(
   teacher_adv_logits=None,
   projected_features=None,
   teacher_features=None,
-  rectifier="swap",
+  rectifier="dynamic",
   fusion="camkd",
   temperature=4.0,
   alpha=5.0 / 6.0,
@@ -434,7 +434,7 @@ def sa_mdrad_loss(
   ce_weight=0.0,
   adr_lambda=0.9,
   reduction="batchmean",
-  dynamic_target="student",
+  dynamic_target="label",
   dynamic_beta=1.0,
 ):
   """SA-MDRAD outer loss (multi-teacher, sample-aware rectification, adaptive fusion, logits + features).
@@ -449,9 +449,10 @@ def sa_mdrad_loss(
     L_feat = Σ_k (1/N) Σ_i w^{clean}_ki·mean_{hwc}(P_k(f_S(x'))_i − f_{T_k}(x_i))²
     L      = α·L_adv + (1 − α)·L_clean + λ_f·L_feat + λ_ce·CE(S(x'), y)
 
-  With ``rectifier='dynamic'`` both fused targets (swap-rectified) are then mixed per sample with a fallback
-  by :func:`rectify_dynamic`: p̂_i ← λ_i·p̂_i + (1 − λ_i)·q_i, λ_i = (1 − P_S(y_i|x'_i))^β, q_i the
-  student's own clean prediction at τ (``dynamic_target='student'``) or the one-hot label ('label').
+  With ``rectifier='dynamic'`` (the default) both fused targets (swap-rectified) are then mixed per sample with a
+  fallback by :func:`rectify_dynamic`: p̂_i ← λ_i·p̂_i + (1 − λ_i)·q_i, λ_i = (1 − P_S(y_i|x'_i))^β, q_i the
+  one-hot label (``dynamic_target='label'``, default) or the student's own clean prediction at τ ('student').
+  The defaults are the best member of the family in the Fashion-MNIST study (docs/methods.md §6.3).
 
   Teacher view: the clean-view targets come from ``teacher_clean_logits`` = T_k(x) [K, N, C]; the adv-view targets
   from ``teacher_adv_logits`` = T_k(x') when given (V-adv), else from T_k(x) too (V-clean, default).
@@ -464,11 +465,12 @@ def sa_mdrad_loss(
     teacher_adv_logits: optional T_k(x') [K, N, C] (V-adv).
     projected_features / teacher_features: K maps each (P_k(f_S(x')) and f_{T_k}(x)); required unless
       ``feature_weight`` is the Python number 0.
-    rectifier: 'swap' (default) | 'adr' | 'none' | 'dynamic'.  fusion: 'camkd' (default) | 'ptrue' | 'entropy' | 'uniform'.
+    rectifier: 'dynamic' (default) | 'swap' | 'adr' | 'none'.  fusion: 'camkd' (default) | 'ptrue' | 'entropy' | 'uniform'.
     temperature: τ (default 4).  alpha: α (default 5/6; may be an array, e.g. MTARD's adaptive w_adv).
     feature_weight: λ_f (default 1).  ce_weight: λ_ce (default 0).  adr_lambda: λ of the 'adr' rectifier.
     reduction: KL reduction (default 'batchmean').
-    dynamic_target / dynamic_beta: fallback q ('student' | 'label') and β of the 'dynamic' rectifier.
+    dynamic_target / dynamic_beta: fallback q ('label', default | 'student') and β (default 1) of the 'dynamic'
+      rectifier.
   """
   if student_clean_logits is None and not _is_static(alpha, 1.0):
     raise ValueError("sa_mdrad_loss: student_clean_logits is required unless alpha == 1")

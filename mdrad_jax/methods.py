@@ -20,6 +20,7 @@ follow each method's official code (spec §0.3, §0.4); ``config.attack.init`` /
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, Callable
 
 import jax
@@ -504,6 +505,16 @@ def _sa_mdrad_loss(out, st, hp):
   )
 
 
+def _keyword_defaults(fn: Callable) -> dict[str, Any]:
+  """The keyword arguments of ``fn`` that have a default other than None (its hyper-parameters, not its
+  optional inputs), so that a method's config defaults are those of its public loss function."""
+  return {
+    k: p.default
+    for k, p in inspect.signature(fn).parameters.items()
+    if p.default is not inspect.Parameter.empty and p.default is not None
+  }
+
+
 # SA-MDRAD (reconstruction, INFERRED): K standard teachers, per-sample rectification and fusion, logit and feature
 # distillation.
 register(
@@ -511,20 +522,8 @@ register(
     name="sa_mdrad",
     loss=_sa_mdrad_loss,
     plan=_sa_mdrad_plan,
-    defaults=dict(
-      teacher_view="clean",
-      rectifier="swap",
-      fusion="camkd",
-      temperature=4.0,
-      alpha=5.0 / 6.0,
-      feature_weight=1.0,
-      ce_weight=0.0,
-      adr_lambda=0.9,
-      reduction="batchmean",
-      inner="ce",
-      dynamic_target="student",
-      dynamic_beta=1.0,
-    ),
+    # the loss's own keyword defaults (the study's choice, docs/methods.md §6.3) plus the two fields it does not take
+    defaults=dict(teacher_view="clean", inner="ce", **_keyword_defaults(losses.sa_mdrad_loss)),
     make_objective=sa_mdrad_inner,
     attack_init="uniform",
     attack_bn="eval",

@@ -415,7 +415,7 @@ def test_sa_mdrad_defaults_and_alpha_one(data):
   )
   want, kl_adv, _, _ = np_sa_mdrad(
     d,
-    rectifier="swap",
+    rectifier="dynamic",
     fusion="camkd",
     tau=4.0,
     alpha=1.0,
@@ -424,6 +424,8 @@ def test_sa_mdrad_defaults_and_alpha_one(data):
     adr_lambda=0.9,
     reduction="batchmean",
     view="clean",
+    dyn_target="label",
+    dyn_beta=1.0,
   )
   close(loss, want)
   with pytest.raises(ValueError, match="student_clean_logits"):

@@ -69,9 +69,12 @@ def test_method_runs_learns_and_compiles_once(name):
   batch = parallel.shard_batch(_batch(), mesh)
   p0 = jax.tree.map(np.asarray, state.params)
   losses = []
+  # SA-MDRAD's default (dynamic) rectifier moves its own target with the student's confidence, so its loss need
+  # not fall as the student learns: its learning is read from CE(S(x'), y), logged whatever its weight
+  key = "ce" if name == "sa_mdrad" else "loss"
   for _ in range(4):
     state, m = f(state, tvars, batch)
-    losses.append(float(m["loss"]))
+    losses.append(float(m[key]))
   assert np.all(np.isfinite(losses)), losses
   assert losses[-1] < losses[0], (name, losses)
   assert f._cache_size() == 1
@@ -128,11 +131,15 @@ def test_wrong_teacher_count_is_a_clear_error():
 def test_dynamic_rectifier_plan_and_step():
   """With α = 1 the dynamic rectifier still needs S(x) (its fallback target): the plan runs it (not with the
   label fallback), and the compiled step reports the mean trust λ in (0, 1]."""
-  hp = dict(config_lib.method_config("sa_mdrad", rectifier="dynamic", alpha=1.0, feature_weight=0.0))
+  hp = dict(
+    config_lib.method_config("sa_mdrad", rectifier="dynamic", dynamic_target="student", alpha=1.0, feature_weight=0.0)
+  )
   plan = methods.get_method("sa_mdrad").plan(hp, 2)
   assert plan.student_views == ("adv", "clean")
   assert methods.get_method("sa_mdrad").plan(dict(hp, dynamic_target="label"), 2).student_views == ("adv",)
-  step, state, tvars, mesh = _setup("sa_mdrad", overrides={"rectifier": "dynamic", "alpha": 0.5})
+  step, state, tvars, mesh = _setup(
+    "sa_mdrad", overrides={"rectifier": "dynamic", "dynamic_target": "student", "alpha": 0.5}
+  )
   _, m = jax.jit(step)(state, tvars, _batch())
   assert 0.0 < float(m["dynamic_trust"]) <= 1.0
   assert np.isfinite(float(m["loss"]))
