@@ -361,7 +361,8 @@ def kl_from_logits(t, s, *, temperature=1.0, reduction="batchmean", rslad_eps=Fa
 
 
 def fused_target(t, labels, *, temperature):
-  """SA-MDRAD target with the swap rectifier and CA-MKD fusion (the library's defaults); t: [K, N, C]."""
+  """SA-MDRAD target with the swap rectifier and CA-MKD fusion (the teachers' side of the library's defaults);
+  t: [K, N, C]."""
   k, n, c = t.shape
   logp = F.log_softmax(t, dim=-1)
   logp_y = logp.gather(-1, labels[None, :, None].expand(k, n, 1))[..., 0]
@@ -394,11 +395,21 @@ def method_loss(name, hp, *, labels, s_adv, s_clean, t_clean, t_adv, projected, 
       loss = loss + (1 - hp["alpha"]) * kl_from_logits(t_clean[0].float(), s_clean, reduction=hp["reduction"])
     return loss
   if name == "sa_mdrad":
-    if (hp["rectifier"], hp["fusion"], hp["teacher_view"]) != ("swap", "camkd", "clean"):
-      raise NotImplementedError("the reference implements SA-MDRAD's defaults (swap, camkd, teacher_view clean)")
+    if hp["rectifier"] not in ("swap", "dynamic") or (hp["fusion"], hp["teacher_view"]) != ("camkd", "clean"):
+      raise NotImplementedError(
+        "the reference implements SA-MDRAD with the swap or dynamic rectifier, camkd fusion, teacher_view clean"
+      )
     tau = hp["temperature"]
     t = torch.stack([z.float() for z in t_clean])
     p_hat, w = fused_target(t, labels, temperature=tau)
+    if hp["rectifier"] == "dynamic":  # λ_i = (1 − P_S(y_i|x'_i))^β mixes in the fallback q_i, all detached
+      p_y = torch.softmax(s_adv.detach(), dim=-1).gather(-1, labels[:, None])[:, 0]
+      lam = (1.0 - p_y).clamp(0.0, 1.0).pow(hp["dynamic_beta"])[:, None]
+      if hp["dynamic_target"] == "label":
+        q = F.one_hot(labels, p_hat.shape[-1]).float()
+      else:
+        q = torch.softmax(s_clean.detach() / tau, dim=-1)
+      p_hat = lam * p_hat + (1.0 - lam) * q
 
     def tkl(p, s):
       log_q = F.log_softmax(s / tau, dim=-1)

@@ -452,3 +452,58 @@ def test_curve_fits():
   assert lin["marginal_slopes"][0] == (2.0, 2.0)
   assert curves.linear_fit([3, 3], [1, 2]) is None  # one distinct x: no line
   assert curves.cycled([["a", {}], ["b", {}], ["c", {}]], 4) == [["a", {}], ["b", {}], ["c", {}], ["a", {}]]
+
+
+@pytest.mark.parametrize(
+  "rectifier,target,alpha,beta",
+  [("dynamic", "label", 5 / 6, 1.0), ("dynamic", "student", 0.5, 2.0), ("swap", "label", 5 / 6, 1.0)],
+)
+def test_torch_reference_sa_mdrad_loss_is_the_librarys(rectifier, target, alpha, beta):
+  """The benchmark's PyTorch step computes SA-MDRAD's loss as the library does (the default dynamic rectifier
+  with either fallback, and swap), on random logits and features of three teachers."""
+  torch = pytest.importorskip("torch")
+  import numpy as np
+
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import torch_reference as tr
+
+  from mdrad_jax import losses, methods
+
+  rng = np.random.default_rng(3)
+  k, n, c = 3, 7, 5
+  t = (3 * rng.standard_normal((k, n, c))).astype(np.float32)
+  s_adv, s_clean = (2 * rng.standard_normal((2, n, c))).astype(np.float32)
+  y = rng.integers(0, c, n).astype(np.int32)
+  proj = [rng.standard_normal((n, 2, 2, 4)).astype(np.float32) for _ in range(k)]
+  feats = [rng.standard_normal((n, 2, 2, 4)).astype(np.float32) for _ in range(k)]
+  hp = dict(
+    methods.get_method("sa_mdrad").defaults,
+    rectifier=rectifier,
+    dynamic_target=target,
+    alpha=alpha,
+    dynamic_beta=beta,
+    ce_weight=0.3,
+  )
+  want, _ = losses.sa_mdrad_loss(
+    student_adv_logits=s_adv,
+    student_clean_logits=s_clean,
+    teacher_clean_logits=t,
+    labels=y,
+    projected_features=proj,
+    teacher_features=feats,
+    **{key: hp[key] for key in ("rectifier", "fusion", "temperature", "alpha", "feature_weight", "ce_weight")},
+    **{key: hp[key] for key in ("adr_lambda", "reduction", "dynamic_target", "dynamic_beta")},
+  )
+  tt = lambda a: torch.from_numpy(np.asarray(a))  # noqa: E731
+  got = tr.method_loss(
+    "sa_mdrad",
+    hp,
+    labels=tt(y).long(),
+    s_adv=tt(s_adv),
+    s_clean=tt(s_clean),
+    t_clean=[tt(z) for z in t],
+    t_adv=None,
+    projected=[tt(p) for p in proj],
+    t_feats=[tt(f) for f in feats],
+  )
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
