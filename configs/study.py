@@ -238,7 +238,7 @@ def get_config(arg=None):
   rows.update(robust_teacher_rows("cnn_robust"))
   rows.update(ablation_rows(standard))
   rows["abl_rect_dyn_label"].seeds = (0, 1, 2)  # the row that became the defaults: table 2's seeds, shown there
-  rows["abl_rect_dyn_label"].also_in = ("2",)
+  rows["abl_rect_dyn_label"].also_in = ("2", "3")
   s.rows = ml_collections.ConfigDict(rows)
   e.num_examples, e.aa_examples, e.full_aa_examples = 1000, 500, 500
   return c
